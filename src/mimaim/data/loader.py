@@ -1,0 +1,114 @@
+"""Deterministic, resumable, data-parallel loading.
+
+* ``GlobalBatchSampler`` shuffles the whole split once per epoch from (seed, epoch), cuts
+  it into *global* batches of ``batch_size`` images (the optimiser batch), and hands this
+  rank its contiguous share of each, as ``accum_steps`` micro-batches. Starting at any
+  global step is an index computation, so a resumed run reads exactly what it would have.
+* ``PretrainDataset`` seeds every sample's augmentation and masking from (seed, epoch,
+  index): the result does not depend on batch size, worker count or process count.
+* An unreadable image is replaced by the next readable one and reported back with the
+  batch, so the engine can warn, count and stop if too many fail.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .sources import Source
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 1_000_033 + index) % (2**63 - 1)
+
+
+class PretrainDataset(Dataset):
+    """Yields dicts: image (3, H, W), label, masking (objective-specific), bad (list of paths)."""
+
+    def __init__(self, source: Source, transform: Callable, masking_fn: Callable | None, seed: int,
+                 max_retries: int = 16):
+        self.source = source
+        self.transform = transform
+        self.masking_fn = masking_fn
+        self.seed = seed
+        self.max_retries = max_retries
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        bad = []
+        for attempt in range(self.max_retries):
+            i = (index + attempt) % len(self.source)
+            try:
+                img = self.source.load(i)
+                break
+            except Exception:  # noqa: BLE001 - reported to the engine, which warns and counts
+                bad.append(self.source.describe(i))
+        else:
+            raise RuntimeError(f"{self.max_retries} consecutive images could not be read, starting at "
+                               f"{self.source.describe(index)}; check the data folder")
+        seed = sample_seed(self.seed, epoch, index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            image = self.transform(img)
+        masking = None
+        if self.masking_fn is not None:
+            generator = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
+            masking = self.masking_fn(generator)
+        return {"image": image, "label": self.source.labels[i], "masking": masking, "bad": bad}
+
+
+def collate(samples: list[dict]) -> dict:
+    batch = {
+        "image": torch.stack([s["image"] for s in samples]),
+        "label": torch.tensor([s["label"] for s in samples]),
+        "bad": [path for s in samples for path in s["bad"]],
+    }
+    maskings = [s["masking"] for s in samples]
+    batch["masking"] = None if maskings[0] is None else torch.stack(maskings)
+    return batch
+
+
+class GlobalBatchSampler(Sampler):
+    """Yields this rank's micro-batches of (epoch, index) keys, starting at ``start_step``."""
+
+    def __init__(self, num_samples: int, batch_size: int, accum_steps: int = 1, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, epoch: int = 0, start_step: int = 0):
+        per_step = batch_size // world_size
+        if batch_size % (world_size * accum_steps):
+            raise ValueError(f"batch size {batch_size} must be divisible by processes x accumulation steps "
+                             f"({world_size} x {accum_steps})")
+        if batch_size > num_samples:
+            raise ValueError(f"batch size {batch_size} is larger than the {num_samples} training images; "
+                             "lower --batch-size")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.accum_steps, self.rank, self.world_size = accum_steps, rank, world_size
+        self.per_rank, self.micro = per_step, per_step // accum_steps
+        self.seed, self.epoch, self.start_step = seed, epoch, start_step
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.batch_size  # drop_last, as MAE
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.accum_steps
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=g).tolist()
+        for step in range(self.start_step, self.steps_per_epoch):
+            global_batch = order[step * self.batch_size:(step + 1) * self.batch_size]
+            mine = global_batch[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+            for a in range(self.accum_steps):
+                yield [(self.epoch, i) for i in mine[a * self.micro:(a + 1) * self.micro]]
+
+
+def make_loader(dataset: PretrainDataset, sampler: GlobalBatchSampler, num_workers: int,
+                pin_memory: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
+                      pin_memory=pin_memory, persistent_workers=False,
+                      prefetch_factor=4 if num_workers > 0 else None)

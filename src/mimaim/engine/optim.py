@@ -1,0 +1,44 @@
+"""AdamW parameter groups and the learning-rate schedule (MAE's ``lr_sched`` and ``param_groups_lrd``)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups_weight_decay(model: nn.Module, weight_decay: float, no_decay_names: set[str] = frozenset()):
+    """Two groups: decayed weights, and biases / norms / 1-D params / named special tokens undecayed."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or name.endswith(".bias") or name in no_decay_names:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+        {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95),
+                    no_decay_names: set[str] = frozenset()) -> torch.optim.Optimizer:
+    groups = param_groups_weight_decay(model, weight_decay, no_decay_names)
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+
+
+def cosine_lr(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
+    """Linear warm-up from 0, then half-cosine to ``min_lr``; ``epoch`` is fractional (per step)."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

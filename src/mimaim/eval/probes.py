@@ -1,0 +1,105 @@
+"""Probes on frozen features: linear (MAE protocol) and k-NN (DINO protocol).
+
+Both run on features extracted once (``features.py``), so they take seconds.
+
+* Linear: BatchNorm1d without affine parameters, then a Linear layer (init truncated
+  normal std 0.01), trained with SGD momentum 0.9, lr 0.1 x batch/256, no weight decay,
+  cosine schedule with warm-up, as MAE's ``main_linprobe.py``. Departure: MAE uses LARS
+  and random-resized-crop augmentation for 90 epochs; here the features are cached
+  from the evaluation view, so there is no augmentation and plain SGD suffices.
+* k-NN: cosine similarity of l2-normalised features, k = 20 neighbours, votes weighted by
+  exp(sim / 0.07) (DINO's weighted k-NN).
+
+More probes register with ``register_probe`` (the attentive probe does).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ProbeSpec:
+    name: str
+    fn: Callable  # (train: dict, val: dict, num_classes, **kw) -> top-1 in percent
+    needs_tokens: bool = False
+
+
+_PROBES: dict[str, ProbeSpec] = {}
+
+
+def register_probe(name: str, needs_tokens: bool = False):
+    def wrap(fn):
+        _PROBES[name] = ProbeSpec(name, fn, needs_tokens)
+        return fn
+    return wrap
+
+
+def list_probes() -> list[str]:
+    return list(_PROBES)
+
+
+def get_probe(name: str) -> ProbeSpec:
+    if name not in _PROBES:
+        raise ValueError(f"unknown probe {name!r}; choose from {', '.join(_PROBES)}")
+    return _PROBES[name]
+
+
+@register_probe("linear")
+def linear_probe(train: dict, val: dict, num_classes: int, epochs: int = 100, batch_size: int = 256,
+                 base_lr: float = 0.1, warmup_epochs: int = 10, seed: int = 0, **_) -> float:
+    x_tr, y_tr = train["pooled"].float(), train["labels"]
+    x_va, y_va = val["pooled"].float(), val["labels"]
+    g = torch.Generator().manual_seed(seed)
+    head = nn.Sequential(nn.BatchNorm1d(x_tr.shape[1], affine=False, eps=1e-6), nn.Linear(x_tr.shape[1], num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01, generator=g)
+    nn.init.zeros_(head[1].bias)
+    batch_size = min(batch_size, len(x_tr))
+    lr = base_lr * batch_size / 256
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    steps_per_epoch = max(1, len(x_tr) // batch_size)
+    total = epochs * steps_per_epoch
+    step = 0
+    head.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x_tr), generator=g)
+        for b in range(steps_per_epoch):
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            e = step / steps_per_epoch
+            cur = lr * e / warmup_epochs if e < warmup_epochs else \
+                lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_epochs * steps_per_epoch) /
+                                         max(1, total - warmup_epochs * steps_per_epoch)))
+            for group in opt.param_groups:
+                group["lr"] = cur
+            loss = F.cross_entropy(head(x_tr[idx]), y_tr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    head.eval()
+    with torch.no_grad():
+        pred = head(x_va).argmax(dim=1)
+    return 100.0 * (pred == y_va).float().mean().item()
+
+
+@register_probe("knn")
+def knn_probe(train: dict, val: dict, num_classes: int, k: int = 20, temperature: float = 0.07,
+              chunk: int = 1024, **_) -> float:
+    x_tr = F.normalize(train["pooled"].float(), dim=1)
+    x_va = F.normalize(val["pooled"].float(), dim=1)
+    y_tr, y_va = train["labels"], val["labels"]
+    k = min(k, len(x_tr))
+    correct = 0
+    for start in range(0, len(x_va), chunk):
+        sims = x_va[start:start + chunk] @ x_tr.T  # (b, N_train)
+        top_sims, top_idx = sims.topk(k, dim=1)
+        weights = (top_sims / temperature).exp()
+        votes = torch.zeros(sims.shape[0], num_classes).scatter_add_(1, y_tr[top_idx], weights)
+        correct += (votes.argmax(dim=1) == y_va[start:start + chunk]).sum().item()
+    return 100.0 * correct / len(x_va)

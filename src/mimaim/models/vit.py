@@ -1,0 +1,206 @@
+"""The Vision Transformer every ViT-based objective and probe shares.
+
+One class covers the flavours the four papers use, chosen by constructor arguments
+rather than subclasses:
+
+* MAE: cls token, fixed 2-D sin-cos position table, biased q/k/v, xavier init.
+* BEiT / SimMIM-ViT: cls token, no absolute position table, a shared relative position
+  bias, layer scale, q/v-only bias.
+* AIM: no cls token, sin-cos table, LayerNorm after the patch projection, no bias in
+  any trunk Linear.
+
+The backbone contract (shared with the Swin adapter, see ``models/__init__.py``):
+
+* ``embed(images, mask=None, mask_token=None) -> (B, N, D)``: patch tokens with the
+  absolute position table added; patches where ``mask`` is True are replaced by
+  ``mask_token`` first (SimMIM, BEiT).
+* ``forward_tokens(tokens, attn_mask=None) -> (B, T, D)``: prepends the prefix tokens
+  (cls), runs the blocks and the final norm. MAE passes only its visible tokens.
+* ``forward_features(images) -> (B, T, D)`` and ``forward_intermediates(images,
+  indices)``: the unmasked path for probes and fine-tuning.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from timm.layers import PatchEmbed, trunc_normal_
+
+from .layers import Block, RelativePositionBias, init_weights_xavier, sincos_2d
+
+
+class VisionTransformer(nn.Module):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        class_token: bool = True,
+        pos_embed: str = "sincos",  # sincos | learned | none
+        qkv_bias: str = "all",  # all | qv | none
+        bias: bool = True,  # bias in attn.proj and the MLP
+        patch_norm: bool = False,  # LayerNorm right after the patch projection (AIM)
+        rel_pos_bias: bool = False,  # one relative position bias shared by all blocks (BEiT)
+        init_values: float | None = None,  # layer scale
+        drop_path_rate: float = 0.0,
+        weight_init: str = "xavier",  # xavier (MAE) | trunc_normal (BEiT)
+    ):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}; "
+                             f"choose --img-size as a multiple of --patch-size")
+        if pos_embed not in ("sincos", "learned", "none"):
+            raise ValueError(f"pos_embed must be one of sincos, learned, none; got {pos_embed!r}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.embed_dim = self.num_features = embed_dim
+        self.depth = depth
+        self.num_heads = num_heads
+        self.num_prefix_tokens = 1 if class_token else 0
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=bias or not patch_norm)
+        self.grid_size = tuple(self.patch_embed.grid_size)
+        self.num_patches = self.patch_embed.num_patches
+        self.patch_norm = nn.LayerNorm(embed_dim, eps=1e-6) if patch_norm else nn.Identity()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+
+        self.pos_embed_kind = pos_embed
+        if pos_embed == "sincos":
+            table = sincos_2d(embed_dim, self.grid_size, self.num_prefix_tokens)[None]
+            self.pos_embed = nn.Parameter(table, requires_grad=False)  # frozen, in the state dict (as MAE)
+        elif pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.num_patches, embed_dim))
+        else:
+            self.pos_embed = None
+        self.rel_pos_bias = RelativePositionBias(self.grid_size, num_heads) if rel_pos_bias else None
+
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, bias=bias, drop_path=dpr[i],
+                  init_values=init_values)
+            for i in range(depth)
+        ])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.init_weights(weight_init)
+
+    # ------------------------------------------------------------------ init
+    def init_weights(self, mode: str = "xavier") -> None:
+        if mode == "xavier":
+            self.apply(init_weights_xavier)
+            w = self.patch_embed.proj.weight.data
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the conv viewed as a Linear
+            if self.patch_embed.proj.bias is not None:
+                nn.init.zeros_(self.patch_embed.proj.bias)
+            if self.cls_token is not None:
+                nn.init.normal_(self.cls_token, std=0.02)
+        elif mode == "trunc_normal":
+            # BEiT: truncated normal clipped at +-std, then rescale block outputs by 1/sqrt(2l)
+            def _init(m):
+                if isinstance(m, nn.Linear):
+                    trunc_normal_(m.weight, std=0.02, a=-0.02, b=0.02)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.LayerNorm):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+            self.apply(_init)
+            for layer_id, blk in enumerate(self.blocks, start=1):
+                blk.attn.proj.weight.data.div_((2.0 * layer_id) ** 0.5)
+                blk.mlp.fc2.weight.data.div_((2.0 * layer_id) ** 0.5)
+            if self.cls_token is not None:
+                trunc_normal_(self.cls_token, std=0.02, a=-0.02, b=0.02)
+        else:
+            raise ValueError(f"weight_init must be xavier or trunc_normal; got {mode!r}")
+        if self.pos_embed_kind == "learned":
+            trunc_normal_(self.pos_embed, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names kept out of weight decay besides 1-D ones (biases, norms)."""
+        names = {"pos_embed", "cls_token"}
+        if self.rel_pos_bias is not None:
+            names.add("rel_pos_bias.relative_position_bias_table")
+        return names
+
+    # ------------------------------------------------------------------ contract
+    def embed(self, images: torch.Tensor, mask: torch.Tensor | None = None,
+              mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, D) patch tokens plus absolute positions (no prefix tokens).
+
+        ``mask`` (B, N) bool: True patches are replaced by ``mask_token`` (1, 1, D) before
+        the position table is added, as BEiT and SimMIM do.
+        """
+        x = self.patch_norm(self.patch_embed(images))  # (B, N, D)
+        if mask is not None:
+            w = mask.unsqueeze(-1).to(x.dtype)
+            x = x * (1 - w) + mask_token.to(x.dtype) * w
+        if self.pos_embed is not None:
+            x = x + self.pos_embed[:, self.num_prefix_tokens:]
+        return x
+
+    def add_prefix_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N', D) -> (B, prefix + N', D): cls (with its own position row) in front."""
+        if self.cls_token is None:
+            return x
+        cls = self.cls_token
+        if self.pos_embed is not None:
+            cls = cls + self.pos_embed[:, :1]
+        return torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
+
+    def _rel_bias(self, num_tokens: int) -> torch.Tensor | None:
+        if self.rel_pos_bias is None:
+            return None
+        bias = self.rel_pos_bias()  # (heads, N+1, N+1)
+        if num_tokens != bias.shape[-1]:
+            raise ValueError("the relative position bias needs the full token grid plus cls; "
+                             f"got {num_tokens} tokens for a table over {bias.shape[-1]}")
+        return bias
+
+    def forward_tokens(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                       indices: Sequence[int] | None = None, norm: bool = True):
+        """Run the trunk on embedded tokens (B, N', D) -> (B, prefix + N', D).
+
+        With ``indices``, also return the un-normalised outputs of those blocks
+        (as ``forward_intermediates``): a tuple (final, [intermediates...]).
+        """
+        x = self.add_prefix_tokens(x)
+        bias = self._rel_bias(x.shape[1])
+        wanted = set(indices) if indices is not None else set()
+        intermediates = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, attn_mask=attn_mask, rel_pos_bias=bias)
+            if i in wanted:
+                intermediates.append(x)
+        if norm:
+            x = self.norm(x)
+        return (x, intermediates) if indices is not None else x
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, prefix + N, D) after the final norm; no masking."""
+        return self.forward_tokens(self.embed(images))
+
+    def forward_intermediates(self, images: torch.Tensor, indices: Sequence[int] | int | None = None,
+                              norm: bool = False) -> list[torch.Tensor]:
+        """Outputs of the chosen blocks, each (B, prefix + N, D); int n = the last n blocks.
+
+        ``norm=True`` applies the final LayerNorm to each (timm's convention).
+        """
+        if indices is None:
+            indices = [self.depth - 1]
+        elif isinstance(indices, int):
+            indices = list(range(self.depth - indices, self.depth))
+        indices = [i % self.depth for i in indices]
+        _, inter = self.forward_tokens(self.embed(images), indices=indices, norm=False)
+        order = sorted(set(indices))
+        by_index = dict(zip(order, inter))
+        out = [by_index[i] for i in indices]
+        return [self.norm(t) for t in out] if norm else out
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(images)

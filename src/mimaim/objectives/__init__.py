@@ -1,0 +1,10 @@
+"""Pre-training objectives, one file each; importing this package registers them."""
+
+from .base import (Augmentation, Objective, ObjectiveOutput, build_objective, get_objective_class,
+                   list_objectives, parse_options, register_objective)
+from . import mae  # noqa: F401  (registers "mae")
+
+__all__ = [
+    "Augmentation", "Objective", "ObjectiveOutput", "build_objective", "get_objective_class",
+    "list_objectives", "parse_options", "register_objective",
+]

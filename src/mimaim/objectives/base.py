@@ -1,0 +1,172 @@
+"""The seam between the engine and the objectives.
+
+The engine knows an objective only as an ``Objective``:
+
+* ``Objective.Options``: a dataclass of the objective's own settings with the paper's
+  defaults (e.g. MAE's mask ratio and decoder size). Users set them with
+  ``--opt name=value`` or an ``objective_options:`` block in a YAML preset; unknown
+  names are rejected with the list of allowed ones.
+* ``Objective.backbone_kwargs(options)``: the backbone flavour the paper uses.
+* ``Objective.augmentation``: the paper's crop scale and colour jitter.
+* ``sample_masking(generator)``: one sample's masking, drawn in the data pipeline
+  (see ``masking.py`` for why). Returns a tensor, or None when the objective draws
+  nothing.
+* ``forward(images, masking) -> ObjectiveOutput``: the loss and what pictures need.
+* ``reconstruct(images, masking) -> dict[str, Tensor]``: named image columns for the
+  picture (all (B, 3, H, W) in normalised input space).
+* ``encoder``: the backbone, for probes and fine-tuning.
+
+A new objective is one file that subclasses ``Objective`` and calls
+``register_objective``; nothing in the engine changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: torch.Tensor  # scalar
+    pred: torch.Tensor | None = None  # objective-specific prediction, e.g. (B, N, p*p*3)
+    target: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # (B, N), 1 = position counted in the loss
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Augmentation:
+    """What the data pipeline applies before the objective sees a batch."""
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    color_jitter: float = 0.0
+
+
+class Objective(nn.Module):
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = None  # a dataclass
+    augmentation: ClassVar[Augmentation] = Augmentation()
+    #: "vit" if only the ViT backbone works; ("vit", "swin") for objectives with a Swin path
+    backbone_families: ClassVar[tuple[str, ...]] = ("vit",)
+
+    def __init__(self, encoder: nn.Module, options):
+        super().__init__()
+        self.encoder = encoder
+        self.options = options
+
+    @classmethod
+    def backbone_kwargs(cls, options) -> dict:
+        return {}
+
+    def sample_masking(self, generator: torch.Generator) -> torch.Tensor | None:
+        return None
+
+    def forward(self, images: torch.Tensor, masking: torch.Tensor | None = None) -> ObjectiveOutput:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, masking: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def draw_masking(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """A batch of ``sample_masking`` draws, (B, ...), for library use outside the loader."""
+        draws = [self.sample_masking(generator) for _ in range(batch_size)]
+        return None if draws[0] is None else torch.stack(draws)
+
+    def no_weight_decay(self) -> set[str]:
+        names = {f"encoder.{n}" for n in getattr(self.encoder, "no_weight_decay", lambda: set())()}
+        return names | set(self.extra_no_weight_decay())
+
+    def extra_no_weight_decay(self) -> set[str]:
+        """Names of the objective's own special tokens/tables kept out of weight decay."""
+        return set()
+
+
+# --------------------------------------------------------------------------- registry
+_OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a name")
+    _OBJECTIVES[cls.name] = cls
+    return cls
+
+
+def list_objectives() -> list[str]:
+    return sorted(_OBJECTIVES)
+
+
+def get_objective_class(name: str) -> type[Objective]:
+    if name not in _OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose one of: {', '.join(list_objectives())}")
+    return _OBJECTIVES[name]
+
+
+def parse_options(cls: type[Objective], values: dict[str, Any] | None):
+    """Build ``cls.Options`` from a dict, naming any unknown key and the allowed ones."""
+    values = dict(values or {})
+    allowed = {f.name: f for f in dataclasses.fields(cls.Options)}
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for objective {cls.name!r}; "
+                         f"allowed: {', '.join(sorted(allowed))}")
+    converted = {}
+    for key, value in values.items():
+        default = getattr(cls.Options(), key)
+        converted[key] = coerce_like(default, value, f"{cls.name}.{key}")
+    options = cls.Options(**converted)
+    validate = getattr(options, "validate", None)
+    if validate is not None:
+        validate()
+    return options
+
+
+def coerce_like(default: Any, value: Any, name: str) -> Any:
+    """Convert a string from the command line to the type of ``default``."""
+    if not isinstance(value, str) or isinstance(default, str) or default is None:
+        if isinstance(default, tuple) and isinstance(value, list):
+            return tuple(value)
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+    try:
+        if isinstance(default, bool):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, tuple):
+            return tuple(type(default[0])(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"{name}: cannot read {value!r} as {type(default).__name__}") from None
+    return value
+
+
+def build_objective(name: str, model: str, img_size: int, patch_size: int, options: dict | None = None,
+                    **backbone_overrides) -> Objective:
+    """Objective + its backbone, e.g. ``build_objective('mae', 'vit_tiny', 32, 4)``."""
+    from ..models import create_model, model_family
+
+    cls = get_objective_class(name)
+    opts = parse_options(cls, options)
+    family = model_family(model)
+    if family not in cls.backbone_families:
+        raise ValueError(f"objective {name!r} works with {' or '.join(cls.backbone_families)} backbones, "
+                         f"not {model!r} ({family}); choose another --model")
+    kwargs = dict(img_size=img_size, patch_size=patch_size)
+    kwargs.update(cls.backbone_kwargs(opts))
+    kwargs.update(backbone_overrides)
+    encoder = create_model(model, **kwargs)
+    return cls(encoder, opts)

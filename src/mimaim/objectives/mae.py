@@ -1,0 +1,136 @@
+"""MAE: Masked Autoencoders Are Scalable Vision Learners (He et al., 2111.06377).
+
+Section 3 of the paper, as ``facebookresearch/mae`` ``models_mae.py`` implements it:
+
+* the encoder (ViT with cls token and frozen 2-D sin-cos positions) sees only the
+  visible patches, 25% of them by default, chosen per sample by argsort of uniform noise;
+* a lightweight decoder (8 blocks, width 512, 16 heads) gets the encoded visible tokens
+  plus a shared, learned mask token at every removed position, with its own frozen
+  sin-cos table;
+* it predicts each patch's pixels, per-patch normalised by default (``norm_pix_loss``),
+  and the loss is the mean squared error over removed patches only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..masking import mae_noise, random_masking, unshuffle
+from ..models.layers import Block, init_weights_xavier, normalized_pixel_targets, patchify, sincos_2d, unpatchify
+from .base import Augmentation, Objective, ObjectiveOutput, register_objective
+
+
+@dataclass
+class MAEOptions:
+    mask_ratio: float = 0.75
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    norm_pix_loss: bool = True
+
+    def validate(self):
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mae.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.decoder_embed_dim % self.decoder_num_heads:
+            raise ValueError(f"mae.decoder_embed_dim {self.decoder_embed_dim} is not divisible by "
+                             f"decoder_num_heads {self.decoder_num_heads}")
+
+
+@register_objective
+class MAE(Objective):
+    name = "mae"
+    Options = MAEOptions
+    augmentation = Augmentation(crop_scale=(0.2, 1.0))
+    #: ``recipe: quick``: a small decoder so the built-in run takes minutes on a CPU
+    quick_options = {"decoder_embed_dim": 128, "decoder_depth": 2, "decoder_num_heads": 4}
+
+    @classmethod
+    def backbone_kwargs(cls, options):
+        return dict(class_token=True, pos_embed="sincos", qkv_bias="all", weight_init="xavier")
+
+    def __init__(self, encoder: nn.Module, options: MAEOptions):
+        super().__init__(encoder, options)
+        D, Dd = encoder.embed_dim, options.decoder_embed_dim
+        p = encoder.patch_size
+        self.decoder_embed = nn.Linear(D, Dd)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+        table = sincos_2d(Dd, encoder.grid_size, num_prefix_tokens=1)[None]
+        self.decoder_pos_embed = nn.Parameter(table, requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([
+            Block(Dd, options.decoder_num_heads, 4.0, qkv_bias="all") for _ in range(options.decoder_depth)
+        ])
+        self.decoder_norm = nn.LayerNorm(Dd, eps=1e-6)
+        self.decoder_pred = nn.Linear(Dd, p * p * encoder.in_chans)
+        for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            module.apply(init_weights_xavier)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    # -- the method's vocabulary -------------------------------------------------------
+    def sample_masking(self, generator):
+        return mae_noise(self.encoder.num_patches, generator)  # (N,)
+
+    def patchify(self, images):
+        return patchify(images, self.encoder.patch_size)  # (B, N, p*p*3)
+
+    def unpatchify(self, patches):
+        return unpatchify(patches, self.encoder.patch_size, self.encoder.grid_size, self.encoder.in_chans)
+
+    def forward_encoder(self, images, noise=None):
+        """-> latent (B, 1 + K, D), mask (B, N), ids_restore (B, N)."""
+        x = self.encoder.embed(images)  # (B, N, D) with positions
+        x, mask, ids_restore = random_masking(x, self.options.mask_ratio, noise)  # (B, K, D)
+        latent = self.encoder.forward_tokens(x)  # (B, 1 + K, D)
+        return latent, mask, ids_restore
+
+    def forward_decoder(self, latent, ids_restore):
+        """-> per-patch predictions (B, N, p*p*3)."""
+        x = self.decoder_embed(latent)  # (B, 1 + K, Dd)
+        B, N = ids_restore.shape
+        mask_tokens = self.mask_token.expand(B, N + 1 - x.shape[1], -1)
+        patches = unshuffle(torch.cat([x[:, 1:], mask_tokens], dim=1), ids_restore)  # (B, N, Dd)
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_pred(self.decoder_norm(x))
+        return x[:, 1:]  # drop cls
+
+    def target(self, images):
+        target = self.patchify(images)
+        return normalized_pixel_targets(target) if self.options.norm_pix_loss else target
+
+    def forward_loss(self, images, pred, mask):
+        """Mean over removed patches of the per-patch MSE (mean over p*p*3)."""
+        target = self.target(images)
+        per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (B, N)
+        return (per_patch * mask).sum() / mask.sum().clamp_min(1.0), target
+
+    def forward(self, images, masking=None):
+        latent, mask, ids_restore = self.forward_encoder(images, masking)
+        pred = self.forward_decoder(latent, ids_restore)
+        loss, target = self.forward_loss(images, pred, mask)
+        return ObjectiveOutput(loss=loss, pred=pred, target=target, mask=mask)
+
+    def extra_no_weight_decay(self):
+        return {"mask_token", "decoder_pos_embed"}
+
+    @torch.no_grad()
+    def reconstruct(self, images, masking=None):
+        out = self(images, masking)
+        pred = out.pred.float()
+        if self.options.norm_pix_loss:
+            # undo the per-patch normalisation with the true patch statistics, as the MAE demo does
+            patches = self.patchify(images).float()
+            pred = pred * (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(dim=-1, keepdim=True)
+        keep = (1 - out.mask).unsqueeze(-1)  # (B, N, 1), 1 = visible
+        p2c = self.encoder.patch_size ** 2 * self.encoder.in_chans
+        visible_mask = self.unpatchify(keep.expand(-1, -1, p2c))
+        reconstruction = self.unpatchify(pred)
+        return {
+            "original": images,
+            "masked": images * visible_mask,
+            "reconstruction": reconstruction,
+            "reconstruction + visible": images * visible_mask + reconstruction * (1 - visible_mask),
+        }
