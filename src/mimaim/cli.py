@@ -18,6 +18,10 @@ EPILOG = """examples:
 """
 
 
+#: modules that add sub-commands of their own: each has ``add_parser(subparsers)``
+EXTRA_COMMANDS: list[str] = []
+
+
 def _pretrain_parser(sub) -> argparse.ArgumentParser:
     from .data import DATA_SPEC_HELP
 
@@ -34,6 +38,7 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--img-size", type=int, help="input resolution in pixels (default 32)", default=S)
     g.add_argument("--patch-size", type=int, help="ViT patch size in pixels (default 4)", default=S)
     g.add_argument("--mask-ratio", type=float, help="share of patches masked (MAE default 0.75)", default=S)
+    g.add_argument("--attention", default=S, help="AIM pre-training attention: prefix (default) | causal")
     g.add_argument("--opt", action="append", metavar="KEY=VALUE", default=S,
                    help="an objective option, e.g. --opt decoder_depth=8 (repeatable; `mimaim list` shows them)")
     g.add_argument("--recipe", choices=["quick", "paper"], default=S,
@@ -88,15 +93,16 @@ def cmd_pretrain(args) -> int:
     from .engine.trainer import pretrain
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "resume", "opt",
-                                                             "mask_ratio", "no_progress")}
+                                                             "mask_ratio", "attention", "no_progress")}
     options = {}
     for item in getattr(args, "opt", []) or []:
         if "=" not in item:
             raise ConfigError(f"--opt {item!r}: expected KEY=VALUE, e.g. --opt decoder_depth=8")
         key, value = item.split("=", 1)
         options[key.strip()] = value.strip()
-    if hasattr(args, "mask_ratio"):
-        options["mask_ratio"] = args.mask_ratio
+    for key in ("mask_ratio", "attention"):  # objective options with a flag of their own
+        if hasattr(args, key):
+            options[key] = getattr(args, key)
     if getattr(args, "no_progress", False):
         flags["progress"] = False
     resume = getattr(args, "resume", None)
@@ -207,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list objectives with their options, and models")
     p.set_defaults(func=cmd_list)
+
+    import importlib
+    for module in EXTRA_COMMANDS:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
