@@ -39,6 +39,8 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--patch-size", type=int, help="ViT patch size in pixels (default 4)", default=S)
     g.add_argument("--mask-ratio", type=float, help="share of patches masked (MAE default 0.75)", default=S)
     g.add_argument("--attention", default=S, help="AIM pre-training attention: prefix (default) | causal")
+    g.add_argument("--tokenizer", default=S,
+                   help="BEiT visual tokenizer: kmeans (default) | dalle:PATH | PATH of a `mimaim tokenizer train` output")
     g.add_argument("--opt", action="append", metavar="KEY=VALUE", default=S,
                    help="an objective option, e.g. --opt decoder_depth=8 (repeatable; `mimaim list` shows them)")
     g.add_argument("--recipe", choices=["quick", "paper"], default=S,
@@ -93,14 +95,15 @@ def cmd_pretrain(args) -> int:
     from .engine.trainer import pretrain
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "resume", "opt",
-                                                             "mask_ratio", "attention", "no_progress")}
+                                                             "mask_ratio", "attention", "tokenizer",
+                                                             "no_progress")}
     options = {}
     for item in getattr(args, "opt", []) or []:
         if "=" not in item:
             raise ConfigError(f"--opt {item!r}: expected KEY=VALUE, e.g. --opt decoder_depth=8")
         key, value = item.split("=", 1)
         options[key.strip()] = value.strip()
-    for key in ("mask_ratio", "attention"):  # objective options with a flag of their own
+    for key in ("mask_ratio", "attention", "tokenizer"):  # objective options with a flag of their own
         if hasattr(args, key):
             options[key] = getattr(args, key)
     if getattr(args, "no_progress", False):
