@@ -14,6 +14,30 @@ import torch.nn.functional as F
 from torch import nn
 from timm.layers import DropPath, LayerScale, Mlp
 
+try:  # fused masked attention (torch >= 2.5); dense SDPA is the fallback everywhere
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # pragma: no cover - older torch
+    BlockMask = flex_attention = None
+
+_compiled_flex = None
+
+
+def run_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    """``flex_attention`` with a ``BlockMask``: compiled (fused kernel) on CUDA, eager elsewhere.
+
+    Eager flex materialises the scores like the dense path; it exists on CPU so tests can
+    check it against SDPA with a boolean mask.
+    """
+    global _compiled_flex
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        return flex_attention(q, k, v, block_mask=block_mask)
+
 
 # --------------------------------------------------------------------------- patches
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -123,8 +147,9 @@ class Attention(nn.Module):
 
     ``qkv_bias`` is "all" (q, k and v biased, as MAE/ViT), "qv" (BEiT: q and v biased,
     k bias fixed at zero) or "none" (AIM). ``attn_mask`` is a boolean (True = may attend)
-    or additive mask broadcastable to (B, heads, T, T); ``rel_pos_bias`` is an additive
-    (heads, T, T) bias.
+    or additive mask broadcastable to (B, heads, T, T), or a flex-attention ``BlockMask``
+    (AIM's prefix-causal mask on CUDA; see ``run_flex_attention``); ``rel_pos_bias`` is an
+    additive (heads, T, T) bias.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: str = "all", proj_bias: bool = True,
@@ -156,6 +181,12 @@ class Attention(nn.Module):
             qkv = self.qkv(x)
         qkv = qkv.reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
+        if BlockMask is not None and isinstance(attn_mask, BlockMask):
+            if rel_pos_bias is not None or (self.attn_drop and self.training):
+                raise ValueError("a flex-attention BlockMask cannot be combined with a relative position bias "
+                                 "or attention dropout; pass a dense boolean mask instead")
+            x = run_flex_attention(q, k, v, attn_mask)
+            return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, T, D)))
         mask = attn_mask
         if rel_pos_bias is not None:
             bias = rel_pos_bias.to(q.dtype).unsqueeze(0)  # (1, heads, T, T)

@@ -46,6 +46,7 @@ class VisionTransformer(nn.Module):
         qkv_bias: str = "all",  # all | qv | none
         bias: bool = True,  # bias in attn.proj and the MLP
         patch_norm: bool = False,  # LayerNorm right after the patch projection (AIM)
+        patch_bias: bool | None = None,  # bias of the patch projection; None: ``bias``, and none before patch_norm
         rel_pos_bias: bool = False,  # one relative position bias shared by all blocks (BEiT)
         init_values: float | None = None,  # layer scale
         drop_path_rate: float = 0.0,
@@ -65,7 +66,9 @@ class VisionTransformer(nn.Module):
         self.num_heads = num_heads
         self.num_prefix_tokens = 1 if class_token else 0
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=bias or not patch_norm)
+        if patch_bias is None:
+            patch_bias = bias or not patch_norm
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=patch_bias)
         self.grid_size = tuple(self.patch_embed.grid_size)
         self.num_patches = self.patch_embed.num_patches
         self.patch_norm = nn.LayerNorm(embed_dim, eps=1e-6) if patch_norm else nn.Identity()
