@@ -6,7 +6,8 @@ The engine knows an objective only as an ``Objective``:
   defaults (e.g. MAE's mask ratio and decoder size). Users set them with
   ``--opt name=value`` or an ``objective_options:`` block in a YAML preset; unknown
   names are rejected with the list of allowed ones.
-* ``Objective.backbone_kwargs(options)``: the backbone flavour the paper uses.
+* ``Objective.backbone_kwargs(options)``: the backbone flavour the paper uses
+  (``family_backbone_kwargs(options, family)`` when it depends on the backbone family).
 * ``Objective.augmentation``: the paper's crop scale and colour jitter.
 * ``sample_masking(generator)``: one sample's masking, drawn in the data pipeline
   (see ``masking.py`` for why). Returns a tensor, or None when the objective draws
@@ -63,6 +64,15 @@ class Objective(nn.Module):
     @classmethod
     def backbone_kwargs(cls, options) -> dict:
         return {}
+
+    @classmethod
+    def family_backbone_kwargs(cls, options, family: str) -> dict:
+        """The flavour for a backbone of ``family`` ("vit", "swin"); ``backbone_kwargs`` unless overridden.
+
+        Objectives with more than one backbone family (SimMIM: ViT and Swin) override this,
+        since a ViT flavour (cls token, position table, q/v bias) means nothing to a Swin.
+        """
+        return cls.backbone_kwargs(options)
 
     def sample_masking(self, generator: torch.Generator) -> torch.Tensor | None:
         return None
@@ -166,7 +176,7 @@ def build_objective(name: str, model: str, img_size: int, patch_size: int, optio
         raise ValueError(f"objective {name!r} works with {' or '.join(cls.backbone_families)} backbones, "
                          f"not {model!r} ({family}); choose another --model")
     kwargs = dict(img_size=img_size, patch_size=patch_size)
-    kwargs.update(cls.backbone_kwargs(opts))
+    kwargs.update(cls.family_backbone_kwargs(opts, family))
     kwargs.update(backbone_overrides)
     encoder = create_model(model, **kwargs)
     return cls(encoder, opts)
