@@ -44,3 +44,46 @@ def unshuffle(tokens: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
     """(B, N, D) tokens in shuffled order -> original patch order (MAE decoder step)."""
     D = tokens.shape[-1]
     return torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))
+
+
+# --------------------------------------------------------------------------- SimMIM
+def check_simmim_mask_sizes(img_size: int, mask_patch_size: int, model_patch_size: int) -> None:
+    """Raise ValueError unless the mask cells tile the image and cover whole model patches.
+
+    SimMIM's ``MaskGenerator`` (data/data_simmim.py) asserts ``img_size % mask_patch_size == 0``
+    and ``mask_patch_size % model_patch_size == 0``; here the message names the fix.
+    """
+    if mask_patch_size <= 0 or img_size % mask_patch_size:
+        divisors = [d for d in range(model_patch_size, img_size + 1, model_patch_size) if img_size % d == 0]
+        raise ValueError(f"simmim.mask_patch_size {mask_patch_size} does not divide the image size {img_size}; "
+                         f"choose a mask patch size that divides it and is a multiple of the model patch size "
+                         f"{model_patch_size} (one of {', '.join(map(str, divisors))}), e.g. --opt mask_patch_size="
+                         f"{divisors[-1] if divisors else model_patch_size}, or change --img-size")
+    if mask_patch_size % model_patch_size:
+        raise ValueError(f"simmim.mask_patch_size {mask_patch_size} is not a multiple of the model patch size "
+                         f"{model_patch_size}: a mask cell must cover whole patches. Choose a multiple of "
+                         f"{model_patch_size} that divides {img_size}, e.g. --opt mask_patch_size="
+                         f"{model_patch_size * max(1, mask_patch_size // model_patch_size)}")
+
+
+def simmim_mask(img_size: int, mask_patch_size: int, model_patch_size: int, mask_ratio: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """SimMIM's random masking of coarse cells (paper section 3.1, ``MaskGenerator``).
+
+    The image is cut into (img_size / mask_patch_size)^2 cells; ceil(cells * mask_ratio) of
+    them, picked by a random permutation, are masked, and each cell is repeated onto the
+    model's token grid (a 32-px cell covers 2x2 ViT/16 tokens or 8x8 Swin/4 tokens).
+    Returns (N,) bool, True = masked, in raster order over the (img_size / model_patch_size)^2
+    token grid.
+    """
+    check_simmim_mask_sizes(img_size, mask_patch_size, model_patch_size)
+    cells_per_side = img_size // mask_patch_size
+    scale = mask_patch_size // model_patch_size
+    num_cells = cells_per_side ** 2
+    num_masked = int(-(-num_cells * mask_ratio // 1))  # ceil, as np.ceil in MaskGenerator
+    masked_cells = torch.randperm(num_cells, generator=generator)[:num_masked]
+    cells = torch.zeros(num_cells, dtype=torch.bool)
+    cells[masked_cells] = True
+    grid = cells.view(cells_per_side, cells_per_side)
+    grid = grid.repeat_interleave(scale, dim=0).repeat_interleave(scale, dim=1)  # (h, w) tokens
+    return grid.flatten()
