@@ -44,6 +44,8 @@ class PretrainConfig:
     cache: str = "auto"
     num_workers: int = -1  # -1: pick from the CPU count
     max_bad_fraction: float = 0.01
+    data_fraction: float = 1.0  # train on this share of the training split (each class alike; nested, seeded)
+    augmentation: dict = field(default_factory=dict)  # overrides of the objective's Augmentation, e.g. crop_scale
     # optimisation (MAE recipe)
     epochs: int = 40
     batch_size: int = 128
@@ -98,6 +100,13 @@ class PretrainConfig:
         need(self.batch_size % self.accum_steps == 0,
              f"batch_size {self.batch_size} must be divisible by accum_steps {self.accum_steps}")
         need(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        need(0 < self.data_fraction <= 1,
+             f"data_fraction must be in (0, 1], got {self.data_fraction}; 1.0 trains on the whole training split")
+        from .objectives.base import Augmentation
+        aug_fields = {f.name for f in dataclasses.fields(Augmentation)}
+        need(isinstance(self.augmentation, dict) and set(self.augmentation) <= aug_fields,
+             f"augmentation: unknown key(s) {sorted(set(self.augmentation or {}) - aug_fields)}; "
+             f"allowed: {', '.join(sorted(aug_fields))}")
         need(0 <= self.max_bad_fraction <= 1, f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         need(self.warmup_epochs >= 0, "warmup_epochs must be >= 0")
         need(self.keep_last >= 1, "keep_last must be at least 1")

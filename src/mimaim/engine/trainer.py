@@ -54,6 +54,26 @@ def build_run_objective(cfg: PretrainConfig) -> Objective:
                            resolved_objective_options(cfg))
 
 
+def training_subset(train, fraction: float, seed: int):
+    """A deterministic ``fraction`` of each class of ``train`` (at least one image per class).
+
+    Each class is shuffled once from ``seed`` and its first share kept, so smaller
+    fractions are subsets of larger ones (0.1 inside 0.3 inside 1.0) for data-scaling runs.
+    """
+    if fraction >= 1.0:
+        return train
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(train.labels):
+        by_class.setdefault(label, []).append(i)
+    keep = []
+    for label in sorted(by_class):
+        idx = by_class[label]
+        order = torch.randperm(len(idx), generator=g).tolist()
+        keep.extend(idx[j] for j in order[:max(1, round(len(idx) * fraction))])
+    return train.subset(sorted(keep))
+
+
 def autocast_context(device: torch.device, precision: str):
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -116,8 +136,10 @@ def _pretrain(cfg: PretrainConfig, resume: bool, device: torch.device, info: Dis
     # ---- objective, data, optimiser -------------------------------------------------
     objective = build_run_objective(cfg).to(device)
     source = build_source(cfg.data, cfg.cache, cfg.max_bad_fraction, progress=cfg.progress and info.is_main)
-    train = source.split("train", cfg.val_fraction)
+    train = training_subset(source.split("train", cfg.val_fraction), cfg.data_fraction, cfg.seed)
     aug = objective.augmentation
+    if cfg.augmentation:  # e.g. one crop scale for every objective in a comparison
+        aug = replace(aug, **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.augmentation.items()})
     transform = pretrain_transform(cfg.img_size, aug.crop_scale, aug.crop_ratio, aug.hflip, aug.color_jitter)
     dataset = PretrainDataset(train, transform, objective.sample_masking, cfg.seed)
     num_workers = default_num_workers(cfg, in_memory=not train.items or not isinstance(train.items[0], str))
