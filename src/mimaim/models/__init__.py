@@ -9,6 +9,7 @@ one they hold: attributes ``embed_dim``, ``num_patches``, ``grid_size``, ``patch
 from .layers import Attention, Block, normalized_pixel_targets, patchify, sincos_2d, unpatchify
 from .registry import create_model, list_models, model_family, register_model
 from .vit import VisionTransformer
+from . import swin  # noqa: F401,E402  (registers swin_tiny, swin_base; timm Swin adapter)
 
 __all__ = [
     "Attention", "Block", "VisionTransformer", "create_model", "list_models", "model_family",
