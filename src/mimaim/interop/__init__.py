@@ -1,0 +1,1 @@
+"""Converters between mimaim objectives and peer libraries (HF transformers, timm, lightly)."""
