@@ -87,3 +87,66 @@ def simmim_mask(img_size: int, mask_patch_size: int, model_patch_size: int, mask
     grid = cells.view(cells_per_side, cells_per_side)
     grid = grid.repeat_interleave(scale, dim=0).repeat_interleave(scale, dim=1)  # (h, w) tokens
     return grid.flatten()
+
+
+# --------------------------------------------------------------------------- BEiT
+def beit_num_masking_patches(num_patches: int, mask_ratio: float) -> int:
+    """BEiT's masking budget: ``int(mask_ratio * N)`` patches (the official code passes 75 of 196)."""
+    return int(mask_ratio * num_patches)
+
+
+def blockwise_mask(grid_size: tuple[int, int], num_masking_patches: int, min_num_patches: int = 16,
+                   max_num_patches: int | None = None, min_aspect: float = 0.3, max_aspect: float | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """BEiT's blockwise masking (paper Algorithm 1, as unilm ``beit/masking_generator.py`` codes it).
+
+    Rectangular blocks are added until ``num_masking_patches`` are masked. Each block gets
+    up to 10 tries: area ~ U(min_num_patches, remaining), aspect = exp(U(log min_aspect,
+    log max_aspect)), h = round(sqrt(area * aspect)), w = round(sqrt(area / aspect)), kept
+    only if h < H and w < W (strictly) and it masks between 1 and ``remaining`` new patches.
+    Masking stops at the budget or when a block adds nothing, so a mask may end *under*
+    the budget but never over it (the paper's "until > 0.4N" is not what the code does).
+
+    Draws come from ``generator`` in place of Python's ``random``: ``random.uniform(a, b)``
+    is ``a + (b - a) * U[0, 1)`` and ``random.randint(0, n)`` includes n. Returns (N,) bool
+    in raster order, True = masked.
+    """
+    import math
+
+    H, W = grid_size
+    max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
+    max_aspect = max_aspect or 1.0 / min_aspect
+    log_lo, log_hi = math.log(min_aspect), math.log(max_aspect)
+    mask = torch.zeros(H, W, dtype=torch.bool)
+
+    def uniform(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * torch.rand((), generator=generator, dtype=torch.float64).item()
+
+    def randint(hi: int) -> int:  # 0..hi inclusive
+        return int(torch.randint(0, hi + 1, (), generator=generator).item())
+
+    def add_block(max_mask_patches: int) -> int:
+        delta = 0
+        for _attempt in range(10):
+            target_area = uniform(min_num_patches, max_mask_patches)
+            aspect_ratio = math.exp(uniform(log_lo, log_hi))
+            h = int(round(math.sqrt(target_area * aspect_ratio)))
+            w = int(round(math.sqrt(target_area / aspect_ratio)))
+            if w < W and h < H:
+                top, left = randint(H - h), randint(W - w)
+                block = mask[top:top + h, left:left + w]
+                new = h * w - int(block.sum())
+                if 0 < new <= max_mask_patches:
+                    block.fill_(True)
+                    delta += new
+            if delta > 0:
+                break
+        return delta
+
+    count = 0
+    while count < num_masking_patches:
+        delta = add_block(min(num_masking_patches - count, max_num_patches))
+        if delta == 0:
+            break
+        count += delta
+    return mask.flatten()
