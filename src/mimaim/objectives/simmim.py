@@ -1,0 +1,174 @@
+"""SimMIM: a Simple Framework for Masked Image Modeling (Xie et al., 2111.09886).
+
+Section 3 of the paper, as ``microsoft/SimMIM`` (``models/simmim.py``,
+``data/data_simmim.py``) implements it:
+
+* **masking** (section 3.1): random masking of coarse cells, 32 px by default whatever the
+  model's patch (16 for ViT, 4 for Swin); ceil(cells x 0.6) cells are masked per sample and
+  each is repeated onto the token grid;
+* **encoder**: sees *every* patch; masked patch embeddings are replaced by one learned mask
+  token before the transformer (after the patch norm for Swin, before positions for ViT);
+* **prediction head** (section 3.3): one linear layer, a 1x1 conv from the final width to
+  stride^2 x 3 channels, then a pixel shuffle back to image resolution (stride 16 for
+  ViT/16, 32 for Swin's four stages);
+* **target and loss** (sections 3.2, 3.4): the normalised input pixels themselves (no
+  per-patch normalisation); L1 over masked pixels only, summed and divided by
+  (#masked pixels + 1e-5) and by the 3 channels.
+
+Backbones, chosen with ``--model``:
+
+* ViT, ``vit_flavour="beit"`` (default, the official ``vit_base`` config): the BEiT-style ViT
+  with q/v bias, layer scale 0.1, one relative position bias shared by all blocks, no
+  absolute position table, a cls token, LN eps 1e-6, truncated-normal init (+-0.02) with
+  BEiT's 1/sqrt(2l) rescaling; drop path 0.1.
+* ViT, ``vit_flavour="plain"``: cls token, learned absolute positions, biased q/k/v, no layer
+  scale: the architecture of HF ``ViTForMaskedImageModeling`` (not weight-compatible with
+  the official SimMIM ViT; used for the equivalence test and HF interop).
+* Swin (``swin_tiny``, ``swin_base``): timm's Swin through ``models/swin.py``; the official
+  Swin-B recipe uses 192 px and window 6 (``window_size``).
+
+Departures, each small: the official ViT also initialises the patch conv with the
+truncated normal (done here too) but decays the ViT mask token, relative-bias table and
+nothing else special; we keep its mask token decayed (as the code) but, like every mimaim
+ViT, leave the relative-bias table undecayed. The official schedule is multi-step (x0.1 at
+epoch 700 of 800); the engine's is cosine (see the presets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import nn
+
+from ..masking import check_simmim_mask_sizes, simmim_mask
+from .base import Augmentation, Objective, ObjectiveOutput, register_objective
+
+VIT_FLAVOURS = ("beit", "plain")
+
+
+@dataclass
+class SimMIMOptions:
+    mask_ratio: float = 0.6
+    mask_patch_size: int = 32  # pixels per side of a mask cell
+    vit_flavour: str = "beit"  # beit: official SimMIM ViT | plain: HF ViTForMaskedImageModeling's ViT
+    window_size: int = 6  # Swin only: the official Swin-B pre-training window (at 192 px)
+    drop_path_rate: float = 0.1  # official ViT-B value (config.py default; the Swin-B preset sets 0.0)
+
+    def validate(self):
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"simmim.mask_ratio must be in (0, 1), got {self.mask_ratio}; the paper uses 0.6")
+        if self.mask_patch_size < 1:
+            raise ValueError(f"simmim.mask_patch_size must be a positive number of pixels, got {self.mask_patch_size}")
+        if self.vit_flavour not in VIT_FLAVOURS:
+            raise ValueError(f"simmim.vit_flavour: unknown value {self.vit_flavour!r}; choose one of "
+                             f"{', '.join(VIT_FLAVOURS)}")
+        if self.window_size < 1:
+            raise ValueError(f"simmim.window_size must be at least 1, got {self.window_size}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"simmim.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+
+
+@register_objective
+class SimMIM(Objective):
+    name = "simmim"
+    Options = SimMIMOptions
+    backbone_families = ("vit", "swin")
+    # data/data_simmim.py: RandomResizedCrop(scale (0.67, 1), ratio (3/4, 4/3)) + flip, no jitter
+    augmentation = Augmentation(crop_scale=(0.67, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True, color_jitter=0.0)
+    #: ``recipe: quick``: mask cells that tile the built-in 32-px images (4x4 cells of 8 px),
+    #: a Swin window that fits them, and no drop path for a short run
+    quick_options = {"mask_patch_size": 8, "window_size": 4, "drop_path_rate": 0.0}
+
+    @classmethod
+    def family_backbone_kwargs(cls, options, family):
+        if family == "swin":
+            return dict(window_size=options.window_size, drop_path_rate=options.drop_path_rate)
+        if options.vit_flavour == "plain":
+            return dict(class_token=True, pos_embed="learned", qkv_bias="all", weight_init="trunc_normal",
+                        drop_path_rate=options.drop_path_rate)
+        return dict(class_token=True, pos_embed="none", qkv_bias="qv", rel_pos_bias=True, init_values=0.1,
+                    weight_init="trunc_normal", drop_path_rate=options.drop_path_rate)
+
+    @classmethod
+    def backbone_kwargs(cls, options):
+        return cls.family_backbone_kwargs(options, "vit")
+
+    def __init__(self, encoder: nn.Module, options: SimMIMOptions):
+        super().__init__(encoder, options)
+        self.is_swin = hasattr(encoder, "output_stride")
+        # encoder_stride: the pixels per final token (models/simmim.py: 16 for ViT, 32 for Swin)
+        self.stride = encoder.output_stride if self.is_swin else encoder.patch_size
+        self.out_grid = encoder.final_grid_size if self.is_swin else encoder.grid_size
+        check_simmim_mask_sizes(encoder.img_size, options.mask_patch_size, encoder.patch_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
+        if self.is_swin:
+            trunc_normal_(self.mask_token, std=0.02)  # SwinTransformerForSimMIM: bounds +-2
+        else:
+            trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)  # VisionTransformerForSimMIM: +-std
+            if options.vit_flavour == "beit":
+                # the official ViT's _init_weights also covers the patch conv
+                trunc_normal_(encoder.patch_embed.proj.weight, std=0.02, a=-0.02, b=0.02)
+                if encoder.patch_embed.proj.bias is not None:
+                    nn.init.zeros_(encoder.patch_embed.proj.bias)
+        # section 3.3: a linear head; PyTorch's default conv init, as the official decoder
+        self.decoder = nn.Sequential(
+            nn.Conv2d(encoder.num_features, self.stride ** 2 * encoder.in_chans, kernel_size=1),
+            nn.PixelShuffle(self.stride),
+        )
+
+    # -- the method's vocabulary -------------------------------------------------------
+    def sample_masking(self, generator):
+        e = self.encoder
+        return simmim_mask(e.img_size, self.options.mask_patch_size, e.patch_size, self.options.mask_ratio,
+                           generator)  # (N,) bool over the model's token grid
+
+    def forward_encoder(self, images, mask):
+        """images (B, 3, H, W), mask (B, N) -> feature map (B, C, H/stride, W/stride)."""
+        x = self.encoder.embed(images, mask, self.mask_token)  # (B, N, D), masked patches -> mask token
+        x = self.encoder.forward_tokens(x)  # (B, prefix + N', C)
+        x = x[:, self.encoder.num_prefix_tokens:]  # drop cls
+        B, L, C = x.shape
+        return x.transpose(1, 2).reshape(B, C, *self.out_grid)
+
+    def forward_decoder(self, z):
+        """(B, C, h, w) -> (B, 3, h * stride, w * stride) predicted pixels."""
+        return self.decoder(z)
+
+    def pixel_mask(self, mask):
+        """(B, N) token mask -> (B, 1, H, W) pixel mask (1 = masked)."""
+        p = self.encoder.patch_size
+        h, w = self.encoder.grid_size
+        return mask.reshape(-1, h, w).repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1)
+
+    def forward_loss(self, images, pred, mask):
+        """L1 over masked pixels: sum / (#masked pixels + 1e-5) / channels (models/simmim.py)."""
+        pixel_mask = self.pixel_mask(mask).to(torch.float32)
+        per_pixel = F.l1_loss(pred.float(), images.float(), reduction="none")  # (B, 3, H, W)
+        return (per_pixel * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / self.encoder.in_chans
+
+    def forward(self, images, masking=None):
+        if masking is None:
+            masking = self.draw_masking(images.shape[0]).to(images.device)
+        mask = masking.bool()
+        pred = self.forward_decoder(self.forward_encoder(images, mask))
+        loss = self.forward_loss(images, pred, mask)
+        return ObjectiveOutput(loss=loss, pred=pred, target=images, mask=mask.to(images.dtype))
+
+    def extra_no_weight_decay(self):
+        # the official Swin keeps its mask token out of weight decay; the official ViT does not
+        return {"mask_token"} if self.is_swin else set()
+
+    @torch.no_grad()
+    def reconstruct(self, images, masking=None):
+        out = self(images, masking)
+        visible = 1 - self.pixel_mask(out.mask).to(images.dtype)  # (B, 1, H, W), 1 = visible
+        reconstruction = out.pred.float()
+        return {
+            "original": images,
+            "masked": images * visible,
+            "reconstruction": reconstruction,
+            "reconstruction + visible": images * visible + reconstruction * (1 - visible),
+        }
