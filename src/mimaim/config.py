@@ -47,13 +47,13 @@ class PretrainConfig:
     data_fraction: float = 1.0  # train on this share of the training split (each class alike; nested, seeded)
     augmentation: dict = field(default_factory=dict)  # overrides of the objective's Augmentation, e.g. crop_scale
     # optimisation (MAE recipe)
-    epochs: int = 40
-    batch_size: int = 128
+    epochs: int = 20
+    batch_size: int = 64
     accum_steps: int = 1
-    blr: float = 1.5e-4
+    blr: float = 1e-3  # the official MAE code's default; the paper's ImageNet recipe uses 1.5e-4
     lr: float | None = None
     min_lr: float = 0.0
-    warmup_epochs: float = 5.0
+    warmup_epochs: float = 2.0
     weight_decay: float = 0.05
     betas: tuple = (0.9, 0.95)
     clip_grad: float | None = None
