@@ -19,7 +19,7 @@ EPILOG = """examples:
 
 
 #: modules that add sub-commands of their own: each has ``add_parser(subparsers)``
-EXTRA_COMMANDS: list[str] = []
+EXTRA_COMMANDS: list[str] = ["mimaim.tokenizers.cli"]
 
 
 def _pretrain_parser(sub) -> argparse.ArgumentParser:

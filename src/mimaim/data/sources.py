@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,13 +139,13 @@ def decode_all(source: Source, max_bad_fraction: float, progress: bool = True) -
             labels.append(source.labels[i])
         except Exception as err:  # noqa: BLE001 - any unreadable file is skipped and counted
             bad.append(source.describe(i))
-            warnings.warn(f"skipping unreadable image {source.describe(i)}: {err}")
+            print(f"warning: skipping unreadable image {source.describe(i)}: {err}", file=sys.stderr)
     check_bad_fraction(len(bad), len(source), max_bad_fraction, bad[:3])
     return Source(source.name, items, labels, source.classes, bad)
 
 
 def check_bad_fraction(num_bad: int, num_seen: int, max_bad_fraction: float, examples=()) -> None:
-    if num_seen and num_bad / num_seen > max_bad_fraction and num_bad > 1:
+    if num_seen and num_bad / num_seen > max_bad_fraction:
         raise DataError(
             f"{num_bad} of {num_seen} images could not be read ({num_bad / num_seen:.1%} > the allowed "
             f"{max_bad_fraction:.1%}), e.g. {', '.join(examples)}. Fix or remove the broken files, or raise "

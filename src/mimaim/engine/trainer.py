@@ -257,11 +257,12 @@ def _pretrain(cfg: PretrainConfig, resume: bool, device: torch.device, info: Dis
                     last_loss = all_reduce_sum(window_loss / window_n, device, info) / info.world_size
                     total_bad = int(all_reduce_sum(bad, device, info))
                     total_seen = int(all_reduce_sum(seen, device, info))
-                    check_bad_fraction(total_bad, total_seen, cfg.max_bad_fraction, sorted(warned)[:3])
+                    if total_seen >= min(len(train), 1000):  # too few images seen for a stable share
+                        check_bad_fraction(total_bad, total_seen, cfg.max_bad_fraction, sorted(warned)[:3])
                     row = {"epoch": round(step / steps_per_epoch, 4), "loss": last_loss,
                            "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0),
                            "images_per_s": steps_in_window * cfg.batch_size / max(elapsed, 1e-9),
-                           "skipped_images": total_bad}
+                           "skipped_images": total_bad + len(source.bad)}
                     logger.log(step, row)
                     if bar is not None:
                         bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}",
@@ -285,7 +286,7 @@ def _pretrain(cfg: PretrainConfig, resume: bool, device: torch.device, info: Dis
         summary = {"objective": cfg.objective, "model": cfg.model, "steps": step, "epochs": step / steps_per_epoch,
                    "final_loss": last_loss, "wall_time_s": round(wall, 2),
                    "images_per_s": round((step - start_step) * cfg.batch_size / max(wall, 1e-9), 2),
-                   "encoder_parameters": n_params, "skipped_images": bad}
+                   "encoder_parameters": n_params, "skipped_images": bad + len(source.bad)}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         try:
             from ..eval.pictures import reconstruction_figure
