@@ -19,7 +19,7 @@ EPILOG = """examples:
 
 
 #: modules that add sub-commands of their own: each has ``add_parser(subparsers)``
-EXTRA_COMMANDS: list[str] = ["mimaim.tokenizers.cli"]
+EXTRA_COMMANDS: list[str] = ["mimaim.tokenizers.cli", "mimaim.eval.commands"]
 
 
 def _pretrain_parser(sub) -> argparse.ArgumentParser:
@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir", help="a `mimaim pretrain` run directory")
     p.add_argument("--data", help="labelled data to probe on (default: the run's own data)")
-    p.add_argument("--probes", default="linear,knn", help="comma-separated probes")
+    p.add_argument("--probes", default="linear,attentive,knn", help="comma-separated probes")
     p.add_argument("--layers", help="comma-separated block indices to average (e.g. -6,-5,-4,-3,-2,-1); "
                                     "default: the last block after the final norm")
     p.add_argument("--pool", default="auto", choices=["auto", "cls", "mean"],

@@ -1,0 +1,1 @@
+from . import attentive  # noqa: F401  (registers the "attentive" probe)

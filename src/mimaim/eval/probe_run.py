@@ -14,7 +14,7 @@ from ..engine.trainer import build_run_objective
 from .features import cached_features, extract_features
 from .probes import get_probe
 
-DEFAULT_PROBES = ("linear", "knn")
+DEFAULT_PROBES = ("linear", "attentive", "knn")
 
 
 def labelled_splits(data: str, val_fraction: float):

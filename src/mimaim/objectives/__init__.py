@@ -4,6 +4,7 @@ from .base import (Augmentation, Objective, ObjectiveOutput, build_objective, ge
                    list_objectives, parse_options, register_objective)
 from . import mae  # noqa: F401  (registers "mae")
 from . import simmim  # noqa: F401  (registers "simmim")
+from . import aim  # noqa: F401  (registers "aim")
 from . import beit  # noqa: F401  (registers "beit")
 
 __all__ = [

@@ -1,0 +1,292 @@
+"""AIM: Scalable Pre-training of Large Autoregressive Image Models (El-Nouby et al., 2401.08541).
+
+Section 3 of the paper, with the trunk as ``apple/ml-aim`` ``aim-v1`` releases it:
+
+* **Trunk** (Sec. 3, "Architecture"): a ViT over *all* patches in raster order, no cls
+  token, fixed 2-D sin-cos positions, LayerNorm right after the patch projection, no bias
+  in any trunk Linear, LayerNorm eps 1e-6, a final LayerNorm.
+* **Prefix-causal attention** (Sec. 3, "Prefix Transformer", Fig. 3): per sample a prefix
+  length S ~ U[1, N-1]; attention is bidirectional inside the first S patches and causal
+  after them (a query sees every prefix key and every key up to itself). The loss covers
+  only the non-prefix patches. Downstream the trunk runs bidirectionally with no mask.
+  ``attention="causal"`` is the ablation of Table 3d: S = 1, i.e. plain causal attention
+  with the loss on every patch after the first.
+* **Objective** (Sec. 3, Eq. 1-2): next-patch regression in raster order. The trunk
+  output at position k predicts patch k+1; the target is per-patch normalised pixels
+  (Table 3a's best) and the loss is their mean squared error.
+* **Head** (Sec. 3, "Prediction heads"; Table 3e/f): a stack of MLP blocks applied to
+  each token independently, 12 blocks of width 2048 by default, with the sin-cos
+  position table added to the trunk output again before it. The released code does not
+  include the head, so its internals here are our choice, laid out exactly like
+  ``lightly``'s ``AIMPredictionHead`` so the two can share weights: a bias-free Linear
+  (D -> width), ``head_depth`` residual blocks ``x + MLP(LN(x))`` (bias-free MLP,
+  expansion ``head_mlp_ratio``), a LayerNorm and a bias-free Linear (width -> p*p*3).
+  Our LayerNorms use eps 1e-6 like the trunk (lightly's default is 1e-5); head Linears
+  use MAE's xavier init (AIM's head init is unreleased).
+* **Masked variant** (Table 5): ``mode="masked"`` keeps everything but the task: the
+  trunk is bidirectional, a random ``mask_ratio`` of patches is replaced by a learned mask
+  token (N(0, 0.02)), and the same head predicts each masked patch's own pixels, with the
+  loss on masked patches only (paper: 70.3 at 50%, 77.8 at 75% vs AR 78.2, attentive).
+
+Departures from ml-aim: none in the trunk beyond the initialisation of its Linears (xavier
+as MAE; ml-aim leaves PyTorch's default and xavier-initialises only the patch conv). On
+CUDA the prefix-causal mask runs through ``flex_attention`` with a ``BlockMask``, which
+computes the same function as ml-aim's dense boolean mask (tests/test_aim.py checks it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from timm.layers import Mlp
+
+from ..models.layers import BlockMask, init_weights_xavier, normalized_pixel_targets, patchify, unpatchify
+from .base import Augmentation, Objective, ObjectiveOutput, register_objective
+
+MODES = ("autoregressive", "masked")
+ATTENTIONS = ("prefix", "causal")
+KERNELS = ("auto", "flex", "sdpa")
+
+
+@dataclass
+class AIMOptions:
+    mode: str = "autoregressive"  # autoregressive (the paper) | masked (Table 5 ablation)
+    attention: str = "prefix"  # prefix (the paper) | causal (Table 3d ablation)
+    min_prefix: int = 1  # S ~ U[min_prefix, max_prefix]
+    max_prefix: int = 0  # 0: N - 1, the paper's upper bound
+    head_depth: int = 12
+    head_width: int = 2048
+    head_mlp_ratio: float = 4.0
+    norm_pix_loss: bool = True
+    mask_ratio: float = 0.5  # mode=masked only
+    attention_kernel: str = "auto"  # auto: flex_attention on CUDA, dense SDPA elsewhere | flex | sdpa
+
+    def validate(self):
+        def choice(name, allowed):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"aim.{name}: unknown value {value!r}; choose one of {', '.join(allowed)}")
+
+        choice("mode", MODES)
+        choice("attention", ATTENTIONS)
+        choice("attention_kernel", KERNELS)
+        if self.min_prefix < 1:
+            raise ValueError(f"aim.min_prefix must be at least 1 (the prefix holds at least one patch), "
+                             f"got {self.min_prefix}")
+        if self.max_prefix != 0 and self.max_prefix < self.min_prefix:
+            raise ValueError(f"aim.max_prefix {self.max_prefix} is below aim.min_prefix {self.min_prefix}; "
+                             "pick max_prefix >= min_prefix, or 0 for N - 1")
+        if self.head_depth < 0 or self.head_width < 1 or self.head_mlp_ratio <= 0:
+            raise ValueError(f"aim head: need head_depth >= 0, head_width >= 1 and head_mlp_ratio > 0; got "
+                             f"{self.head_depth}, {self.head_width}, {self.head_mlp_ratio}")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"aim.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.mode == "masked" and self.attention != "prefix":
+            raise ValueError(f"aim.attention={self.attention!r} has no meaning with mode=masked (its trunk is "
+                             "bidirectional); drop --attention or use mode=autoregressive")
+        if self.mode == "autoregressive" and self.mask_ratio != 0.5:
+            raise ValueError(f"aim.mask_ratio={self.mask_ratio} only applies to the masked variant; "
+                             "add --opt mode=masked, or drop --mask-ratio")
+        if self.attention == "causal" and (self.min_prefix, self.max_prefix) != (1, 0):
+            raise ValueError("aim.min_prefix / max_prefix have no effect with attention=causal (no prefix); "
+                             "drop them or use --attention prefix")
+
+
+def prefix_causal_mask(prefix_len: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Dense prefix-causal mask, (B,) prefix lengths -> (B, 1, N, N) bool, True = may attend.
+
+    Query i may attend key j when j <= i (causal) or j < S (every query sees the prefix),
+    as ml-aim's ``PrefixCausalAttention``.
+    """
+    i = torch.arange(num_tokens, device=prefix_len.device)
+    causal = i[None, :] <= i[:, None]  # (N, N) [query, key]
+    prefix = i[None, None, :] < prefix_len[:, None, None]  # (B, 1, N): key in the prefix
+    return (causal[None] | prefix).unsqueeze(1)
+
+
+def prefix_causal_block_mask(prefix_len: torch.Tensor, num_tokens: int):
+    """The same mask as a flex-attention ``BlockMask`` (fully masked tiles are skipped on CUDA)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) | (kv_idx < prefix_len[b])
+
+    return create_block_mask(mask_mod, prefix_len.shape[0], None, num_tokens, num_tokens,
+                             device=prefix_len.device)
+
+
+class MLPHeadBlock(nn.Module):
+    """One head block: x + MLP(LN(x)), no biases (the attention-free half of a ViT block)."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dim, bias=False)
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+class AIMHead(nn.Module):
+    """The per-token MLP prediction head (see the module docstring): (B, N, D) -> (B, N, out)."""
+
+    def __init__(self, in_dim: int, out_dim: int, width: int = 2048, depth: int = 12, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.embed = nn.Linear(in_dim, width, bias=False)
+        self.blocks = nn.ModuleList([MLPHeadBlock(width, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.pred = nn.Linear(width, out_dim, bias=False)
+
+    def forward(self, x):
+        x = self.embed(x)  # (B, N, W)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.pred(self.norm(x))  # (B, N, out)
+
+
+@register_objective
+class AIM(Objective):
+    name = "aim"
+    Options = AIMOptions
+    #: Table 3c: a crop-scale lower bound of 0.4 beat 0.08 and 1.0
+    augmentation = Augmentation(crop_scale=(0.4, 1.0))
+    #: ``recipe: quick``: a small head so the built-in run takes minutes on a CPU
+    quick_options = {"head_depth": 2, "head_width": 256}
+
+    @classmethod
+    def backbone_kwargs(cls, options):
+        # ml-aim: Conv2d patch projection (with bias) -> LayerNorm -> + sin-cos; bias-free Linears
+        return dict(class_token=False, pos_embed="sincos", patch_norm=True, patch_bias=True, bias=False,
+                    qkv_bias="none", weight_init="xavier")
+
+    def __init__(self, encoder: nn.Module, options: AIMOptions):
+        super().__init__(encoder, options)
+        N = encoder.num_patches
+        if N < 2:
+            raise ValueError(f"AIM needs at least 2 patches to predict a next one; got {N} "
+                             f"(img_size {encoder.img_size}, patch_size {encoder.patch_size}); use a smaller --patch-size")
+        self.max_prefix = options.max_prefix or N - 1
+        if self.max_prefix > N - 1:
+            raise ValueError(f"aim.max_prefix {options.max_prefix} leaves nothing to predict: the image has "
+                             f"{N} patches, so the prefix can hold at most {N - 1}; lower it or use 0 (= {N - 1})")
+        if options.min_prefix > self.max_prefix:
+            raise ValueError(f"aim.min_prefix {options.min_prefix} exceeds the largest prefix {self.max_prefix} "
+                             f"for {N} patches; lower it")
+        p = encoder.patch_size
+        self.head = AIMHead(encoder.embed_dim, p * p * encoder.in_chans, options.head_width, options.head_depth,
+                            options.head_mlp_ratio)
+        self.head.apply(init_weights_xavier)
+        if options.mode == "masked":
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
+            nn.init.normal_(self.mask_token, std=0.02)
+        else:
+            self.mask_token = None
+
+    # -- masking, drawn per sample in the data pipeline -----------------------------------
+    def sample_masking(self, generator):
+        """Autoregressive: the prefix length S, a scalar long tensor. Masked: a (N,) bool mask."""
+        N = self.encoder.num_patches
+        if self.options.mode == "masked":
+            num_masked = int(N * self.options.mask_ratio)
+            mask = torch.zeros(N, dtype=torch.bool)
+            mask[torch.randperm(N, generator=generator)[:num_masked]] = True
+            return mask
+        if self.options.attention == "causal":
+            return torch.tensor(1)  # prefix of one patch == plain causal attention
+        return torch.randint(self.options.min_prefix, self.max_prefix + 1, (), generator=generator)
+
+    # -- the method's vocabulary ------------------------------------------------------------
+    def patchify(self, images):
+        return patchify(images, self.encoder.patch_size)  # (B, N, p*p*3)
+
+    def unpatchify(self, patches):
+        return unpatchify(patches, self.encoder.patch_size, self.encoder.grid_size, self.encoder.in_chans)
+
+    def target(self, images):
+        target = self.patchify(images)
+        return normalized_pixel_targets(target) if self.options.norm_pix_loss else target
+
+    def use_flex(self, device: torch.device) -> bool:
+        kernel = self.options.attention_kernel
+        return BlockMask is not None and (kernel == "flex" or (kernel == "auto" and device.type == "cuda"))
+
+    def attention_mask(self, prefix_len: torch.Tensor):
+        """(B,) prefix lengths -> the trunk's attention mask (flex ``BlockMask`` or dense bool)."""
+        N = self.encoder.num_patches
+        if self.use_flex(prefix_len.device):
+            if prefix_len.device.type != "cuda" and torch.is_grad_enabled():
+                raise ValueError("aim.attention_kernel=flex trains only on CUDA (torch's flex_attention has no "
+                                 "CPU backward); use attention_kernel=auto or sdpa on this device")
+            return prefix_causal_block_mask(prefix_len, N)
+        return prefix_causal_mask(prefix_len, N)  # (B, 1, N, N)
+
+    def forward_trunk(self, images, prefix_len=None, mask=None):
+        """-> (B, N, D) after the final norm: prefix-causal with ``prefix_len`` (B,), masked with ``mask``."""
+        if mask is not None:
+            x = self.encoder.embed(images, mask=mask, mask_token=self.mask_token)  # (B, N, D)
+            return self.encoder.forward_tokens(x)
+        x = self.encoder.embed(images)  # (B, N, D)
+        attn_mask = self.attention_mask(prefix_len) if prefix_len is not None else None
+        return self.encoder.forward_tokens(x, attn_mask=attn_mask)
+
+    def forward_head(self, features):
+        """Trunk output (B, N, D) plus the sin-cos table again -> per-token predictions (B, N, p*p*3)."""
+        return self.head(features + self.encoder.pos_embed.to(features.dtype))
+
+    def default_masking(self, images):
+        B, device = images.shape[0], images.device
+        return self.draw_masking(B).to(device)
+
+    def forward_loss(self, images, pred, mask):
+        """Mean over counted patches of the per-patch MSE (mean over p*p*3)."""
+        target = self.target(images)
+        per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (B, N)
+        return (per_patch * mask).sum() / mask.sum().clamp_min(1.0), target
+
+    def forward(self, images, masking=None):
+        if masking is None:
+            masking = self.default_masking(images)
+        if self.options.mode == "masked":
+            mask = masking.bool()  # (B, N)
+            pred = self.forward_head(self.forward_trunk(images, mask=mask))  # (B, N, P): each patch itself
+            loss_mask = mask.to(pred.dtype)
+            extras = {}
+        else:
+            prefix_len = masking.long().reshape(-1)  # (B,)
+            out = self.forward_head(self.forward_trunk(images, prefix_len))  # out[:, k] predicts patch k+1
+            # re-index so pred[:, t] is the prediction *for* patch t (nothing predicts patch 0)
+            pred = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)  # (B, N, P)
+            N = pred.shape[1]
+            loss_mask = (torch.arange(N, device=pred.device)[None] >= prefix_len[:, None]).to(pred.dtype)  # (B, N)
+            extras = {"prefix_len": prefix_len}
+        loss, target = self.forward_loss(images, pred, loss_mask)
+        return ObjectiveOutput(loss=loss, pred=pred, target=target, mask=loss_mask, extras=extras)
+
+    def extra_no_weight_decay(self):
+        return {"mask_token"} if self.mask_token is not None else set()
+
+    @torch.no_grad()
+    def reconstruct(self, images, masking=None):
+        """Columns: the image, what the trunk was given, the predictions, predictions pasted in.
+
+        Autoregressive: each non-prefix patch is predicted from the true patches before it
+        (teacher forcing, one pass, as in training), shown in raster order.
+        """
+        out = self(images, masking)
+        pred = out.pred.float()
+        if self.options.norm_pix_loss:
+            # undo the per-patch normalisation with the true patch statistics, as the MAE demo does
+            patches = self.patchify(images).float()
+            pred = pred * (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(dim=-1, keepdim=True)
+        p2c = pred.shape[-1]
+        predicted = self.unpatchify(out.mask.float().unsqueeze(-1).expand(-1, -1, p2c))  # 1 = predicted
+        seen = 1 - predicted
+        reconstruction = self.unpatchify(pred) * predicted
+        pasted = images * seen + reconstruction
+        if self.options.mode == "masked":
+            return {"original": images, "masked": images * seen, "reconstruction": self.unpatchify(pred),
+                    "reconstruction + visible": pasted}
+        return {"original": images, "prefix seen": images * seen, "next-patch predictions": reconstruction,
+                "predictions + prefix": pasted}
