@@ -1,0 +1,519 @@
+"""``mimaim compare``: every objective on the same trunk, data, augmentation and budget.
+
+The question of the AIM paper (2401.08541, Sec. 5 and Table 5): with everything else
+fixed, does autoregressive pre-training probe better than masked image modelling? Each
+*cell* of the comparison is one ordinary run directory ``OUT/<cell>/`` made by the same
+``pretrain(cfg)`` as ``mimaim pretrain``, probed by the same ``probe_run`` as ``mimaim
+probe`` and, optionally, fine-tuned by the same ``finetune`` as ``mimaim finetune``:
+
+* a finished cell (``summary.json`` present) is never trained again; a half-finished one
+  (a checkpoint, no summary) resumes with ``pretrain(cfg, resume=True)``; a cell whose
+  saved config disagrees with the one asked for stops the comparison with a message;
+* the budget is the same number of **epochs** for every cell (default) or the same
+  **training FLOPs** (``budget_flops``): FLOPs of one training step (forward + backward of
+  the whole objective, encoder and head, on one image) are counted with
+  ``torch.utils.flop_counter.FlopCounterMode``, and each cell gets the whole number of
+  epochs that comes closest to the budget, so its cosine schedule runs to the end; the
+  table reports the FLOPs each cell actually spent;
+* the augmentation is the same for every cell by default: one RandomResizedCrop scale
+  (``crop_scale``, MAE's (0.2, 1)) + flip, no colour jitter; ``same_augmentation=False``
+  gives each objective its paper's own (``Objective.augmentation``);
+* a random-initialisation row (the first cell's backbone flavour, unchanged weights).
+
+Objective names come from ``list_objectives()``; a few named variants are the AIM paper's
+ablations (``VARIANTS``), and ``objective@key=value@key=value`` sets any options.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..config import ConfigError, PretrainConfig, load_yaml, make_config
+from ..engine.trainer import pretrain
+
+#: the AIM paper's ablations (Table 3d, Table 5) as named variants: name -> (objective, options)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "aim-causal": ("aim", {"attention": "causal"}),
+    "aim-masked50": ("aim", {"mode": "masked", "mask_ratio": 0.5}),
+}
+#: the augmentation every cell shares unless ``same_augmentation=False``
+SAME_CROP_SCALE = (0.2, 1.0)
+#: config fields that may differ between a finished cell and a re-run of the comparison
+_RUNTIME_FIELDS = {"out", "progress", "num_workers", "device", "cache", "log_every", "save_every", "keep_last",
+                   "compile", "precision", "max_bad_fraction"}
+
+
+@dataclass
+class Cell:
+    name: str  # the run directory's name
+    spec: str  # as the user wrote it
+    objective: str
+    options: dict
+    cfg: PretrainConfig
+    flops_per_image: float = float("nan")
+    steps: int = 0
+    train_images: int = 0
+    extras: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- parsing
+def parse_objective_spec(spec: str) -> tuple[str, dict]:
+    """``mae`` | a ``VARIANTS`` name | ``objective@key=value@key=value`` -> (objective, options)."""
+    from ..objectives import get_objective_class, list_objectives, parse_options
+    from ..engine.trainer import resolved_objective_options
+
+    spec = spec.strip()
+    if spec in VARIANTS:
+        objective, options = VARIANTS[spec]
+        options = dict(options)
+    else:
+        objective, *pairs = spec.split("@")
+        options = {}
+        for pair in pairs:
+            if "=" not in pair:
+                raise ConfigError(f"--objectives {spec!r}: expected objective@key=value, got {pair!r}")
+            key, value = pair.split("=", 1)
+            options[key.strip()] = value.strip()
+    if objective not in list_objectives():
+        raise ConfigError(f"--objectives: unknown objective {objective!r} (in {spec!r}); registered objectives: "
+                          f"{', '.join(list_objectives())}; variants: {', '.join(VARIANTS)}; or write "
+                          "objective@key=value")
+    cls = get_objective_class(objective)
+    try:  # the options as the run will see them (quick recipe defaults underneath)
+        parse_options(cls, resolved_objective_options(PretrainConfig(objective=objective, objective_options=options)))
+    except ValueError as err:
+        hint = (f" The variant {spec!r} maps to {objective} with {options}; this {objective} does not accept "
+                "them — check `mimaim list` for its options." if spec in VARIANTS else "")
+        raise ConfigError(f"--objectives {spec!r}: {err}.{hint}") from None
+    return objective, options
+
+
+def cell_name(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", spec.replace("=", "")).strip("-")
+
+
+def parse_list(value: str | Sequence[str]) -> list[str]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [x.strip() for x in items if x.strip()]
+
+
+# --------------------------------------------------------------------------- measuring
+def count_training_flops(cfg: PretrainConfig, batch: int = 2) -> float:
+    """FLOPs of one training step per image: forward + backward of the whole objective.
+
+    Counted by ``FlopCounterMode`` (2 per multiply-add; matmuls, convolutions, attention)
+    on random images with the objective's own masking; the optimiser update and data
+    loading are not counted.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..engine.trainer import build_run_objective
+
+    objective = build_run_objective(cfg).train()
+    g = torch.Generator().manual_seed(cfg.seed)
+    images = torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=g)
+    masking = objective.draw_masking(batch, g)
+    with FlopCounterMode(display=False) as counter:
+        objective(images, masking).loss.backward()
+    return counter.get_total_flops() / batch
+
+
+def time_training_steps(cfg: PretrainConfig, steps: int = 2) -> float:
+    """Seconds per optimiser step on random images (one warm-up step first); no data loading."""
+    from ..engine.optim import build_optimizer
+    from ..engine.trainer import build_run_objective
+
+    objective = build_run_objective(cfg).train()
+    opt = build_optimizer(objective, 1e-4, cfg.weight_decay, cfg.betas)
+    g = torch.Generator().manual_seed(cfg.seed)
+    images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, generator=g)
+    times = []
+    for _ in range(steps + 1):
+        masking = objective.draw_masking(cfg.batch_size, g)
+        t = time.perf_counter()
+        objective(images, masking).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    return sum(times[1:]) / steps
+
+
+@torch.no_grad()
+def time_feature_extraction(cfg: PretrainConfig, batch: int = 64) -> float:
+    """Seconds per image of the frozen-encoder forward the probes run."""
+    from ..engine.trainer import build_run_objective
+
+    encoder = build_run_objective(cfg).encoder.eval()
+    images = torch.randn(batch, 3, cfg.img_size, cfg.img_size)
+    encoder.forward_features(images[:2])
+    t = time.perf_counter()
+    encoder.forward_features(images)
+    return (time.perf_counter() - t) / batch
+
+
+# --------------------------------------------------------------------------- cells
+def split_sizes(cfg: PretrainConfig) -> tuple[int, int, bool]:
+    """(training images after data_fraction, held-out images, labelled?) from a scan (no decoding)."""
+    from ..data import build_source
+    from ..engine.trainer import training_subset
+
+    source = build_source(cfg.data, cache="off", progress=False)
+    train = training_subset(source.split("train", cfg.val_fraction), cfg.data_fraction, cfg.seed)
+    return len(train), len(source.split("val", cfg.val_fraction)), source.has_labels
+
+
+def check_probe_data(cfg: PretrainConfig, train_images: int, val_images: int, labelled: bool) -> None:
+    """Stop before any training when the cells could not be trained or probed."""
+    if not labelled:
+        raise ConfigError(f"--data {cfg.data!r} has no labels, so the cells cannot be probed; pass a labelled "
+                          "folder (imagefolder:PATH/<class>/<image>)")
+    if val_images == 0:
+        raise ConfigError(f"the held-out split of {cfg.data!r} is empty at val_fraction {cfg.val_fraction}; "
+                          "raise --val-fraction or add images")
+    if cfg.batch_size > train_images:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {train_images} training images of "
+                          f"{cfg.data!r} (data fraction {cfg.data_fraction}); lower --batch-size")
+
+
+def check_cell_config(run_dir: Path, cfg: PretrainConfig) -> None:
+    """A cell already on disk must have been made by the same recipe (else results would mix)."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return
+    saved = make_config(load_yaml(path)).to_dict()
+    wanted = cfg.to_dict()
+    diff = {k: (saved.get(k), v) for k, v in wanted.items() if k not in _RUNTIME_FIELDS and saved.get(k) != v}
+    if diff:
+        detail = "; ".join(f"{k}: on disk {a!r}, asked {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ConfigError(f"{run_dir} was started with a different recipe ({detail}); use a new --out, or delete "
+                          f"{run_dir} to train it again")
+
+
+def run_cell(cfg: PretrainConfig) -> str:
+    """Train one cell unless finished: -> 'finished' (skipped) | 'resumed' | 'trained'."""
+    from ..engine.checkpoint import latest_checkpoint
+
+    run_dir = Path(cfg.out)
+    check_cell_config(run_dir, cfg)
+    if (run_dir / "summary.json").exists():
+        return "finished"
+    resume = latest_checkpoint(run_dir) is not None
+    pretrain(cfg, resume=resume)
+    return "resumed" if resume else "trained"
+
+
+def final_loss(run_dir: Path) -> float:
+    """Mean training loss over the last 10% of logged steps (``metrics.csv``): less noisy than one window."""
+    from ..engine.logging import read_metrics
+
+    rows = [float(r["loss"]) for r in read_metrics(run_dir) if r.get("loss") not in (None, "")]
+    if not rows:
+        summary = run_dir / "summary.json"
+        return json.loads(summary.read_text()).get("final_loss", float("nan")) if summary.exists() else float("nan")
+    tail = rows[-max(1, len(rows) // 10):]
+    return sum(tail) / len(tail)
+
+
+def default_probes() -> list[str]:
+    from ..eval.probes import list_probes
+
+    try:  # the attentive probe registers itself when its module exists
+        from . import attentive  # noqa: F401
+    except ImportError:
+        pass
+    available = list_probes()
+    return [p for p in ("linear", "attentive", "knn") if p in available]
+
+
+def probe_cell(run_dir: Path, probes: Sequence[str], layers: Sequence[int] | None, random_init: bool,
+               device: str, progress: bool) -> list[dict]:
+    """``probe_run`` on a cell, memoised in ``compare_probe.json`` against its checkpoint and settings."""
+    from ..engine.checkpoint import latest_checkpoint
+    from .probe_run import probe_run
+
+    memo = run_dir / "compare_probe.json"
+    key = {"checkpoint": latest_checkpoint(run_dir).name, "probes": list(probes),
+           "layers": list(layers) if layers else None, "random_init": random_init}
+    if memo.exists():
+        saved = json.loads(memo.read_text())
+        if saved.get("key") == key:
+            return saved["rows"]
+    rows = probe_run(run_dir, probes=probes, layers=layers, random_init=random_init, device=device,
+                     progress=progress)
+    memo.write_text(json.dumps({"key": key, "rows": rows}, indent=2))
+    return rows
+
+
+def finetune_cell(run_dir: Path, fcfg) -> dict:
+    """``finetune`` on a cell unless its result for the same settings is on disk."""
+    from dataclasses import asdict
+
+    from .finetune import finetune
+
+    tag = "finetune" + ("" if fcfg.img_size is None else f"-{fcfg.img_size}px") + \
+          ("" if fcfg.init == "pretrained" else "-random")
+    path = run_dir / f"{tag}.json"
+    wanted = {k: v for k, v in asdict(fcfg).items() if k not in ("progress", "device")}
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("config") == json.loads(json.dumps(wanted)):
+            return saved
+    return finetune(run_dir, fcfg)
+
+
+# --------------------------------------------------------------------------- planning
+def plan_cells(specs: Sequence[str], out: Path, base: dict, budget_flops: float | None) -> list[Cell]:
+    """Parse, validate and size every cell before anything trains."""
+    from ..data import GlobalBatchSampler
+
+    specs = parse_list(specs)
+    if not specs:
+        raise ConfigError("--objectives is empty; pass e.g. --objectives mae,aim")
+    if len(set(specs)) != len(specs):
+        raise ConfigError(f"--objectives lists a name twice: {', '.join(specs)}")
+    cells = []
+    for spec in specs:
+        objective, options = parse_objective_spec(spec)
+        name = cell_name(spec)
+        opts = {**(base.get("objective_options") or {}), **options}
+        cfg = make_config(base, objective=objective, objective_options=opts, out=str(out / name))
+        cells.append(Cell(name, spec, objective, options, cfg))
+    train_images, val_images, labelled = split_sizes(cells[0].cfg)
+    check_probe_data(cells[0].cfg, train_images, val_images, labelled)
+    for cell in cells:
+        cfg = cell.cfg
+        cell.train_images = train_images
+        steps_per_epoch = GlobalBatchSampler(train_images, cfg.batch_size, cfg.accum_steps).steps_per_epoch
+        try:
+            cell.flops_per_image = count_training_flops(cfg)
+        except Exception as err:  # noqa: BLE001 - FLOPs are a column, unless they set the budget
+            if budget_flops:
+                raise
+            print(f"warning: could not count FLOPs of {cell.name}: {err}", file=sys.stderr)
+        if budget_flops:
+            per_epoch = cell.flops_per_image * steps_per_epoch * cfg.batch_size
+            epochs = round(budget_flops / per_epoch)
+            if epochs < 1:
+                raise ConfigError(f"--budget-flops {budget_flops:.3g} is less than half an epoch of {cell.name} "
+                                  f"({per_epoch:.3g} FLOPs per epoch); raise it to at least {per_epoch:.3g}")
+            cfg.epochs = epochs
+        cell.steps = steps_per_epoch * cfg.epochs
+        if cfg.max_steps is not None:
+            cell.steps = min(cell.steps, cfg.max_steps)
+        if cell.steps < 1:
+            raise ConfigError(f"cell {cell.name} would train for 0 steps; raise --epochs or --max-steps")
+    return cells
+
+
+def format_grid(cells: Sequence[Cell]) -> str:
+    lines = ["| cell | objective | options | model | epochs | steps | batch | FLOPs/image | training FLOPs |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        total = c.flops_per_image * c.steps * c.cfg.batch_size
+        lines.append(f"| {c.name} | {c.objective} | {c.options or '-'} | {c.cfg.model} | {c.cfg.epochs} | "
+                     f"{c.steps} | {c.cfg.batch_size} | {c.flops_per_image:.3g} | {total:.3g} |")
+    return "\n".join(lines)
+
+
+def estimate_seconds(cells: Sequence[Cell], probes: Sequence[str], val_images: int, random_init: bool,
+                     finetune_epochs: int) -> list[dict]:
+    """Per cell: seconds per step and the estimated wall time, from a short measurement."""
+    out = []
+    for i, c in enumerate(cells):
+        step_s = time_training_steps(c.cfg)
+        per_image = time_feature_extraction(c.cfg)
+        n_feature_passes = 2 if (random_init and i == 0) else 1
+        probe_s = per_image * (c.train_images + val_images) * n_feature_passes
+        # fine-tuning runs the whole trunk forward and backward: about 3 forward passes per image
+        ft_s = 3 * per_image * c.train_images * finetune_epochs * (2 if (random_init and i == 0) else 1)
+        pre_s = step_s * c.steps
+        out.append({"cell": c.name, "step_s": step_s, "pretrain_s": pre_s, "probe_s": probe_s, "finetune_s": ft_s,
+                    "total_s": pre_s + probe_s + ft_s})
+    return out
+
+
+# --------------------------------------------------------------------------- the harness
+def compare(objectives: str | Sequence[str], out: str | Path, base: dict | None = None,
+            budget_flops: float | None = None, same_augmentation: bool = True,
+            crop_scale: tuple[float, float] = SAME_CROP_SCALE, probes: Sequence[str] | None = None,
+            layers: Sequence[int] | None = None, random_init: bool = True, finetune_epochs: int = 0,
+            finetune_options: dict | None = None, dry_run: bool = False, device: str = "cpu",
+            progress: bool = True) -> list[dict]:
+    """Pre-train, probe (and fine-tune) every objective; write OUT/results.{csv,md} and PNGs.
+
+    ``base`` holds ``PretrainConfig`` fields shared by every cell (data, model, epochs, ...).
+    Returns the table's rows (an estimate per cell with ``dry_run``).
+    """
+    from .probes import get_probe
+
+    out = Path(out)
+    base = dict(base or {})
+    base.setdefault("progress", progress)
+    if same_augmentation:
+        base["augmentation"] = {"crop_scale": list(crop_scale), "color_jitter": 0.0, "hflip": True}
+    if budget_flops is not None and budget_flops <= 0:
+        raise ConfigError(f"--budget-flops must be positive, got {budget_flops}")
+    probes = list(probes) if probes else default_probes()
+    for p in probes:
+        try:
+            get_probe(p)
+        except ValueError as err:
+            raise ConfigError(f"--probes: {err}") from None
+    ft = None
+    if finetune_epochs:
+        from .finetune import FinetuneConfig
+        ft = FinetuneConfig(epochs=finetune_epochs, device=device, progress=progress,
+                            **(finetune_options or {})).validate()
+
+    cells = plan_cells(objectives, out, base, budget_flops)
+    _, val_images, _ = split_sizes(cells[0].cfg)
+    budget = f"{budget_flops:.3g} training FLOPs per cell" if budget_flops else f"{cells[0].cfg.epochs} epochs"
+    aug = f"same for all: crop scale {tuple(crop_scale)} + flip" if same_augmentation else "each objective's paper recipe"
+    print(f"mimaim compare: {len(cells)} cells on {cells[0].cfg.model}/{cells[0].cfg.patch_size} at "
+          f"{cells[0].cfg.img_size}px, data {cells[0].cfg.data} ({cells[0].train_images} training / {val_images} "
+          f"held-out images), budget {budget}, augmentation {aug}, probes {', '.join(probes)}"
+          f"{f', fine-tune {finetune_epochs} epochs' if ft else ''} -> {out}")
+    print(format_grid(cells))
+    if dry_run:
+        est = estimate_seconds(cells, probes, val_images, random_init, finetune_epochs)
+        total = sum(e["total_s"] for e in est)
+        print("\nestimated wall time (from timing 2 training steps and one feature batch per cell on this machine; "
+              "data loading and the probes' own training not included):")
+        for e in est:
+            print(f"  {e['cell']}: {e['step_s']:.3f} s/step -> pre-train {e['pretrain_s'] / 60:.1f} min, "
+                  f"probe features {e['probe_s'] / 60:.1f} min"
+                  + (f", fine-tune {e['finetune_s'] / 60:.1f} min" if ft else ""))
+        print(f"  total: about {total / 3600:.2f} h")
+        return est
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, cell in enumerate(cells):
+        status = run_cell(cell.cfg)
+        print(f"[{i + 1}/{len(cells)}] {cell.name}: {status}", file=sys.stderr, flush=True)
+    for i, cell in enumerate(cells):
+        run_dir = Path(cell.cfg.out)
+        first = random_init and i == 0
+        probe_rows = probe_cell(run_dir, probes, layers, first, device, progress)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        row = {"cell": cell.name, "objective": cell.objective, "options": json.dumps(cell.options),
+               "model": cell.cfg.model, "epochs": cell.cfg.epochs, "steps": summary["steps"],
+               "pretrain_loss": round(final_loss(run_dir), 5),
+               **{k: v for k, v in probe_rows[0].items() if k.endswith("_top1")},
+               "images_per_s": summary.get("images_per_s"), "wall_time_s": summary.get("wall_time_s"),
+               "flops_per_image": cell.flops_per_image,
+               "train_flops": cell.flops_per_image * summary["steps"] * cell.cfg.batch_size}
+        if ft:
+            row["finetune_top1"] = finetune_cell(run_dir, ft)["top1"]
+        rows.append(row)
+        if first:
+            rnd = {"cell": "random-init", "objective": f"random init ({cell.name} trunk)", "options": "{}",
+                   "model": cell.cfg.model, "epochs": 0, "steps": 0, "pretrain_loss": float("nan"),
+                   **{k: v for k, v in probe_rows[1].items() if k.endswith("_top1")},
+                   "images_per_s": float("nan"), "wall_time_s": 0.0, "flops_per_image": cell.flops_per_image,
+                   "train_flops": 0.0}
+            if ft:
+                from dataclasses import replace
+                rnd["finetune_top1"] = finetune_cell(run_dir, replace(ft, init="random"))["top1"]
+            random_row = rnd
+    if random_init:
+        rows.append(random_row)
+    write_results(out, rows, cells, budget, aug, val_images)
+    return rows
+
+
+# --------------------------------------------------------------------------- outputs
+def write_csv(path: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        return f"{v:.3g}" if abs(v) >= 1e5 else f"{v:.4g}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict], columns: Sequence[tuple[str, str]]) -> str:
+    lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(k, "-")) for k, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, rows: list[dict], cells: Sequence[Cell], budget: str, aug: str, val_images: int) -> None:
+    write_csv(out / "results.csv", rows)
+    probe_cols = [k for k in rows[0] if k.endswith("_top1")]
+    columns = [("objective", "objective"), ("cell", "cell"), ("pretrain_loss", "pre-training loss"),
+               *[(k, k.replace("_top1", " top-1 (%)")) for k in probe_cols],
+               ("images_per_s", "images/s"), ("wall_time_s", "wall time (s)"), ("train_flops", "training FLOPs")]
+    cfg = cells[0].cfg
+    header = (f"# mimaim compare\n\n{cfg.model}/{cfg.patch_size} at {cfg.img_size}px on `{cfg.data}`; held-out "
+              f"split: the last {cfg.val_fraction:.0%} of each class ({val_images} images). Budget: {budget}. "
+              f"Augmentation: {aug}. Pre-training loss: mean over the last 10% of logged steps (each objective's "
+              "own loss, not comparable across objectives). FLOPs: forward + backward of the whole objective, "
+              "counted by torch FlopCounterMode.\n\n")
+    (out / "results.md").write_text(header + markdown_table(rows, columns) + "\n")
+    plot_loss_curves(out / "loss_curves.png", [(c.name, Path(c.cfg.out)) for c in cells])
+    plot_probe_accuracy(out / "probe_accuracy.png", rows, probe_cols)
+    print(markdown_table(rows, columns))
+    print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'loss_curves.png'}, "
+          f"{out / 'probe_accuracy.png'}")
+
+
+def plot_loss_curves(path: Path, runs: Sequence[tuple[str, Path]]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..engine.logging import read_metrics
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, run_dir in runs:
+        rows = read_metrics(run_dir)
+        if rows:
+            ax.plot([float(r["epoch"]) for r in rows], [float(r["loss"]) for r in rows], label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss (each objective's own)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title("pre-training loss")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_probe_accuracy(path: Path, rows: list[dict], columns: Sequence[str]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 4), dpi=120)
+    width = 0.8 / max(1, len(columns))
+    for j, col in enumerate(columns):
+        values = [r.get(col, float("nan")) for r in rows]
+        xs = [i + (j - (len(columns) - 1) / 2) * width for i in range(len(rows))]
+        bars = ax.bar(xs, values, width, label=col.replace("_top1", ""))
+        ax.bar_label(bars, fmt="%.1f", fontsize=6)
+    ax.set_xticks(range(len(rows)), [r["cell"] for r in rows], rotation=20, fontsize=8)
+    ax.set_ylabel("held-out top-1 (%)")
+    ax.legend(fontsize=8)
+    ax.set_title("probe accuracy")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,257 @@
+"""``mimaim scale``: one objective over a grid of model sizes and data fractions.
+
+The AIM paper's scaling claims (2401.08541, Sec. 5.1, Fig. 1 and 4): the pre-training
+loss falls with capacity, the loss tracks downstream accuracy, and more data helps. Each
+cell is an ordinary run directory ``OUT/<model>-f<fraction>/`` trained by ``pretrain``
+(finished cells are skipped, half-finished ones resumed, exactly as ``mimaim compare``)
+and probed by ``probe_run``. A data fraction is a nested, seeded, per-class share of the
+training split (``PretrainConfig.data_fraction``); the held-out split is always whole.
+
+Budget: by default every cell takes the **same number of optimiser steps** as the full
+data at ``epochs`` (a fraction f trains ``round(epochs / f)`` epochs), so a smaller
+fraction means fewer distinct images, not less compute; ``same_steps=False`` gives every
+cell the same number of epochs instead.
+
+The fit: ``L(N) = a * N^(-alpha)`` by least squares on log L against log N (N = encoder
+parameters), or ``L(N) = a * N^(-alpha) + c`` with an irreducible term when ``offset``
+is asked for (scipy ``curve_fit``); one fit per data fraction with at least two sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..config import ConfigError, make_config
+from .compare import (Cell, count_training_flops, default_probes, estimate_seconds, final_loss, markdown_table,
+                      parse_list, parse_objective_spec, probe_cell, run_cell, split_sizes, check_probe_data,
+                      write_csv)
+
+
+def fit_power_law(n: Sequence[float], loss: Sequence[float], offset: bool = False) -> dict:
+    """Fit ``loss = a * n^(-alpha) (+ c)``; -> {a, alpha, c, r2, points} (r2 of log loss)."""
+    n, loss = np.asarray(n, dtype=float), np.asarray(loss, dtype=float)
+    ok = np.isfinite(n) & np.isfinite(loss) & (n > 0) & (loss > 0)
+    n, loss = n[ok], loss[ok]
+    if len(np.unique(n)) < 2:
+        raise ValueError(f"a power law needs at least two model sizes, got {len(np.unique(n))}")
+    slope, intercept = np.polyfit(np.log(n), np.log(loss), 1)
+    a, alpha, c = float(np.exp(intercept)), float(-slope), 0.0
+    if offset:
+        if len(np.unique(n)) < 3:
+            raise ValueError("a power law with an offset needs at least three model sizes")
+        from scipy.optimize import curve_fit
+
+        scale = n.min()
+
+        def f(x, log_a, alpha_, c_):  # in units of the smallest model, for conditioning
+            return np.exp(log_a) * (x / scale) ** (-alpha_) + c_
+        p0 = (math.log(a * scale ** (-alpha)), max(alpha, 1e-3), 0.0)
+        (log_a, alpha, c), _ = curve_fit(f, n, loss, p0=p0, bounds=([-np.inf, 0.0, 0.0], [np.inf, 10.0, loss.min()]),
+                                         maxfev=20000)
+        a = float(np.exp(log_a) * scale ** alpha)
+        alpha, c = float(alpha), float(c)
+    pred = a * n ** (-alpha) + c
+    resid = np.log(loss) - np.log(pred)
+    total = np.log(loss) - np.log(loss).mean()
+    r2 = 1.0 - float((resid ** 2).sum() / max((total ** 2).sum(), 1e-12))
+    return {"a": a, "alpha": alpha, "c": c, "r2": r2, "points": int(len(n))}
+
+
+def parse_fractions(value: str | Sequence[float]) -> list[float]:
+    items = parse_list(value) if isinstance(value, str) else list(value)
+    fractions = []
+    for item in items:
+        try:
+            f = float(item)
+        except ValueError:
+            raise ConfigError(f"--data-fractions: {item!r} is not a number; pass e.g. 0.1,0.3,1.0") from None
+        if not 0 < f <= 1:
+            raise ConfigError(f"--data-fractions: {item} is not in (0, 1]; a fraction is the share of the training "
+                              "split to train on, e.g. 0.1,0.3,1.0")
+        fractions.append(f)
+    if not fractions:
+        raise ConfigError("--data-fractions is empty; pass e.g. 0.1,0.3,1.0")
+    return sorted(set(fractions))
+
+
+def plan_scale(objective_spec: str, models: Sequence[str], fractions: Sequence[float], out: Path, base: dict,
+               same_steps: bool) -> list[Cell]:
+    from ..data import GlobalBatchSampler
+    from ..models import list_models
+
+    objective, options = parse_objective_spec(objective_spec)
+    models = parse_list(models)
+    if not models:
+        raise ConfigError("--models is empty; pass e.g. vit_micro,vit_tiny,vit_small")
+    for m in models:
+        if m not in list_models():
+            raise ConfigError(f"--models: unknown model {m!r}; choose from {', '.join(list_models())}")
+    cells = []
+    for model in models:
+        for f in fractions:
+            name = f"{model}-f{f:g}"
+            opts = {**(base.get("objective_options") or {}), **options}
+            cfg = make_config(base, objective=objective, objective_options=opts, model=model, data_fraction=f,
+                              out=str(out / name))
+            if same_steps and f < 1:
+                cfg.epochs = max(1, round(cfg.epochs / f))
+            cells.append(Cell(name, objective_spec, objective, options, cfg, extras={"data_fraction": f}))
+    sizes = {}
+    for cell in cells:
+        f = cell.cfg.data_fraction
+        if f not in sizes:
+            sizes[f] = split_sizes(cell.cfg)
+            check_probe_data(cell.cfg, *sizes[f])
+        cell.train_images = sizes[f][0]
+        spe = GlobalBatchSampler(cell.train_images, cell.cfg.batch_size, cell.cfg.accum_steps).steps_per_epoch
+        cell.steps = spe * cell.cfg.epochs if cell.cfg.max_steps is None else min(spe * cell.cfg.epochs,
+                                                                                    cell.cfg.max_steps)
+        try:
+            cell.flops_per_image = count_training_flops(cell.cfg)
+        except Exception as err:  # noqa: BLE001 - a column, not a gate
+            print(f"warning: could not count FLOPs of {cell.name}: {err}", file=sys.stderr)
+    return cells
+
+
+def scale(objective: str, models: str | Sequence[str], data_fractions: str | Sequence[float], out: str | Path,
+          base: dict | None = None, probes: Sequence[str] | None = None, layers: Sequence[int] | None = None,
+          same_steps: bool = True, offset: bool = False, dry_run: bool = False, device: str = "cpu",
+          progress: bool = True) -> dict:
+    """Run the grid; write OUT/scale_results.csv, OUT/scale_fit.csv and three PNGs. -> {rows, fits}."""
+    from .compare import format_grid
+
+    out = Path(out)
+    base = dict(base or {})
+    base.setdefault("progress", progress)
+    fractions = parse_fractions(data_fractions)
+    probes = list(probes) if probes else [p for p in default_probes() if p != "attentive"]
+    cells = plan_scale(objective, models, fractions, out, base, same_steps)
+    val_images = split_sizes(cells[0].cfg)[1]
+    print(f"mimaim scale: {objective} over models {', '.join(dict.fromkeys(c.cfg.model for c in cells))} x data "
+          f"fractions {', '.join(f'{f:g}' for f in fractions)}; budget: "
+          f"{'the same steps for every fraction' if same_steps else 'the same epochs'}; probes {', '.join(probes)}"
+          f" -> {out}")
+    print(format_grid(cells))
+    if dry_run:
+        est = estimate_seconds(cells, probes, val_images, random_init=False, finetune_epochs=0)
+        for e in est:
+            print(f"  {e['cell']}: {e['step_s']:.3f} s/step -> pre-train {e['pretrain_s'] / 60:.1f} min, "
+                  f"probe features {e['probe_s'] / 60:.1f} min")
+        print(f"  total: about {sum(e['total_s'] for e in est) / 3600:.2f} h (data loading and probe training "
+              "not included)")
+        return {"rows": est, "fits": []}
+
+    out.mkdir(parents=True, exist_ok=True)
+    for i, cell in enumerate(cells):
+        print(f"[{i + 1}/{len(cells)}] {cell.name}: {run_cell(cell.cfg)}", file=sys.stderr, flush=True)
+    rows = []
+    for cell in cells:
+        run_dir = Path(cell.cfg.out)
+        probe_rows = probe_cell(run_dir, probes, layers, False, device, progress)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        rows.append({"cell": cell.name, "model": cell.cfg.model, "parameters": summary["encoder_parameters"],
+                     "data_fraction": cell.cfg.data_fraction, "train_images": cell.train_images,
+                     "epochs": cell.cfg.epochs, "steps": summary["steps"],
+                     "pretrain_loss": round(final_loss(run_dir), 5),
+                     **{k: v for k, v in probe_rows[0].items() if k.endswith("_top1")},
+                     "flops_per_image": cell.flops_per_image,
+                     "train_flops": cell.flops_per_image * summary["steps"] * cell.cfg.batch_size,
+                     "wall_time_s": summary.get("wall_time_s")})
+    fits = []
+    for f in fractions:
+        sel = [r for r in rows if r["data_fraction"] == f]
+        try:
+            fit = fit_power_law([r["parameters"] for r in sel], [r["pretrain_loss"] for r in sel], offset)
+        except ValueError as err:
+            print(f"no power-law fit at data fraction {f:g}: {err}", file=sys.stderr)
+            continue
+        fits.append({"data_fraction": f, **fit})
+        print(f"power law at data fraction {f:g}: L = {fit['a']:.4g} * N^(-{fit['alpha']:.4f})"
+              + (f" + {fit['c']:.4g}" if offset else "") + f"  (alpha = {fit['alpha']:.4f}, R^2 of log L "
+              f"{fit['r2']:.3f}, {fit['points']} sizes)")
+    write_csv(out / "scale_results.csv", rows)
+    if fits:
+        write_csv(out / "scale_fit.csv", fits)
+    acc = f"{probes[0]}_top1"
+    plot_loss_vs_params(out / "scale_loss_vs_params.png", rows, fits, objective)
+    plot_accuracy_vs_loss(out / "scale_accuracy_vs_loss.png", rows, acc, objective)
+    plot_accuracy_vs_data(out / "scale_accuracy_vs_data.png", rows, acc, objective)
+    columns = [("model", "model"), ("parameters", "parameters"), ("data_fraction", "data fraction"),
+               ("train_images", "images"), ("epochs", "epochs"), ("pretrain_loss", "pre-training loss"),
+               *[(f"{p}_top1", f"{p} top-1 (%)") for p in probes], ("train_flops", "training FLOPs")]
+    print(markdown_table(rows, columns))
+    print(f"wrote {out / 'scale_results.csv'}, {out / 'scale_fit.csv'} and the scale_*.png plots in {out}")
+    return {"rows": rows, "fits": fits}
+
+
+# --------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_loss_vs_params(path: Path, rows: list[dict], fits: list[dict], objective: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
+    for f in sorted({r["data_fraction"] for r in rows}):
+        sel = sorted((r for r in rows if r["data_fraction"] == f), key=lambda r: r["parameters"])
+        xs = [r["parameters"] for r in sel]
+        points = ax.scatter(xs, [r["pretrain_loss"] for r in sel], zorder=3)
+        fit = next((x for x in fits if x["data_fraction"] == f), None)
+        label = f"data {f:g}"
+        if fit is not None:
+            grid = np.geomspace(min(xs), max(xs), 50)
+            ax.plot(grid, fit["a"] * grid ** (-fit["alpha"]) + fit["c"], color=points.get_facecolor()[0],
+                    label=f"{label}: alpha = {fit['alpha']:.3f}")
+        else:
+            points.set_label(label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("encoder parameters")
+    ax.set_ylabel("final pre-training loss")
+    ax.set_title(f"{objective}: loss vs model size (fit L = a N^-alpha)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_loss(path: Path, rows: list[dict], acc: str, objective: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
+    for f in sorted({r["data_fraction"] for r in rows}):
+        sel = [r for r in rows if r["data_fraction"] == f]
+        ax.scatter([r["pretrain_loss"] for r in sel], [r.get(acc, float("nan")) for r in sel], label=f"data {f:g}")
+        for r in sel:
+            ax.annotate(r["model"], (r["pretrain_loss"], r.get(acc, float("nan"))), fontsize=6)
+    ax.set_xlabel("final pre-training loss")
+    ax.set_ylabel(f"{acc.replace('_top1', '')} probe top-1 (%)")
+    ax.set_title(f"{objective}: downstream accuracy vs pre-training loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_data(path: Path, rows: list[dict], acc: str, objective: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
+    for model in dict.fromkeys(r["model"] for r in rows):
+        sel = sorted((r for r in rows if r["model"] == model), key=lambda r: r["data_fraction"])
+        ax.plot([r["data_fraction"] for r in sel], [r.get(acc, float("nan")) for r in sel], marker="o", label=model)
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of the training split")
+    ax.set_ylabel(f"{acc.replace('_top1', '')} probe top-1 (%)")
+    ax.set_title(f"{objective}: accuracy vs data")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
