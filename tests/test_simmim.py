@@ -175,3 +175,24 @@ def test_pretrain_probe_reconstruct_end_to_end(tmp_path, image_folder, capsys, m
     picture = tmp_path / "recon.png"
     assert main(["reconstruct", str(run), "--out", str(picture)]) == 0
     assert picture.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name", ["simmim_vit_base", "simmim_swin_base"])
+def test_presets_load_and_fit_their_sizes(name):
+    from pathlib import Path
+
+    from mimaim.config import load_yaml, make_config
+    from mimaim.engine.trainer import resolved_objective_options
+    from mimaim.masking import check_simmim_mask_sizes
+    from mimaim.models.swin import check_swin_sizes
+    from mimaim.objectives import get_objective_class, parse_options
+
+    cfg = make_config(load_yaml(Path(__file__).parents[1] / "configs" / f"{name}.yaml"))
+    opts = parse_options(get_objective_class("simmim"), resolved_objective_options(cfg))
+    assert cfg.recipe == "paper" and cfg.objective == "simmim"
+    assert math.isclose(cfg.effective_lr(), 1e-4 * cfg.batch_size / 512)  # SimMIM's batch/512 rule
+    assert (opts.mask_ratio, opts.mask_patch_size) == (0.6, 32)
+    check_simmim_mask_sizes(cfg.img_size, opts.mask_patch_size, cfg.patch_size)
+    if cfg.model.startswith("swin"):
+        check_swin_sizes(cfg.img_size, cfg.patch_size, opts.window_size, 4)
+        assert (cfg.img_size, opts.window_size, opts.drop_path_rate) == (192, 6, 0.0)
