@@ -27,11 +27,11 @@ Backbones, chosen with ``--model``:
 * Swin (``swin_tiny``, ``swin_base``): timm's Swin through ``models/swin.py``; the official
   Swin-B recipe uses 192 px and window 6 (``window_size``).
 
-Departures, each small: the official ViT also initialises the patch conv with the
-truncated normal (done here too) but decays the ViT mask token, relative-bias table and
-nothing else special; we keep its mask token decayed (as the code) but, like every mimaim
-ViT, leave the relative-bias table undecayed. The official schedule is multi-step (x0.1 at
-epoch 700 of 800); the engine's is cosine (see the presets).
+Departures, each small: like every mimaim ViT, the relative-bias table is kept out of
+weight decay (the official ViT exempts only ``pos_embed`` and ``cls_token``, so it decays
+the table; its mask token is decayed here as there, while the official Swin exempts its
+mask token, as here). The official schedule is multi-step (x0.1 at epoch 700 of 800) with
+warm-up from 5e-7; the engine's is cosine with warm-up from 0 (see the presets).
 """
 
 from __future__ import annotations
