@@ -1,0 +1,94 @@
+"""The attentive probe: ml-aim's AttentionPoolingClassifier on cached frozen tokens."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mimaim.data.sources import Source
+from mimaim.eval.attentive import AttentionPoolingClassifier, attentive_probe
+from mimaim.eval.probe_run import DEFAULT_PROBES, probe_encoder
+from mimaim.eval.probes import get_probe
+
+
+def reference_pool(head: AttentionPoolingClassifier, x: torch.Tensor) -> torch.Tensor:
+    """ml-aim's forward written out: BN over channels, one query, per-head softmax(q k^T / sqrt(d)) v."""
+    B, T, D = x.shape
+    H = head.num_heads
+    d = D // H
+    x = F.batch_norm(x.transpose(1, 2), head.bn.running_mean.clone(), head.bn.running_var.clone(), training=True,
+                     eps=1e-6).transpose(1, 2)
+    q = head.query.reshape(H, d)
+    k = (x @ head.k.weight.T).reshape(B, T, H, d)
+    v = (x @ head.v.weight.T).reshape(B, T, H, d)
+    attn = torch.einsum("hd,bthd->bht", q, k).div(math.sqrt(d)).softmax(-1)
+    return torch.einsum("bht,bthd->bhd", attn, v).reshape(B, D)
+
+
+def test_matches_ml_aim_definition():
+    torch.manual_seed(0)
+    head = AttentionPoolingClassifier(48, 7, num_heads=3)
+    assert head.bn.affine is False and head.bn.eps == 1e-6
+    assert head.k.bias is None and head.v.bias is None and head.linear.bias is None
+    assert head.query.shape == (1, 1, 48)
+    x = torch.randn(5, 11, 48)
+    expected = reference_pool(head, x)
+    torch.testing.assert_close(head.pool(x), expected, atol=1e-5, rtol=1e-5)  # the direct form
+    torch.testing.assert_close(head.pool_fast(x), expected, atol=1e-5, rtol=1e-5)  # the form it trains with
+    torch.testing.assert_close(head(x), head.linear(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_query_init_is_normal_002():
+    head = AttentionPoolingClassifier(4096, 2, num_heads=8, generator=torch.Generator().manual_seed(0))
+    assert abs(head.query.std().item() - 0.02) < 0.002
+
+
+def test_registered_as_a_token_probe_and_default():
+    spec = get_probe("attentive")
+    assert spec.needs_tokens and spec.fn is attentive_probe
+    assert "attentive" in DEFAULT_PROBES
+
+
+def _toy(n, T=6, D=24, C=3, seed=0):
+    """Class signal in ONE token at a random position: pooling must find it."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, C, (n,), generator=g)
+    centers = torch.randn(C, D, generator=g) * 3
+    tokens = torch.randn(n, T, D, generator=g)
+    where = torch.randint(0, T, (n,), generator=g)
+    tokens[torch.arange(n), where] += centers[y]
+    return {"tokens": tokens.bfloat16(), "labels": y, "pooled": tokens.mean(1)}
+
+
+def test_learns_from_tokens():
+    data = _toy(400, seed=0)
+    train = {k: v[:300] for k, v in data.items()}
+    val = {k: v[300:] for k, v in data.items()}
+    acc = attentive_probe(train, val, 3, num_heads=4, epochs=30, batch_size=64)
+    assert acc > 85.0, acc
+
+
+def test_deterministic_for_a_seed():
+    data = _toy(200, seed=1)
+    train = {k: v[:150] for k, v in data.items()}
+    val = {k: v[150:] for k, v in data.items()}
+    a = attentive_probe(train, val, 3, num_heads=2, epochs=3, batch_size=32, seed=3)
+    b = attentive_probe(train, val, 3, num_heads=2, epochs=3, batch_size=32, seed=3)
+    assert a == b
+
+
+def test_probes_mae_and_aim_encoders_through_features():
+    """Both flavours (cls token for MAE, patch tokens only for AIM), with averaged layers."""
+    from mimaim.objectives import build_objective
+
+    rng = torch.Generator().manual_seed(0)
+    items = [(torch.rand(16, 16, 3, generator=rng) * 255).to(torch.uint8).numpy() for _ in range(16)]
+    labels = [i % 2 for i in range(16)]
+    src = Source("toy", items, labels, ["a", "b"])
+    train, val = src.subset(list(range(12))), src.subset(list(range(12, 16)))
+    for name in ("mae", "aim"):
+        torch.manual_seed(0)
+        enc = build_objective(name, "vit_micro", 16, 4, {}, depth=2).encoder
+        scores = probe_encoder(enc, train, val, 2, 16, ["attentive", "knn"], layers=[-2, -1])
+        assert set(scores) == {"attentive", "knn"}
+        assert all(0.0 <= v <= 100.0 for v in scores.values())
