@@ -102,7 +102,7 @@ def plan_scale(objective_spec: str, models: Sequence[str], fractions: Sequence[f
             if same_steps and f < 1:
                 cfg.epochs = max(1, round(cfg.epochs / f))
             cells.append(Cell(name, objective_spec, objective, options, cfg, extras={"data_fraction": f}))
-    sizes = {}
+    sizes, flops = {}, {}
     for cell in cells:
         f = cell.cfg.data_fraction
         if f not in sizes:
@@ -112,10 +112,13 @@ def plan_scale(objective_spec: str, models: Sequence[str], fractions: Sequence[f
         spe = GlobalBatchSampler(cell.train_images, cell.cfg.batch_size, cell.cfg.accum_steps).steps_per_epoch
         cell.steps = spe * cell.cfg.epochs if cell.cfg.max_steps is None else min(spe * cell.cfg.epochs,
                                                                                     cell.cfg.max_steps)
-        try:
-            cell.flops_per_image = count_training_flops(cell.cfg)
-        except Exception as err:  # noqa: BLE001 - a column, not a gate
-            print(f"warning: could not count FLOPs of {cell.name}: {err}", file=sys.stderr)
+        if cell.cfg.model not in flops:  # the data fraction does not change a step's FLOPs
+            try:
+                flops[cell.cfg.model] = count_training_flops(cell.cfg)
+            except Exception as err:  # noqa: BLE001 - a column, not a gate
+                print(f"warning: could not count FLOPs of {cell.name}: {err}", file=sys.stderr)
+                flops[cell.cfg.model] = float("nan")
+        cell.flops_per_image = flops[cell.cfg.model]
     return cells
 
 
