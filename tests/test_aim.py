@@ -261,3 +261,17 @@ def test_cli_pretrain_probe_reconstruct(image_folder, tmp_path, capsys):
     assert (tmp_path / "r.png").exists()
     # a resumed run keeps going with the same objective
     assert main(["pretrain", "--resume", str(run), "--max-steps", "4", "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("name", ["aim_600m", "aim_vit_base"])
+def test_presets_load(name):
+    from pathlib import Path
+
+    from mimaim.config import load_yaml, make_config
+    from mimaim.engine.trainer import resolved_objective_options
+
+    cfg = make_config(load_yaml(Path(__file__).parent.parent / "configs" / f"{name}.yaml"))
+    assert (cfg.objective, cfg.recipe, cfg.lr, cfg.batch_size, tuple(cfg.betas)) == ("aim", "paper", 1e-3, 4096,
+                                                                                     (0.9, 0.95))
+    opts = parse_options(AIM, resolved_objective_options(cfg))
+    assert (opts.attention, opts.head_depth, opts.head_width) == ("prefix", 12, 2048)
