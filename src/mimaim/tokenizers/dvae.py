@@ -39,8 +39,8 @@ WEIGHTS_NAME = "tokenizer.safetensors"
 class DVAEConfig:
     vocab_size: int = 512
     downsample: int = 4
-    hidden: int = 64
-    codebook_dim: int = 64
+    hidden: int = 32
+    codebook_dim: int = 32
     channels: int = 3
 
     def validate(self) -> "DVAEConfig":
@@ -65,16 +65,17 @@ class DiscreteVAE(nn.Module):
         super().__init__()
         self.cfg = cfg.validate()
         h, levels = cfg.hidden, int(math.log2(cfg.downsample))
-        enc = [nn.Conv2d(cfg.channels, h, 3, padding=1)]
-        for _ in range(levels):
+        # strided convs first, residual blocks at the lower resolutions only: cheap on a CPU
+        enc = [nn.Conv2d(cfg.channels, h, 4, stride=2, padding=1)]
+        for _ in range(levels - 1):
             enc += [ResBlock(h), nn.Conv2d(h, h, 4, stride=2, padding=1)]
         enc += [ResBlock(h), nn.ReLU(), nn.Conv2d(h, cfg.vocab_size, 1)]
         self.encoder = nn.Sequential(*enc)
         self.codebook = nn.Embedding(cfg.vocab_size, cfg.codebook_dim)
         dec = [nn.Conv2d(cfg.codebook_dim, h, 1), ResBlock(h)]
-        for _ in range(levels):
+        for _ in range(levels - 1):
             dec += [nn.ConvTranspose2d(h, h, 4, stride=2, padding=1), ResBlock(h)]
-        dec += [nn.ReLU(), nn.Conv2d(h, cfg.channels, 3, padding=1)]
+        dec += [nn.ReLU(), nn.ConvTranspose2d(h, cfg.channels, 4, stride=2, padding=1)]
         self.decoder = nn.Sequential(*dec)
 
     @staticmethod
@@ -216,7 +217,7 @@ def load_training_images(data: str, img_size: int, max_images: int = 0, progress
     return torch.stack(out)
 
 
-def train_dvae(images: torch.Tensor, cfg: DVAEConfig, steps: int = 600, batch_size: int = 64, lr: float = 1e-3,
+def train_dvae(images: torch.Tensor, cfg: DVAEConfig, steps: int = 300, batch_size: int = 64, lr: float = 1e-3,
                kl_weight: float = 1e-3, temperature: tuple[float, float] = (1.0, 1 / 16), seed: int = 0,
                device: str = "cpu", progress: bool = True) -> tuple[DiscreteVAE, dict]:
     """Train on uint8 images (M, 3, S, S) with random flips; Adam, cosine lr, annealed temperature."""

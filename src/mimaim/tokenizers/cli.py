@@ -1,0 +1,81 @@
+"""``mimaim tokenizer train``: fit a discrete VAE tokenizer on your images for BEiT (``--tokenizer DIR``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    from ..data import DATA_SPEC_HELP
+
+    p = sub.add_parser("tokenizer", help="train a visual tokenizer for BEiT (`mimaim tokenizer train`)")
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION")
+    t = tsub.add_parser(
+        "train", help="train a Gumbel-softmax discrete VAE on your images",
+        description="Train a discrete VAE (DALL-E's kind, small) whose argmax ids become BEiT's targets. Writes "
+                    "OUT/tokenizer.safetensors, OUT/config.json (with reconstruction error and codebook usage) "
+                    "and OUT/reconstruction.png. Use it with `mimaim pretrain --objective beit --tokenizer OUT`. "
+                    "Its input is the model's patch grid x --downsample pixels: for 32-px images and 4-px patches "
+                    "(an 8x8 grid) train at --img-size 32 with --downsample 4.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--data", default="digits", help=DATA_SPEC_HELP)
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--img-size", type=int, default=32, help="training resolution in pixels")
+    t.add_argument("--vocab-size", type=int, default=512, help="number of token ids")
+    t.add_argument("--downsample", type=int, default=4, choices=[2, 4, 8], help="pixels per token side")
+    t.add_argument("--hidden", type=int, default=32, help="conv width")
+    t.add_argument("--codebook-dim", type=int, default=32, help="width of each codebook vector")
+    t.add_argument("--steps", type=int, default=300, help="optimiser steps")
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=1e-3, help="Adam peak learning rate (cosine to 0)")
+    t.add_argument("--kl-weight", type=float, default=1e-3, help="weight of KL(q || uniform)")
+    t.add_argument("--max-images", type=int, default=0, help="use at most this many images (0: all)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_tokenizer_train)
+    p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
+
+
+def cmd_tokenizer_train(args) -> int:
+    import torch
+
+    from ..data import IMAGENET_MEAN, IMAGENET_STD
+    from ..eval.pictures import save_image_grid
+    from .dvae import DVAEConfig, evaluate_dvae, load_training_images, save_dvae, train_dvae
+
+    if args.img_size % args.downsample:
+        raise ValueError(f"--img-size {args.img_size} is not divisible by --downsample {args.downsample}; "
+                         "pick sizes that divide")
+    cfg = DVAEConfig(vocab_size=args.vocab_size, downsample=args.downsample, hidden=args.hidden,
+                     codebook_dim=args.codebook_dim).validate()
+    progress = not args.no_progress
+    images = load_training_images(args.data, args.img_size, args.max_images, progress)
+    held = images[torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(1))[:1024]]
+    model, info = train_dvae(images, cfg, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             kl_weight=args.kl_weight, seed=args.seed, device=args.device, progress=progress)
+    metrics = evaluate_dvae(model, held, device=args.device)
+    info.update(data=args.data, eval_images=int(held.shape[0]), **{k: round(v, 5) if isinstance(v, float) else v
+                                                                    for k, v in metrics.items()})
+    out = save_dvae(model.cpu(), args.out, info)
+
+    with torch.no_grad():
+        x = held[:8].float() / 255.0
+        recon = model.decode_ids(model.logits(x).argmax(1))
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    save_image_grid({"image": (x - mean) / std, "tokens decoded": (recon - mean) / std}, out / "reconstruction.png",
+                    title=f"dVAE {cfg.vocab_size} ids, /{cfg.downsample}")
+    print(json.dumps({k: info[k] for k in ("recon_mse", "recon_mae", "codes_used", "share_used", "perplexity",
+                                            "train_seconds")}), file=sys.stderr)
+    print(f"tokenizer: {info['codes_used']} of {cfg.vocab_size} codes used ({info['share_used']:.1%}), perplexity "
+          f"{info['perplexity']:.1f}; reconstruction MSE {info['recon_mse']:.4f}, MAE {info['recon_mae']:.4f} "
+          f"on [0, 1] pixels of {info['eval_images']} images; {info['train_seconds']:.0f}s")
+    if info["share_used"] < 0.1:
+        print(f"warning: only {info['share_used']:.1%} of the codebook is used (a dead codebook); try a higher "
+              "--kl-weight, more --steps or a smaller --vocab-size", file=sys.stderr)
+    print(f"wrote {out} (use it with `mimaim pretrain --objective beit --tokenizer {out}`)")
+    return 0
