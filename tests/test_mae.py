@@ -168,3 +168,23 @@ def test_bad_options_are_named():
         _mae({"mask_ratio": 1.0})
     with pytest.raises(ValueError, match="not divisible"):
         _mae({"decoder_embed_dim": 30, "decoder_num_heads": 4})
+
+
+def test_cpu_bf16_autocast_attention_runs_in_fp32():
+    """Under CPU bf16 autocast attention is computed in fp32 (faster there, and more exact)."""
+    from mimaim.models.layers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, 4)
+    x = torch.randn(2, 9, 32)
+    reference = attn(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x)
+        qkv = attn.qkv(x).float().reshape(2, 9, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    assert out.dtype == torch.bfloat16
+    # the attention mix itself sees fp32 q, k, v built from the bf16 qkv projection
+    mixed = torch.nn.functional.scaled_dot_product_attention(*qkv.unbind(0)).transpose(1, 2).reshape(2, 9, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = attn.proj(mixed.to(torch.bfloat16))
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    torch.testing.assert_close(out.float(), reference, atol=0.05, rtol=0.05)
