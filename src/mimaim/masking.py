@@ -97,7 +97,7 @@ def beit_num_masking_patches(num_patches: int, mask_ratio: float) -> int:
 
 def blockwise_mask(grid_size: tuple[int, int], num_masking_patches: int, min_num_patches: int = 16,
                    max_num_patches: int | None = None, min_aspect: float = 0.3, max_aspect: float | None = None,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, blocks: list | None = None) -> torch.Tensor:
     """BEiT's blockwise masking (paper Algorithm 1, as unilm ``beit/masking_generator.py`` codes it).
 
     Rectangular blocks are added until ``num_masking_patches`` are masked. Each block gets
@@ -109,7 +109,8 @@ def blockwise_mask(grid_size: tuple[int, int], num_masking_patches: int, min_num
 
     Draws come from ``generator`` in place of Python's ``random``: ``random.uniform(a, b)``
     is ``a + (b - a) * U[0, 1)`` and ``random.randint(0, n)`` includes n. Returns (N,) bool
-    in raster order, True = masked.
+    in raster order, True = masked. ``blocks``, if a list, receives one dict per accepted
+    block (drawn area and aspect, the budget left, h, w, patches added), for tests.
     """
     import math
 
@@ -139,6 +140,9 @@ def blockwise_mask(grid_size: tuple[int, int], num_masking_patches: int, min_num
                 if 0 < new <= max_mask_patches:
                     block.fill_(True)
                     delta += new
+                    if blocks is not None:
+                        blocks.append(dict(area=target_area, aspect=aspect_ratio, remaining=max_mask_patches,
+                                           h=h, w=w, added=new))
             if delta > 0:
                 break
         return delta

@@ -18,6 +18,8 @@ never refits.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..models.layers import normalized_pixel_targets, patchify, unpatchify
@@ -31,12 +33,15 @@ def kmeans_fit(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch
 
     An emptied cluster is re-seeded at the point farthest from its centroid.
     """
-    M = x.shape[0]
-    if M < k:
-        raise ValueError(f"k-means needs at least vocab_size={k} patches to fit, got {M} in the first batch; "
-                         f"lower --opt vocab_size or raise --batch-size")
     g = torch.Generator().manual_seed(seed)
     x = x.float().cpu()
+    if x.shape[0] < k:
+        warnings.warn(f"k-means: only {x.shape[0]} patches to fit {k} codes (a small first batch); the points are "
+                      "repeated with a little noise, so some codes are near-duplicates. Raise --batch-size or "
+                      "lower --opt vocab_size")
+        reps = -(-k // x.shape[0])
+        x = x.repeat(reps, 1) + 1e-3 * torch.randn(reps * x.shape[0], x.shape[1], generator=g)
+    M = x.shape[0]
     centroids = torch.empty(k, x.shape[1])
     centroids[0] = x[torch.randint(0, M, (1,), generator=g)]
     d2 = ((x - centroids[0]) ** 2).sum(1)  # (M,) squared distance to the nearest chosen centroid
