@@ -112,8 +112,9 @@ def count_training_flops(cfg: PretrainConfig, batch: int = 2) -> float:
     """FLOPs of one training step per image: forward + backward of the whole objective.
 
     Counted by ``FlopCounterMode`` (2 per multiply-add; matmuls, convolutions, attention)
-    on random images with the objective's own masking; the optimiser update and data
-    loading are not counted.
+    on random images with the objective's own masking, after one uncounted forward on a
+    full batch (for objectives that set up lazy state, such as BEiT's k-means tokenizer); the
+    optimiser update, data loading and such one-off set-up are not counted.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -121,6 +122,9 @@ def count_training_flops(cfg: PretrainConfig, batch: int = 2) -> float:
 
     objective = build_run_objective(cfg).train()
     g = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():  # one untimed full batch first: objectives with lazy state (BEiT's k-means) set it up
+        full = min(cfg.batch_size, 256)
+        objective(torch.randn(full, 3, cfg.img_size, cfg.img_size, generator=g), objective.draw_masking(full, g))
     images = torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=g)
     masking = objective.draw_masking(batch, g)
     with FlopCounterMode(display=False) as counter:
