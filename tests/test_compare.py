@@ -35,6 +35,7 @@ def counted_pretrain(monkeypatch):
     return calls
 
 
+@pytest.mark.slow  # several tiny pre-trainings + probes: ~10 s of CPU, 30 s on the shared machine
 def test_tiny_compare_writes_table_plots_and_resumes_without_retraining(images, tmp_path, counted_pretrain, capsys):
     out = tmp_path / "cmp"
     specs = "mae,mae@mask_ratio=0.5"

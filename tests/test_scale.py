@@ -35,6 +35,7 @@ def test_bad_data_fraction_is_an_error_naming_the_value(bad):
     assert parse_fractions("1.0,0.1,0.3") == [0.1, 0.3, 1.0]
 
 
+@pytest.mark.slow  # several tiny pre-trainings + probes: ~10 s of CPU, 30 s on the shared machine
 def test_tiny_scale_grid_writes_plots_and_csv(tmp_path, monkeypatch, capsys):
     from conftest import make_image_folder
 
