@@ -167,7 +167,8 @@ def _pretrain(cfg: PretrainConfig, resume: bool, device: torch.device, info: Dis
     n_params = sum(p.numel() for p in objective.encoder.parameters())
     _say(info, f"mimaim pretrain: {cfg.objective} on {cfg.model}/{cfg.patch_size} at {cfg.img_size}px "
                f"({n_params / 1e6:.1f}M encoder parameters), options {vars(objective.options)}")
-    _say(info, f"data {train.name}: {len(train)} training images ({len(source) - len(train)} held out), "
+    _say(info, f"data {train.name}: {len(train)} training images (data_fraction {cfg.data_fraction}; "
+               f"{len(source.split('val', cfg.val_fraction))} held out for probes), "
                f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, batch {cfg.batch_size} "
                f"({info.world_size} process(es) x {cfg.accum_steps} accumulation), lr {lr:.3g}, device {device}, "
                f"precision {cfg.precision}, {num_workers} loader worker(s) -> {run_dir}")
@@ -282,7 +283,9 @@ def _pretrain(cfg: PretrainConfig, resume: bool, device: torch.device, info: Dis
         logger.close()
 
     wall = time.perf_counter() - t_start
-    if info.is_main:
+    if step == start_step:
+        _say(info, f"{run_dir} had already finished all {step} steps; nothing to do")
+    elif info.is_main:
         summary = {"objective": cfg.objective, "model": cfg.model, "steps": step, "epochs": step / steps_per_epoch,
                    "final_loss": last_loss, "wall_time_s": round(wall, 2),
                    "images_per_s": round((step - start_step) * cfg.batch_size / max(wall, 1e-9), 2),
