@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
     t.add_argument("--steps", type=int, default=300, help="optimiser steps")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=1e-3, help="Adam peak learning rate (cosine to 0)")
-    t.add_argument("--kl-weight", type=float, default=1e-3, help="weight of KL(q || uniform)")
+    t.add_argument("--kl-weight", type=float, default=0.05, help="weight of KL(q || uniform)")
     t.add_argument("--max-images", type=int, default=0, help="use at most this many images (0: all)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu")

