@@ -13,7 +13,8 @@ load from other processes on a shared machine hits all alike; the table reports 
 step time over all timed steps after warm-up, as images/s.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps; on CPU the
-rise of peak RSS over the RSS before the first step, in a fresh subprocess per model.
+rise of the RSS high-water mark (VmHWM) over the RSS before the first step, in a fresh
+subprocess per model.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_aim.py                     # CPU: ViT-Tiny/4, 32 px, batch 64
     python benchmarks/bench_aim.py --device cuda --precision bf16 --compile   # GPU: ViT-B/16, 224 px
@@ -25,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -147,6 +147,13 @@ def current_rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_rss_bytes() -> int:
+    """This process's RSS high-water mark (VmHWM). Not ``ru_maxrss``: Linux carries the parent's
+    maximum into a forked child, so a subprocess of a large parent would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 # --------------------------------------------------------------------------- measurements
 def measure(args, device):
     runners = {name: Runner(name, build(name, args, device), args, device) for name in NAMES}
@@ -173,7 +180,7 @@ def memory_probe(args):
     before = current_rss_bytes()
     for batch in batches:
         runner.step(batch)
-    print(json.dumps({"peak_rise": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before}))
+    print(json.dumps({"peak_rise": peak_rss_bytes() - before}))
 
 
 def cpu_peak_memory(args, name):
