@@ -123,10 +123,10 @@ def test_codebook_usage():
 def test_dvae_training_step_reduces_loss():
     from mimaim.tokenizers.dvae import train_dvae
 
-    images = (torch.rand(16, 3, 16, 16) * 255).to(torch.uint8)
+    images = (torch.rand(8, 3, 8, 8) * 255).to(torch.uint8)
     cfg = DVAEConfig(vocab_size=16, downsample=4, hidden=8, codebook_dim=8)
-    model, info = train_dvae(images, cfg, steps=30, batch_size=8, lr=3e-3, progress=False)
-    assert info["train_steps"] == 30
+    model, info = train_dvae(images, cfg, steps=15, batch_size=8, lr=3e-3, progress=False)
+    assert info["train_steps"] == 15
     x = images.float() / 255
     with torch.no_grad():
         _, recon_after, _ = model(x, 1.0, 0.0)
