@@ -10,7 +10,7 @@ Each implementation runs in a fresh subprocess per round (rounds alternate the o
 load from other processes on a shared machine hits both alike); the table gives the median
 step time over all timed steps as images/s. Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` during the timed steps; on CPU the rise of peak RSS
-over the RSS before the first step.
+over the RSS before the first step (``VmHWM - VmRSS`` from /proc).
 
     OMP_NUM_THREADS=2 python benchmarks/bench_beit.py                              # CPU: ViT-Tiny/4, 32 px
     python benchmarks/bench_beit.py --device cuda --precision bf16 --compile       # GPU: ViT-B/16, 224 px
@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -73,6 +72,14 @@ def build(args):
     return obj, to_hf(obj), images, mask, ids, t_fit, t_tok
 
 
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB -> MiB
+    return float("nan")
+
+
 def worker(args) -> dict:
     device = torch.device(args.device)
     obj, hf, images, mask, ids, t_fit, t_tok = build(args)
@@ -105,7 +112,7 @@ def worker(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0 = _status_mib("VmRSS")
     for _ in range(args.warmup):
         step()
     sync()
@@ -120,7 +127,7 @@ def worker(args) -> dict:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024  # KiB -> MiB
+        peak = _status_mib("VmHWM") - rss0  # this process's own peak (ru_maxrss would carry the parent's)
     return {"times": times, "peak_mib": peak, "tok_fit_s": t_fit, "tok_s": t_tok}
 
 
