@@ -18,6 +18,16 @@ from mimaim.interop.lightly_aim import (aim_loss_from_lightly, aim_to_lightly, b
                                         lightly_forward, lightly_prefix_mask, lightly_to_aim)
 from mimaim.objectives import build_objective  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread beats two on a shared CPU (no thread hand-offs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
