@@ -223,9 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--layers -2,-1`` -> ``--layers=-2,-1``: argparse would read "-2,-1" as an option."""
+    out = []
+    for arg in argv:
+        if out and out[-1] == "--layers" and arg.startswith("-") and arg[1:2].isdigit():
+            out[-1] = f"--layers={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

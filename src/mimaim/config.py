@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 class PretrainConfig:
     # what to train
     objective: str = "mae"
-    model: str = "vit_tiny"
+    model: str = "vit_micro"  # the quick default; the presets use the papers' sizes
     img_size: int = 32
     patch_size: int = 4
     recipe: str = "quick"

@@ -271,8 +271,9 @@ def _pretrain(cfg: PretrainConfig, resume: bool, device: torch.device, info: Dis
                     window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
                 end_of_epoch = step % steps_per_epoch == 0
                 if end_of_epoch and bar is None and info.is_main:
+                    shown = last_loss if math.isfinite(last_loss) else window_loss / max(window_n, 1)
                     _say(info, f"epoch {step // steps_per_epoch}/{cfg.epochs} step {step}/{total_steps} "
-                               f"loss {last_loss:.4f} ({time.perf_counter() - t_start:.0f}s)")
+                               f"loss {shown:.4f} ({time.perf_counter() - t_start:.0f}s)")
                 if (cfg.save_every and step % cfg.save_every == 0) or end_of_epoch or step == max_steps:
                     checkpoint(step)
                 if step >= max_steps:
