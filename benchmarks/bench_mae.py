@@ -82,7 +82,7 @@ class Runner:
     def __init__(self, name, model, args, device, precision):
         self.name, self.device = name, device
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
         self.model = torch.compile(model) if args.compile else model
         self.dtype = torch.bfloat16 if precision == "bf16" else None
         self.times: list[float] = []
