@@ -32,7 +32,7 @@ from ..data import (DataError, GlobalBatchSampler, PretrainDataset, build_source
 from ..objectives import Objective, build_objective, get_objective_class
 from .checkpoint import latest_checkpoint, load_state, load_weights, save_checkpoint
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed, resolve_device
-from .logging import MetricsLogger
+from .logging import MetricsLogger, read_metrics
 from .optim import build_optimizer, cosine_lr, set_lr
 
 
@@ -284,7 +284,10 @@ def _pretrain(cfg: PretrainConfig, resume: bool, device: torch.device, info: Dis
         logger.close()
 
     wall = time.perf_counter() - t_start
-    if step == start_step:
+    if not math.isfinite(last_loss):  # nothing logged in this session (e.g. resuming a finished run)
+        rows = read_metrics(run_dir) if info.is_main else []
+        last_loss = float(rows[-1]["loss"]) if rows else float("nan")
+    if step == start_step and (run_dir / "summary.json").exists():
         _say(info, f"{run_dir} had already finished all {step} steps; nothing to do")
     elif info.is_main:
         summary = {"objective": cfg.objective, "model": cfg.model, "steps": step, "epochs": step / steps_per_epoch,
