@@ -20,12 +20,12 @@ no augmentation (the features are cached from the evaluation view).
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.optim import cosine_lr, set_lr
 from .probes import register_probe
 
 
@@ -94,17 +94,13 @@ def attentive_probe(train: dict, val: dict, num_classes: int, num_heads: int = 1
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     steps_per_epoch = max(1, len(x_tr) // batch_size)
-    total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
     step = 0
     head.train()
     for _ in range(epochs):
         order = torch.randperm(len(x_tr), generator=g)
         for b in range(steps_per_epoch):
             idx = order[b * batch_size:(b + 1) * batch_size]
-            cur = lr * step / warmup if step < warmup else \
-                lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-            for group in opt.param_groups:
-                group["lr"] = cur
+            set_lr(opt, cosine_lr(step / steps_per_epoch, lr, 0.0, warmup_epochs, epochs))
             loss = F.cross_entropy(head(x_tr[idx].float()), y_tr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

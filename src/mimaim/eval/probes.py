@@ -15,13 +15,14 @@ More probes register with ``register_probe`` (the attentive probe does).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..engine.optim import cosine_lr, set_lr
 
 
 @dataclass
@@ -64,19 +65,13 @@ def linear_probe(train: dict, val: dict, num_classes: int, epochs: int = 100, ba
     lr = base_lr * batch_size / 256
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     steps_per_epoch = max(1, len(x_tr) // batch_size)
-    total = epochs * steps_per_epoch
     step = 0
     head.train()
     for _ in range(epochs):
         order = torch.randperm(len(x_tr), generator=g)
         for b in range(steps_per_epoch):
             idx = order[b * batch_size:(b + 1) * batch_size]
-            e = step / steps_per_epoch
-            cur = lr * e / warmup_epochs if e < warmup_epochs else \
-                lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_epochs * steps_per_epoch) /
-                                         max(1, total - warmup_epochs * steps_per_epoch)))
-            for group in opt.param_groups:
-                group["lr"] = cur
+            set_lr(opt, cosine_lr(step / steps_per_epoch, lr, 0.0, warmup_epochs, epochs))
             loss = F.cross_entropy(head(x_tr[idx]), y_tr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,0 +1,1 @@
+"""The training engine: the loop, optimiser groups and schedule, checkpoints, distribution, logging."""
