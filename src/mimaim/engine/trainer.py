@@ -123,20 +123,20 @@ def _say(info: DistInfo, msg: str) -> None:
 def _pretrain(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInfo) -> Path:
     run_dir = Path(cfg.out)
     ckpt_dir = run_dir / "checkpoints"
-    if info.is_main:
-        if not resume and latest_checkpoint(run_dir) is not None:
-            raise FileExistsError(f"{run_dir} already holds a run; continue it with `mimaim pretrain --resume "
-                                  f"{run_dir}` or choose a new --out")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+    if info.is_main and not resume and latest_checkpoint(run_dir) is not None:
+        raise FileExistsError(f"{run_dir} already holds a run; continue it with `mimaim pretrain --resume "
+                              f"{run_dir}` or choose a new --out")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # ---- objective, data, optimiser -------------------------------------------------
+    # ---- objective, data, optimiser (any bad value stops here, before the run directory exists)
     objective = build_run_objective(cfg).to(device)
     source = build_source(cfg.data, cfg.cache, cfg.max_bad_fraction, progress=cfg.progress and info.is_main)
     train = training_subset(source.split("train", cfg.val_fraction), cfg.data_fraction, cfg.seed)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
     aug = objective.augmentation
     if cfg.augmentation:  # e.g. one crop scale for every objective in a comparison
         aug = replace(aug, **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.augmentation.items()})
