@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 EPILOG = """examples:
-  mimaim pretrain                                   # MAE, ViT-Tiny/4, built-in digits, a few minutes on a CPU
+  mimaim pretrain                                   # MAE, ViT-Micro/4, built-in digits, ~2 minutes on a CPU
   mimaim pretrain --data imagefolder:~/cifar10/train --epochs 100 --precision bf16
   mimaim pretrain --config configs/mae_vit_base.yaml --data imagefolder:/data/imagenet/train
   mimaim pretrain --resume runs/mae-digits
