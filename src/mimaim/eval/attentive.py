@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.optim import cosine_lr, set_lr
-from .probes import register_probe
+from .probes import fit_head, register_probe, top1
 
 
 class AttentionPoolingClassifier(nn.Module):
@@ -93,23 +92,5 @@ def attentive_probe(train: dict, val: dict, num_classes: int, num_heads: int = 1
     no_decay = [p for n, p in head.named_parameters() if p.ndim <= 1 or n == "query"]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    steps_per_epoch = max(1, len(x_tr) // batch_size)
-    step = 0
-    head.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x_tr), generator=g)
-        for b in range(steps_per_epoch):
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            set_lr(opt, cosine_lr(step / steps_per_epoch, lr, 0.0, warmup_epochs, epochs))
-            loss = F.cross_entropy(head(x_tr[idx].float()), y_tr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-    head.eval()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(x_va), 1024):
-            pred = head(x_va[start:start + 1024].float()).argmax(dim=1)
-            correct += (pred == y_va[start:start + 1024]).sum().item()
-    return 100.0 * correct / max(1, len(x_va))
+    fit_head(head, opt, x_tr, y_tr, epochs, batch_size, lr, warmup_epochs, g)
+    return top1(head, x_va, y_va)

@@ -64,23 +64,35 @@ def linear_probe(train: dict, val: dict, num_classes: int, epochs: int = 100, ba
     batch_size = min(batch_size, len(x_tr))
     lr = base_lr * batch_size / 256
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
-    steps_per_epoch = max(1, len(x_tr) // batch_size)
+    fit_head(head, opt, x_tr, y_tr, epochs, batch_size, lr, warmup_epochs, g)
+    return top1(head, x_va, y_va)
+
+
+def fit_head(head: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, epochs: int,
+             batch_size: int, lr: float, warmup_epochs: float, generator: torch.Generator) -> None:
+    """Cross-entropy on cached features, shuffled mini-batches, cosine schedule with warm-up."""
+    steps_per_epoch = max(1, len(x) // batch_size)
     step = 0
     head.train()
     for _ in range(epochs):
-        order = torch.randperm(len(x_tr), generator=g)
+        order = torch.randperm(len(x), generator=generator)
         for b in range(steps_per_epoch):
             idx = order[b * batch_size:(b + 1) * batch_size]
             set_lr(opt, cosine_lr(step / steps_per_epoch, lr, 0.0, warmup_epochs, epochs))
-            loss = F.cross_entropy(head(x_tr[idx]), y_tr[idx])
+            loss = F.cross_entropy(head(x[idx].float()), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
+
+
+@torch.no_grad()
+def top1(head: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> float:
+    """Top-1 (%) of ``head`` in eval mode, in chunks so that token caches fit in memory."""
     head.eval()
-    with torch.no_grad():
-        pred = head(x_va).argmax(dim=1)
-    return 100.0 * (pred == y_va).float().mean().item()
+    correct = sum((head(x[i:i + chunk].float()).argmax(dim=1) == y[i:i + chunk]).sum().item()
+                  for i in range(0, len(x), chunk))
+    return 100.0 * correct / max(1, len(x))
 
 
 @register_probe("knn")
