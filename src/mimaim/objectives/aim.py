@@ -43,7 +43,7 @@ from torch import nn
 from timm.layers import Mlp
 
 from ..models.layers import BlockMask, init_weights_xavier, normalized_pixel_targets, patchify, unpatchify
-from .base import Augmentation, Objective, ObjectiveOutput, register_objective
+from .base import Augmentation, Objective, ProbeProtocol, ObjectiveOutput, register_objective
 
 MODES = ("autoregressive", "masked")
 ATTENTIONS = ("prefix", "causal")
@@ -152,6 +152,9 @@ class AIM(Objective):
     Options = AIMOptions
     #: Table 3c: a crop-scale lower bound of 0.4 beat 0.08 and 1.0
     augmentation = Augmentation(crop_scale=(0.4, 1.0))
+    #: ml-aim AverageLayers: mean of the last 6 blocks, no final norm
+    probe_protocol = ProbeProtocol(pool="mean", layers=(-6, -5, -4, -3, -2, -1), norm=False,
+                                   source="AIM paper sec. 4 / apple/ml-aim AverageLayers (last 6 blocks, no final norm)")
     #: ``recipe: quick``: a small head so the built-in run takes minutes on a CPU
     quick_options = {"head_depth": 2, "head_width": 256}
 

@@ -49,8 +49,25 @@ class Augmentation:
     color_jitter: float = 0.0
 
 
+@dataclass(frozen=True)
+class ProbeProtocol:
+    """How an objective's frozen encoder is read by probes, as its official evaluation does.
+
+    ``pool``: "cls" (the cls token) or "mean" (mean of patch tokens); ``layers``: block
+    indices whose outputs are averaged (None: the last block); ``norm``: apply the final
+    LayerNorm (to the single last block, or to each listed block). ``source``: where the
+    protocol comes from (paper section or official script).
+    """
+    pool: str = "mean"
+    layers: tuple[int, ...] | None = None
+    norm: bool = True
+    source: str = ""
+
+
 class Objective(nn.Module):
     name: ClassVar[str] = ""
+    #: how probes read this objective's encoder by default (``mimaim probe --pool/--layers`` override)
+    probe_protocol: ClassVar[ProbeProtocol] = ProbeProtocol()
     Options: ClassVar[type] = None  # a dataclass
     augmentation: ClassVar[Augmentation] = Augmentation()
     #: "vit" if only the ViT backbone works; ("vit", "swin") for objectives with a Swin path

@@ -33,7 +33,7 @@ from torch import nn
 from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..masking import beit_num_masking_patches, blockwise_mask
 from ..tokenizers import build_tokenizer, id_colours
-from .base import Augmentation, Objective, ObjectiveOutput, register_objective
+from .base import Augmentation, Objective, ProbeProtocol, ObjectiveOutput, register_objective
 
 
 @dataclass
@@ -70,6 +70,9 @@ class BEiT(Objective):
     Options = BEiTOptions
     # ColorJitter(0.4) + flip + RandomResizedCrop(scale (0.08, 1)) (DataAugmentationForBEiT)
     augmentation = Augmentation(crop_scale=(0.08, 1.0), color_jitter=0.4)
+    #: the cls output never enters BEiT's loss; the paper probes mean-pooled patch tokens
+    probe_protocol = ProbeProtocol(pool="mean", layers=None, norm=True,
+                                   source="BEiT paper sec. 3.2 linear probing (mean of patch tokens)")
     #: ``recipe: quick``: see the README's timing note; the paper's values otherwise
     quick_options: dict = {}
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..masking import mae_noise, random_masking, unshuffle
 from ..models.layers import Block, init_weights_xavier, normalized_pixel_targets, patchify, sincos_2d, unpatchify
-from .base import Augmentation, Objective, ObjectiveOutput, register_objective
+from .base import Augmentation, Objective, ProbeProtocol, ObjectiveOutput, register_objective
 
 
 @dataclass
@@ -44,6 +44,9 @@ class MAE(Objective):
     name = "mae"
     Options = MAEOptions
     augmentation = Augmentation(crop_scale=(0.2, 1.0))
+    #: MAE main_linprobe.py (global_pool off): the cls token after the final norm
+    probe_protocol = ProbeProtocol(pool="cls", layers=None, norm=True,
+                                   source="facebookresearch/mae main_linprobe.py (cls token, final norm)")
     #: ``recipe: quick``: a small decoder so the built-in run takes minutes on a CPU
     quick_options = {"decoder_embed_dim": 128, "decoder_depth": 2, "decoder_num_heads": 4}
 

@@ -44,7 +44,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from ..masking import check_simmim_mask_sizes, simmim_mask
-from .base import Augmentation, Objective, ObjectiveOutput, register_objective
+from .base import Augmentation, Objective, ProbeProtocol, ObjectiveOutput, register_objective
 
 VIT_FLAVOURS = ("beit", "plain")
 
@@ -78,6 +78,9 @@ class SimMIM(Objective):
     backbone_families = ("vit", "swin")
     # data/data_simmim.py: RandomResizedCrop(scale (0.67, 1), ratio (3/4, 4/3)) + flip, no jitter
     augmentation = Augmentation(crop_scale=(0.67, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True, color_jitter=0.0)
+    #: the cls output never enters SimMIM's loss; mean of patch tokens (SimMIM paper sec. 4.4 linear probe)
+    probe_protocol = ProbeProtocol(pool="mean", layers=None, norm=True,
+                                   source="SimMIM paper sec. 4.4 (mean-pooled patch tokens)")
     #: ``recipe: quick``: mask cells that tile the built-in 32-px images (4x4 cells of 8 px),
     #: a Swin window that fits them, and no drop path for a short run
     quick_options = {"mask_patch_size": 8, "window_size": 4, "drop_path_rate": 0.0}
