@@ -1,7 +1,14 @@
-"""AdamW parameter groups and the learning-rate schedule (MAE's ``lr_sched`` and ``param_groups_lrd``)."""
+"""AdamW parameter groups and the learning-rate schedules.
+
+* ``cosine``: MAE's ``util/lr_sched.py`` (linear warm-up, then half-cosine to ``min_lr``).
+* ``multistep``: SimMIM's ``MultiStepLRScheduler`` (``lr_scheduler.py``) as its 800-epoch
+  recipes use it: linear warm-up, the peak held flat, then multiplied by ``gamma`` at each
+  milestone (``MULTISTEPS: [700]``, ``GAMMA: 0.1``); see docs/methods.md section 4.
+"""
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
@@ -38,6 +45,34 @@ def cosine_lr(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epoc
         return lr * epoch / warmup_epochs
     progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+SCHEDULES = ("cosine", "multistep")
+
+
+def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: float,
+          schedule: str = "cosine", milestones=(), gamma: float = 0.1) -> float:
+    """The learning rate at fractional ``epoch`` (the engine calls it once per optimiser step).
+
+    Both schedules warm up linearly from 0 over ``warmup_epochs``. ``cosine`` then follows a
+    half-cosine from ``lr`` to ``min_lr`` at ``epochs``; ``multistep`` holds ``lr`` and multiplies
+    it by ``gamma`` once for every milestone (in epochs) already reached, as SimMIM's
+    ``MultiStepLRScheduler`` does with ``bisect_right`` (``min_lr`` is unused there).
+    """
+    if schedule == "cosine":
+        return cosine_lr(epoch, lr, min_lr, warmup_epochs, epochs)
+    if schedule != "multistep":
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+    milestones = sorted(float(m) for m in milestones)
+    if not milestones:
+        raise ValueError("schedule 'multistep' needs milestones (epochs at which the lr is multiplied by "
+                         "gamma), e.g. --milestones 700 for SimMIM's 800-epoch recipe")
+    if milestones[0] < warmup_epochs:
+        raise ValueError(f"first milestone {milestones[0]:g} falls inside the warm-up ({warmup_epochs:g} epochs); "
+                         "move it after the warm-up (SimMIM asserts the same)")
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    return lr * gamma ** bisect.bisect_right(milestones, epoch)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
