@@ -100,3 +100,40 @@ def test_global_batches_are_split_across_ranks_and_accumulation():
 def test_batch_size_that_does_not_split_is_rejected():
     with pytest.raises(ValueError, match="divisible by processes x accumulation"):
         GlobalBatchSampler(100, 10, accum_steps=3)
+
+
+def test_steps_per_epoch_drops_the_last_partial_batch_and_checks_the_shape():
+    from mimaim.data import steps_per_epoch
+
+    assert steps_per_epoch(20, 8, 2, 2) == 2 and steps_per_epoch(16, 8) == 2
+    with pytest.raises(ValueError, match="divisible by processes x accumulation"):
+        steps_per_epoch(100, 10, 3)
+    with pytest.raises(ValueError, match="larger than the 5 training images"):
+        steps_per_epoch(5, 8)
+
+
+def test_epoch_loader_covers_each_sample_once_across_ranks_and_resumes_on_the_next_batch(image_folder):
+    from mimaim.data import make_epoch_loader
+
+    src = build_source(f"imagefolder:{image_folder}", progress=False)  # 12 images
+    src.labels = list(range(len(src)))  # the label identifies the sample
+    kw = dict(seed=1, epoch=2, batch_size=4, accum_steps=2, world_size=2, num_workers=0)
+    mask = lambda g: torch.rand(3, generator=g)  # noqa: E731
+    ranks = [list(make_epoch_loader(src, pretrain_transform(8), mask, start_step=0, rank=r, **kw)) for r in range(2)]
+    assert all(len(r) == 3 * 2 for r in ranks)  # 3 steps x 2 micro-batches of 1 image
+    seen = [int(i) for r in ranks for b in r for i in b["label"]]
+    assert sorted(seen) == list(range(12)) and set(ranks[0][0]) >= {"image", "masking", "bad"}
+    resumed = list(make_epoch_loader(src, pretrain_transform(8), mask, start_step=1, rank=1, **kw))
+    assert len(resumed) == 4
+    for a, b in zip(resumed, ranks[1][2:]):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["masking"], b["masking"])
+
+
+def test_training_subset_keeps_a_nested_share_of_every_class():
+    from mimaim.data import training_subset
+
+    train = load_digits_source().split("train", 0.1)
+    small, big = training_subset(train, 0.25, 0), training_subset(train, 0.5, 0)
+    assert set(small.labels) == set(range(10)) and set(small.items[0].shape) <= {8, 3}
+    assert {id(x) for x in small.items} <= {id(x) for x in big.items}
+    assert training_subset(train, 1.0, 0) is train

@@ -73,18 +73,27 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
+def steps_per_epoch(num_samples: int, batch_size: int, accum_steps: int = 1, world_size: int = 1) -> int:
+    """Optimiser steps in one epoch: whole global batches only (drop_last, as MAE).
+
+    Raises ``ValueError`` when the batch cannot be cut evenly into processes x accumulation
+    steps, or is larger than the data."""
+    if batch_size % (world_size * accum_steps):
+        raise ValueError(f"batch size {batch_size} must be divisible by processes x accumulation steps "
+                         f"({world_size} x {accum_steps})")
+    if batch_size > num_samples:
+        raise ValueError(f"batch size {batch_size} is larger than the {num_samples} training images; "
+                         "lower --batch-size")
+    return num_samples // batch_size
+
+
 class GlobalBatchSampler(Sampler):
     """Yields this rank's micro-batches of (epoch, index) keys, starting at ``start_step``."""
 
     def __init__(self, num_samples: int, batch_size: int, accum_steps: int = 1, rank: int = 0,
                  world_size: int = 1, seed: int = 0, epoch: int = 0, start_step: int = 0):
+        steps_per_epoch(num_samples, batch_size, accum_steps, world_size)  # validates the shape
         per_step = batch_size // world_size
-        if batch_size % (world_size * accum_steps):
-            raise ValueError(f"batch size {batch_size} must be divisible by processes x accumulation steps "
-                             f"({world_size} x {accum_steps})")
-        if batch_size > num_samples:
-            raise ValueError(f"batch size {batch_size} is larger than the {num_samples} training images; "
-                             "lower --batch-size")
         self.num_samples, self.batch_size = num_samples, batch_size
         self.accum_steps, self.rank, self.world_size = accum_steps, rank, world_size
         self.per_rank, self.micro = per_step, per_step // accum_steps
@@ -92,7 +101,7 @@ class GlobalBatchSampler(Sampler):
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.num_samples // self.batch_size  # drop_last, as MAE
+        return steps_per_epoch(self.num_samples, self.batch_size, self.accum_steps, self.world_size)
 
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.accum_steps
@@ -112,3 +121,26 @@ def make_loader(dataset: PretrainDataset, sampler: GlobalBatchSampler, num_worke
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
                       pin_memory=pin_memory, persistent_workers=False,
                       prefetch_factor=4 if num_workers > 0 else None)
+
+
+def make_epoch_loader(train, transform: Callable, masking_fn: Callable | None, *, seed: int, epoch: int,
+                      start_step: int = 0, batch_size: int, accum_steps: int = 1, rank: int = 0,
+                      world_size: int = 1, num_workers: int = 0, pin_memory: bool = False):
+    """This rank's micro-batches of one epoch, from optimiser step ``start_step`` on.
+
+    Each item is a dict: ``image`` (micro, 3, H, W), ``masking`` (stacked, or None),
+    ``label`` and ``bad`` (descriptions of unreadable images skipped for this batch).
+    ``train`` is a :class:`Source` (digits, image folder) or a shard source
+    (``wds:...``, see :mod:`mimaim.data.shards`); both give the same guarantees: every
+    sample once per epoch across ranks and workers, order from (seed, epoch), augmentation
+    and masking from (seed, epoch, sample), and resuming at ``start_step`` reads exactly
+    the batches an uninterrupted run would have read next.
+    """
+    if hasattr(train, "epoch_loader"):  # streaming sources build their own pipeline
+        return train.epoch_loader(transform, masking_fn, seed=seed, epoch=epoch, start_step=start_step,
+                                  batch_size=batch_size, accum_steps=accum_steps, rank=rank,
+                                  world_size=world_size, num_workers=num_workers, pin_memory=pin_memory)
+    dataset = PretrainDataset(train, transform, masking_fn, seed)
+    sampler = GlobalBatchSampler(len(train), batch_size, accum_steps, rank, world_size, seed, epoch,
+                                 start_step=start_step)
+    return make_loader(dataset, sampler, num_workers, pin_memory=pin_memory)

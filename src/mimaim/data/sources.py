@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -67,16 +68,36 @@ class Source:
             return self
         if which not in ("train", "val"):
             raise DataError(f"unknown split {which!r}; choose train, val or all")
-        by_class: dict[int, list[int]] = {}
-        for i, label in enumerate(self.labels):
-            by_class.setdefault(label, []).append(i)
         keep = []
-        for label in sorted(by_class):
-            idx = by_class[label]
+        for idx in group_by_class(self.labels).values():
             n_val = int(math.floor(len(idx) * val_fraction)) if len(idx) > 1 else 0
             cut = len(idx) - n_val
             keep.extend(idx[:cut] if which == "train" else idx[cut:])
         return self.subset(sorted(keep))
+
+
+def group_by_class(labels) -> dict[int, list[int]]:
+    """Indices of each label, in index order, keyed by label in sorted order (-1 = unlabelled)."""
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(i)
+    return {label: by_class[label] for label in sorted(by_class)}
+
+
+def training_subset(train, fraction: float, seed: int):
+    """A deterministic ``fraction`` of each class of ``train`` (at least one image per class).
+
+    Each class is shuffled once from ``seed`` and its first share kept, so smaller
+    fractions are subsets of larger ones (0.1 inside 0.3 inside 1.0) for data-scaling runs.
+    """
+    if fraction >= 1.0:
+        return train
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for idx in group_by_class(train.labels).values():
+        order = torch.randperm(len(idx), generator=g).tolist()
+        keep.extend(idx[j] for j in order[:max(1, round(len(idx) * fraction))])
+    return train.subset(sorted(keep))
 
 
 def load_digits_source() -> Source:
