@@ -1,8 +1,9 @@
 """Checkpoints that survive a crash or a ``kill -9``.
 
 A checkpoint is a folder ``checkpoints/step-00001234/`` holding ``model.safetensors``
-(the objective's weights: encoder, heads) and ``state.pt`` (optimiser, RNG states,
-step, epoch). Both are written into a hidden temporary folder, flushed to disk, and the
+(the objective's weights: encoder, heads), ``state.pt`` (optimiser, RNG states,
+step, epoch) and ``run.json`` (the run record: what the weights are, so the encoder can be
+rebuilt without the objective; see ``engine/runs.py``). All are written into a hidden temporary folder, flushed to disk, and the
 folder is renamed into place in one atomic step: a reader sees a whole checkpoint or
 none. Loading uses safetensors and ``torch.load(weights_only=True)``, which never
 unpickles arbitrary objects.
@@ -10,6 +11,7 @@ unpickles arbitrary objects.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -19,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 PREFIX = "step-"
+RECORD_FILE = "run.json"
 
 
 class CheckpointError(RuntimeError):
@@ -48,7 +51,8 @@ def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, model: torch.nn.Module, state: dict, keep_last: int = 2,
-                    metadata: dict[str, str] | None = None) -> Path:
+                    metadata: dict[str, str] | None = None, record: dict | None = None) -> Path:
+    """Write ``checkpoints/step-N/`` atomically; ``record`` (``runs.run_record(cfg)``) goes to ``run.json``."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"{PREFIX}{step:08d}"
@@ -56,6 +60,8 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model: torch.nn.Module, sta
     tmp.mkdir()
     save_file(state_dict_for_saving(model), str(tmp / "model.safetensors"), metadata=metadata or {})
     torch.save(state, tmp / "state.pt")
+    if record is not None:
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -95,24 +101,30 @@ def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = True, 
         weights = load_file(str(path))
     except Exception as err:  # noqa: BLE001
         raise CheckpointError(f"cannot read {what} {path}: {err}") from None
-    expected = model.state_dict()
+    if strict:
+        check_weights_fit(model.state_dict(), weights, f"{what} {path}")
+    model.load_state_dict(weights, strict=strict)
+
+
+def check_weights_fit(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], what: str) -> None:
+    """Raise ``CheckpointError`` naming missing, unexpected and other-shape keys, if any."""
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     wrong_shape = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
-    if strict and (missing or unexpected or wrong_shape):
-        detail = []
-        if missing:
-            detail.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            detail.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if wrong_shape:
-            k = wrong_shape[0]
-            detail.append(f"{len(wrong_shape)} of another shape (e.g. {k}: file {tuple(weights[k].shape)} "
-                          f"vs model {tuple(expected[k].shape)})")
-        raise CheckpointError(f"{what} {path} does not fit this model: " + "; ".join(detail) +
-                              ". It was probably saved by another model, objective or image/patch size; "
-                              "use the run's own config.yaml or a matching --model/--objective.")
-    model.load_state_dict(weights, strict=strict)
+    if not (missing or unexpected or wrong_shape):
+        return
+    detail = []
+    if missing:
+        detail.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        detail.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    if wrong_shape:
+        k = wrong_shape[0]
+        detail.append(f"{len(wrong_shape)} of another shape (e.g. {k}: file {tuple(weights[k].shape)} "
+                      f"vs model {tuple(expected[k].shape)})")
+    raise CheckpointError(f"{what} does not fit this model: " + "; ".join(detail) +
+                          ". It was probably saved by another model, objective or image/patch size; "
+                          "use the run's own config.yaml or a matching --model/--objective.")
 
 
 def load_state(path: str | Path) -> dict:

@@ -1,17 +1,183 @@
-"""Open a finished (or running) run directory: its config and its trained objective."""
+"""A run is a self-describing artifact: its checkpoints say what their weights are.
+
+Each checkpoint folder holds ``run.json``, the *run record* (``run_record(cfg)``)::
+
+    {"format": 1, "mimaim_version": "0.1.0",
+     "objective": "beit", "objective_options": {...resolved...},
+     "backbone": {"name": "vit_micro", "kwargs": {"img_size": 32, "patch_size": 4, "class_token": true, ...}},
+     "img_size": 32, "patch_size": 4, "probe_protocol": {...}, "config": {...the run's config...}}
+
+From it ``load_backbone`` rebuilds the encoder with ``models.create_model(name, **kwargs)``
+and loads the ``encoder.*`` weights of ``model.safetensors``, never building the objective,
+its heads or its tokenizer (a BEiT run trained with ``--tokenizer dalle:PATH`` loads after
+that file is gone). Checkpoints written before run records existed fall back to the run's
+``config.yaml``; the record derived from it is the same.
+
+``load_run`` still rebuilds the whole objective, for what needs the heads (reconstruction
+pictures, resuming).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from ..config import PretrainConfig, load_run_config
-from .checkpoint import latest_checkpoint, list_checkpoints, load_weights
+from ..config import PretrainConfig, load_run_config, make_config
+from .checkpoint import (RECORD_FILE, CheckpointError, check_weights_fit, latest_checkpoint, list_checkpoints,
+                         load_weights)
+
+RECORD_FORMAT = 1
+ENCODER_PREFIX = "encoder."
 
 
+# --------------------------------------------------------------------------- the record
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def run_record(cfg: PretrainConfig) -> dict:
+    """What a checkpoint of ``cfg``'s run holds, JSON-serialisable (see the module docstring).
+
+    Reads only the config and the objective *class* (its options dataclass, backbone flavour
+    and probe protocol): no objective, head or tokenizer is built, no file is opened.
+    """
+    from .. import __version__
+    from ..models import model_family
+    from ..objectives import get_objective_class, parse_options
+    from .trainer import resolved_objective_options
+
+    cls = get_objective_class(cfg.objective)
+    options = parse_options(cls, resolved_objective_options(cfg))
+    kwargs = dict(img_size=cfg.img_size, patch_size=cfg.patch_size)
+    kwargs.update(cls.family_backbone_kwargs(options, model_family(cfg.model)))
+    return _json_safe({
+        "format": RECORD_FORMAT,
+        "mimaim_version": __version__,
+        "objective": cfg.objective,
+        "objective_options": dataclasses.asdict(options),
+        "backbone": {"name": cfg.model, "kwargs": kwargs},
+        "img_size": cfg.img_size,
+        "patch_size": cfg.patch_size,
+        "probe_protocol": dataclasses.asdict(cls.probe_protocol),
+        "config": cfg.to_dict(),
+    })
+
+
+def record_config(record: dict) -> PretrainConfig:
+    """The run's ``PretrainConfig`` back from a record (e.g. for ``data``, ``val_fraction``, ``seed``)."""
+    return make_config(record["config"])
+
+
+def read_record(ckpt: str | Path) -> dict:
+    """The run record of checkpoint folder ``ckpt``: its ``run.json``, else derived from the run's config.yaml."""
+    ckpt = Path(ckpt)
+    path = ckpt / RECORD_FILE
+    if path.is_file():
+        record = json.loads(path.read_text())
+        if int(record.get("format", 0)) > RECORD_FORMAT:
+            raise CheckpointError(f"{path} has run-record format {record['format']}, newer than this mimaim "
+                                  f"understands ({RECORD_FORMAT}); upgrade mimaim to read it")
+        return record
+    run_dir = ckpt.parent.parent  # RUN_DIR/checkpoints/step-N
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} has no {RECORD_FILE} and no config.yaml two folders up "
+                                f"({run_dir}); pass the run directory of a `mimaim pretrain` run")
+    return run_record(load_run_config(run_dir))
+
+
+def resolve_checkpoint(path: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """A run dir or checkpoint folder (plus an optional checkpoint name/path) -> the checkpoint folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{str(path)!r} does not exist; pass the --out folder of a `mimaim pretrain` run "
+                                "or one of its checkpoints/step-N folders")
+    if checkpoint is not None:
+        ckpt = Path(checkpoint)
+        if not ckpt.exists() and (path / "checkpoints" / ckpt).exists():
+            ckpt = path / "checkpoints" / ckpt
+        if not ckpt.exists():
+            raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} not found (nor in {path / 'checkpoints'}); "
+                                    f"available: {[p.name for p in available_checkpoints(path)]}")
+        return ckpt
+    if (path / "model.safetensors").exists() or (path / RECORD_FILE).exists():
+        return path  # a checkpoint folder itself
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"{path} has no finished checkpoint yet (looked in {path / 'checkpoints'}); "
+                                "pass a run directory whose training saved at least one checkpoint")
+    return ckpt
+
+
+# --------------------------------------------------------------------------- weights
+def read_checkpoint_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """All weights of checkpoint folder ``ckpt`` (the objective's names: ``encoder.*``, heads), on CPU."""
+    from safetensors.torch import load_file
+
+    path = Path(ckpt) / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} has no model.safetensors; is it a mimaim checkpoint folder "
+                              "(RUN_DIR/checkpoints/step-N)?")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"cannot read {path}: {err}") from None
+
+
+def encoder_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``encoder.*`` entries of an objective's weights, without the prefix."""
+    return {k[len(ENCODER_PREFIX):]: v for k, v in weights.items() if k.startswith(ENCODER_PREFIX)}
+
+
+# --------------------------------------------------------------------------- backbones
+def build_backbone(record: dict, seed: int = 0) -> nn.Module:
+    """The record's encoder architecture, freshly initialised from ``seed`` (random-init baselines).
+
+    The init is the backbone's own; an objective that re-initialises part of its encoder
+    (SimMIM's BEiT-style patch projection) is not rebuilt here.
+    """
+    from ..models import create_model
+
+    backbone = record["backbone"]
+    torch.manual_seed(seed)
+    return create_model(backbone["name"], **backbone["kwargs"])
+
+
+def open_backbone(path: str | Path, device: str | torch.device = "cpu",
+                  checkpoint: str | Path | None = None) -> tuple[nn.Module, dict, Path]:
+    """-> (trained encoder in eval mode, run record, checkpoint folder). ``path``: run dir or checkpoint."""
+    ckpt = resolve_checkpoint(path, checkpoint)
+    record = read_record(ckpt)
+    backbone = build_backbone(record)
+    weights = encoder_weights(read_checkpoint_weights(ckpt))
+    check_weights_fit(backbone.state_dict(), weights, f"the encoder of checkpoint {ckpt}")
+    backbone.load_state_dict(weights, strict=True)
+    return backbone.to(device).eval(), record, ckpt
+
+
+def load_backbone(path: str | Path, device: str | torch.device = "cpu",
+                  checkpoint: str | Path | None = None) -> nn.Module:
+    """The trained encoder of a run (newest checkpoint) or of a checkpoint folder, in eval mode.
+
+    >>> encoder = mimaim.load_backbone("runs/mae-digits")
+    >>> feats = encoder.forward_features(images)  # (B, 1 + N, D)
+    """
+    return open_backbone(path, device, checkpoint)[0]
+
+
+# --------------------------------------------------------------------------- whole objective
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: str | torch.device = "cpu"):
-    """-> (config, objective in eval mode, checkpoint path). The newest checkpoint by default."""
+    """-> (config, objective in eval mode, checkpoint path), heads and tokenizer included."""
     from .trainer import build_run_objective
 
     run_dir = Path(run_dir)
@@ -19,9 +185,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist; pass the --out folder of a "
                                 "`mimaim pretrain` run")
     cfg: PretrainConfig = load_run_config(run_dir)
-    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir} has no finished checkpoint yet (looked in {run_dir / 'checkpoints'})")
+    ckpt = resolve_checkpoint(run_dir, checkpoint)
     objective = build_run_objective(cfg)
     load_weights(objective, ckpt, what=f"checkpoint of run {run_dir}")
     return cfg, objective.to(device).eval(), ckpt
