@@ -1,8 +1,13 @@
-"""Pre-training and evaluation transforms (torchvision), with ImageNet mean/std."""
+"""Pre-training and evaluation transforms (torchvision), with ImageNet mean/std.
+
+``Augmentation`` describes an objective's pre-training augmentation (each objective's official
+recipe sets its own, see docs/methods.md sections 2-5); ``pretrain_transform`` builds it.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torchvision import transforms as T
@@ -11,16 +16,99 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def pretrain_transform(img_size: int, crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip: bool = True,
-                       color_jitter: float = 0.0):
-    """MAE's augmentation: RandomResizedCrop (bicubic) + flip + normalise; BEiT adds colour jitter."""
+INTERPOLATIONS = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
+                  "nearest": T.InterpolationMode.NEAREST, "lanczos": T.InterpolationMode.LANCZOS}
+
+
+@dataclass
+class Augmentation:
+    """What the data pipeline applies to an image before the objective sees it (docs/methods.md section 1).
+
+    RandomResizedCrop(``crop_scale``, ``crop_ratio``, ``interpolation``), an optional horizontal
+    flip, and an optional ColorJitter:
+
+    * ``color_jitter``: one float ``c`` means (c, c, c, 0) for (brightness, contrast, saturation,
+      hue), as BEiT's ``ColorJitter(0.4, 0.4, 0.4)``; a 4-tuple gives each, as AIM's
+      ``ColorJitter(0.4, 0.4, 0.2, 0.1)``; 0 disables it;
+    * ``jitter_prob``: the jitter is applied with this probability (AIM: ``RandomApply(p=0.8)``);
+    * ``jitter_first``: jitter the whole image before cropping (BEiT's order) rather than the
+      crop after crop and flip (AIM's order).
+    """
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    color_jitter: float | tuple[float, float, float, float] = 0.0
+    jitter_prob: float = 1.0
+    jitter_first: bool = True
+    interpolation: str = "bicubic"
+
+    def __post_init__(self):
+        if isinstance(self.color_jitter, list):
+            self.color_jitter = tuple(self.color_jitter)
+        for name in ("crop_scale", "crop_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, tuple(value))
+        self.validate()
+
+    def validate(self) -> None:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"augmentation.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"augmentation.crop_ratio must be (low, high) with 0 < low <= high, got {self.crop_ratio}")
+        jitter = self.jitter
+        if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
+            raise ValueError(f"augmentation.color_jitter must be one float >= 0 or (brightness, contrast, saturation, "
+                             f"hue) with hue <= 0.5, got {self.color_jitter!r}")
+        if not 0 <= self.jitter_prob <= 1:
+            raise ValueError(f"augmentation.jitter_prob must be in [0, 1], got {self.jitter_prob}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"augmentation.interpolation: unknown {self.interpolation!r}; choose one of "
+                             f"{', '.join(INTERPOLATIONS)}")
+
+    @property
+    def jitter(self) -> tuple[float, float, float, float]:
+        """(brightness, contrast, saturation, hue)."""
+        if isinstance(self.color_jitter, (int, float)):
+            c = float(self.color_jitter)
+            return (c, c, c, 0.0)
+        return tuple(float(v) for v in self.color_jitter)
+
+
+_LEGACY = ("crop_scale", "crop_ratio", "hflip", "color_jitter")
+
+
+def pretrain_transform(img_size: int, aug: Augmentation | None = None, *legacy, **legacy_kwargs):
+    """The pre-training transform for ``aug`` (an ``Augmentation``): crop, flip, jitter, normalise.
+
+    ``pretrain_transform(img_size, crop_scale, crop_ratio, hflip, color_jitter)`` (the older
+    signature, positional or by keyword) still works and means ``Augmentation(...)`` of them.
+    """
+    if not isinstance(aug, Augmentation):
+        values = dict(zip(_LEGACY, ((aug,) if aug is not None else ()) + legacy))
+        unknown = set(legacy_kwargs) - set(_LEGACY)
+        if unknown or len(legacy) > len(_LEGACY) - 1:
+            raise TypeError(f"pretrain_transform(img_size, aug: Augmentation): unexpected arguments "
+                            f"{sorted(unknown) or legacy}")
+        values.update(legacy_kwargs)
+        aug = Augmentation(**values)
+    elif legacy or legacy_kwargs:
+        raise TypeError("pretrain_transform: pass either an Augmentation or the separate crop/flip/jitter values")
+    jitter = None
+    if any(aug.jitter) and aug.jitter_prob > 0:
+        jitter = T.ColorJitter(*aug.jitter)
+        if aug.jitter_prob < 1:
+            jitter = T.RandomApply([jitter], p=aug.jitter_prob)
     ops = []
-    if color_jitter:
-        ops.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
-    ops.append(T.RandomResizedCrop(img_size, scale=tuple(crop_scale), ratio=tuple(crop_ratio),
-                                   interpolation=T.InterpolationMode.BICUBIC))
-    if hflip:
+    if jitter is not None and aug.jitter_first:
+        ops.append(jitter)
+    ops.append(T.RandomResizedCrop(img_size, scale=tuple(aug.crop_scale), ratio=tuple(aug.crop_ratio),
+                                   interpolation=INTERPOLATIONS[aug.interpolation]))
+    if aug.hflip:
         ops.append(T.RandomHorizontalFlip())
+    if jitter is not None and not aug.jitter_first:
+        ops.append(jitter)
     ops += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return T.Compose(ops)
 

@@ -150,8 +150,10 @@ class AIMHead(nn.Module):
 class AIM(Objective):
     name = "aim"
     Options = AIMOptions
-    #: Table 3c: a crop-scale lower bound of 0.4 beat 0.08 and 1.0
-    augmentation = Augmentation(crop_scale=(0.4, 1.0))
+    #: ml-l3m configs/aimv1/001_aim_v1_600M.yaml: RandomResizedCrop(scale (0.4, 1), bicubic) (Table 3c's best),
+    #: flip, then RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8)
+    augmentation = Augmentation(crop_scale=(0.4, 1.0), color_jitter=(0.4, 0.4, 0.2, 0.1), jitter_prob=0.8,
+                                jitter_first=False, interpolation="bicubic")
     #: ml-aim AverageLayers: mean of the last 6 blocks, no final norm
     probe_protocol = ProbeProtocol(pool="mean", layers=(-6, -5, -4, -3, -2, -1), norm=False,
                                    source="AIM paper sec. 4 / apple/ml-aim AverageLayers (last 6 blocks, no final norm)")

@@ -30,6 +30,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..data.transforms import Augmentation  # noqa: F401  (re-exported: objectives declare theirs)
+
 
 @dataclass
 class ObjectiveOutput:
@@ -38,15 +40,6 @@ class ObjectiveOutput:
     target: torch.Tensor | None = None
     mask: torch.Tensor | None = None  # (B, N), 1 = position counted in the loss
     extras: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Augmentation:
-    """What the data pipeline applies before the objective sees a batch."""
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: bool = True
-    color_jitter: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +65,9 @@ class Objective(nn.Module):
     augmentation: ClassVar[Augmentation] = Augmentation()
     #: "vit" if only the ViT backbone works; ("vit", "swin") for objectives with a Swin path
     backbone_families: ClassVar[tuple[str, ...]] = ("vit",)
+    #: augmented views per image: 1 -> ``images`` is (B, 3, H, W); k > 1 -> (B, k, 3, H, W), k draws of
+    #: ``augmentation`` from the same image (two-view objectives such as data2vec/I-JEPA-style targets)
+    num_views: ClassVar[int] = 1
 
     def __init__(self, encoder: nn.Module, options):
         super().__init__()
@@ -100,6 +96,10 @@ class Objective(nn.Module):
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, masking: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called by the engine after every optimiser step (``step`` = steps taken so far), e.g. to move
+        an EMA target encoder towards the online one (data2vec, I-JEPA). Default: nothing."""
 
     def draw_masking(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
         """A batch of ``sample_masking`` draws, (B, ...), for library use outside the loader."""

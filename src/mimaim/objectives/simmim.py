@@ -77,7 +77,8 @@ class SimMIM(Objective):
     Options = SimMIMOptions
     backbone_families = ("vit", "swin")
     # data/data_simmim.py: RandomResizedCrop(scale (0.67, 1), ratio (3/4, 4/3)) + flip, no jitter
-    augmentation = Augmentation(crop_scale=(0.67, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True, color_jitter=0.0)
+    augmentation = Augmentation(crop_scale=(0.67, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True, color_jitter=0.0,
+                                interpolation="bilinear")  # data_simmim.py: torchvision's default interpolation
     #: the cls output never enters SimMIM's loss; mean of patch tokens (SimMIM paper sec. 4.4 linear probe)
     probe_protocol = ProbeProtocol(pool="mean", layers=None, norm=True,
                                    source="SimMIM paper sec. 4.4 (mean-pooled patch tokens)")
