@@ -1,21 +1,26 @@
 """Frozen-encoder features for probes, extracted once and cached.
 
-Features come from the backbone contract alone (``forward_tokens`` /
-``forward_intermediates``), so every objective's encoder is probed the same way:
+Features come from the backbone contract alone (``forward_features`` /
+``forward_intermediates``), so every objective's encoder is probed the same way. What is
+read follows a *probe protocol* (``ProbeProtocol`` in ``objectives/base.py``: each
+objective declares the one its official evaluation uses, docs/methods.md sec. 7):
 
-* ``layers=None``: the final block after the final norm;
-* ``layers=[i, j, ...]``: the average of those blocks' outputs *without* the final norm
-  (AIM's protocol; ``-1`` = last block).
+* ``layers=None``: the last block, after the final LayerNorm when ``norm`` (MAE, BEiT,
+  SimMIM), without it otherwise;
+* ``layers=[i, j, ...]``: the average of those blocks' outputs, each after the final
+  LayerNorm when ``norm``, raw otherwise (AIM: the last 6 blocks, raw, as ml-aim's
+  ``AverageLayers``; ``-1`` = last block).
 
-``pooled`` is the cls token when the backbone has one and the mean of patch tokens
-otherwise (``pool="mean"`` forces the mean). ``tokens`` keeps every token (for the
-attentive probe), stored in bfloat16 to halve the cache.
-Downstream the trunk always runs with bidirectional attention and no masking.
+``pool="cls"`` reads the cls token, ``pool="mean"`` the mean of the patch tokens (prefix
+tokens left out). ``tokens`` keeps every token (for the attentive probe), stored in
+bfloat16 to halve the cache. Downstream the trunk always runs with bidirectional
+attention and no masking.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 from pathlib import Path
 from typing import Sequence
 
@@ -23,29 +28,73 @@ import torch
 
 from ..data import Source, eval_transform
 
+POOLS = ("cls", "mean")
 
-def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, pool: str = "auto") -> torch.Tensor:
-    """(B, T, D) -> (B, D): cls token, or mean of patch tokens."""
-    if pool not in ("auto", "cls", "mean"):
-        raise ValueError(f"pool must be auto, cls or mean; got {pool!r}")
-    if pool == "cls" and num_prefix_tokens == 0:
-        raise ValueError("pool='cls' needs a backbone with a cls token; use mean")
-    if num_prefix_tokens and pool in ("auto", "cls"):
+
+def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, pool: str = "mean") -> torch.Tensor:
+    """(B, T, D) -> (B, D): the cls token (``pool="cls"``) or the mean of patch tokens (``"mean"``)."""
+    if pool not in POOLS:
+        raise ValueError(f"pool must be 'cls' or 'mean'; got {pool!r}")
+    if pool == "cls":
+        if num_prefix_tokens == 0:
+            raise ValueError("pool 'cls' needs a backbone with a cls token, and this one has none; "
+                             "probe it with --pool mean")
         return tokens[:, 0]
     return tokens[:, num_prefix_tokens:].mean(dim=1)
 
 
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def block_outputs(backbone, images: torch.Tensor, indices: Sequence[int], norm: bool) -> list[torch.Tensor]:
+    """Outputs of blocks ``indices`` as (B, prefix + N, D) token maps, through ``forward_intermediates``.
+
+    Works with both forms of that method: mimaim's original one (a list of token maps) and
+    timm's (``output_fmt="NLC"``, ``intermediates_only=True``, prefix tokens returned apart with
+    ``return_prefix_tokens=True``), which the backbone may follow.
+    """
+    fn = backbone.forward_intermediates
+    indices = list(indices)
+    if _accepts(fn, "intermediates_only"):  # timm's contract
+        kwargs = {"indices": indices, "norm": norm, "intermediates_only": True}
+        if _accepts(fn, "output_fmt"):
+            kwargs["output_fmt"] = "NLC"
+        if getattr(backbone, "num_prefix_tokens", 0) and _accepts(fn, "return_prefix_tokens"):
+            kwargs["return_prefix_tokens"] = True
+        out = fn(images, **kwargs)
+    else:
+        out = fn(images, indices, norm=norm)
+    maps = []
+    for t in out:
+        if isinstance(t, (tuple, list)):  # (spatial, prefix) as timm returns them
+            spatial, prefix = t
+            t = torch.cat([prefix, spatial.flatten(2).transpose(1, 2) if spatial.ndim == 4 else spatial], dim=1)
+        elif t.ndim == 4:  # NCHW without prefix tokens
+            t = t.flatten(2).transpose(1, 2)
+        maps.append(t)
+    return maps
+
+
 @torch.no_grad()
-def encode(backbone, images: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
+def encode(backbone, images: torch.Tensor, layers: Sequence[int] | None = None, norm: bool = True) -> torch.Tensor:
     """(B, C, H, W) -> (B, T, D) frozen tokens (see the module docstring)."""
     if layers is None:
-        return backbone.forward_features(images)
-    return torch.stack(backbone.forward_intermediates(images, list(layers), norm=False)).mean(dim=0)
+        if norm:
+            return backbone.forward_features(images)
+        return block_outputs(backbone, images, [-1], norm=False)[0]
+    layers = list(layers)
+    if not layers:
+        raise ValueError("layers is empty; pass block indices such as -6,-5,-4,-3,-2,-1, or None for the last")
+    return torch.stack(block_outputs(backbone, images, layers, norm=norm)).mean(dim=0)
 
 
 @torch.no_grad()
 def extract_features(backbone, source: Source, img_size: int, layers: Sequence[int] | None = None,
-                     pool: str = "auto", keep_tokens: bool = False, batch_size: int = 256,
+                     pool: str = "mean", norm: bool = True, keep_tokens: bool = False, batch_size: int = 256,
                      device: str | torch.device = "cpu", progress: bool = False, desc: str = "features") -> dict:
     """-> {"pooled": (N, D) float32, "labels": (N,), and "tokens": (N, T, D) bf16 if asked}."""
     from tqdm.auto import tqdm
@@ -66,7 +115,7 @@ def extract_features(backbone, source: Source, img_size: int, layers: Sequence[i
         if not batch:
             continue
         with autocast:
-            t = encode(backbone, torch.stack(batch).to(device), layers).float()  # (B, T, D)
+            t = encode(backbone, torch.stack(batch).to(device), layers, norm).float()  # (B, T, D)
         pooled.append(pool_tokens(t, backbone.num_prefix_tokens, pool).cpu())
         if keep_tokens:
             tokens.append(t.to(torch.bfloat16).cpu())

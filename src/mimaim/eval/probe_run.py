@@ -1,20 +1,69 @@
-"""``mimaim probe``: freeze a run's encoder and probe it beside the same architecture at random init."""
+"""``mimaim probe``: freeze a run's encoder and probe it beside the same architecture at random init.
+
+A run is read only through its checkpoint and the backbone contract
+(``engine.runs.open_backbone`` / ``build_backbone``): the objective, its heads and its
+tokenizer are never built. Features follow the objective's declared probe protocol
+(``Objective.probe_protocol``: pool, layers, norm, with its source; docs/methods.md sec. 7)
+unless ``pool`` / ``layers`` / ``norm`` override it.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from ..data import DataError, build_source
-from ..engine.runs import load_run
-from ..engine.trainer import build_run_objective
-from .features import cached_features, extract_features
+from ..engine.runs import build_backbone, open_backbone
+from ..objectives.base import ProbeProtocol
+from .features import POOLS, cached_features, extract_features
 from .probes import get_probe
 
 DEFAULT_PROBES = ("linear", "attentive", "knn")
+
+
+def record_value(record: dict, key: str, default=None):
+    """A run setting from the run record: top level first, then its saved config."""
+    if key in record and record[key] is not None:
+        return record[key]
+    return (record.get("config") or {}).get(key, default)
+
+
+def objective_protocol(objective: str) -> ProbeProtocol:
+    """The probe protocol ``objective`` declares (``ProbeProtocol()`` for an unknown name)."""
+    from ..objectives import get_objective_class
+
+    try:
+        return get_objective_class(objective).probe_protocol
+    except (KeyError, ValueError):
+        return ProbeProtocol(source="mimaim default (objective not registered)")
+
+
+def resolve_protocol(objective: str, pool: str = "auto", layers: Sequence[int] | None = None,
+                     norm: bool | None = None) -> ProbeProtocol:
+    """The objective's protocol with any explicit override applied; ``source`` says which parts were overridden."""
+    proto = objective_protocol(objective)
+    if pool not in ("auto", *POOLS):
+        raise ValueError(f"pool must be auto, cls or mean; got {pool!r}")
+    changes = {}
+    if pool != "auto" and pool != proto.pool:
+        changes["pool"] = pool
+    if layers is not None and (tuple(layers) != tuple(proto.layers or ()) or proto.layers is None):
+        changes["layers"] = tuple(int(i) for i in layers)
+    if norm is not None and norm != proto.norm:
+        changes["norm"] = bool(norm)
+    if not changes:
+        return proto
+    told = ", ".join(f"{k}={v}" for k, v in changes.items())
+    return replace(proto, **changes, source=f"{objective}'s protocol overridden by {told} (declared: {proto.source})")
+
+
+def describe_protocol(proto: ProbeProtocol) -> str:
+    """One line: what the probes read, e.g. 'mean of patch tokens of blocks (-2, -1) averaged, no final norm'."""
+    pooled = "cls token" if proto.pool == "cls" else "mean of patch tokens"
+    where = "the last block" if proto.layers is None else f"blocks {tuple(proto.layers)} averaged"
+    return f"{pooled} of {where}, {'after the final norm' if proto.norm else 'no final norm'}"
 
 
 def labelled_splits(data: str, val_fraction: float):
@@ -29,16 +78,18 @@ def labelled_splits(data: str, val_fraction: float):
 
 
 def probe_encoder(backbone, train, val, num_classes: int, img_size: int, probes: Sequence[str],
-                  layers: Sequence[int] | None = None, pool: str = "auto", device="cpu",
-                  cache_dir: Path | None = None, cache_key: str = "", progress: bool = False) -> dict[str, float]:
+                  layers: Sequence[int] | None = None, pool: str = "mean", device="cpu",
+                  cache_dir: Path | None = None, cache_key: str = "", progress: bool = False,
+                  norm: bool = True) -> dict[str, float]:
     """Top-1 (%) of each probe on ``val`` after fitting on ``train``'s frozen features."""
     specs = [get_probe(p) for p in probes]
     keep_tokens = any(s.needs_tokens for s in specs)
+    layers = list(layers) if layers is not None else None
     feats = {}
     for name, split in (("train", train), ("val", val)):
-        key = f"{cache_key}|{name}|{split.name}|{len(split)}|{layers}|{pool}|{keep_tokens}|{img_size}"
+        key = f"{cache_key}|{name}|{split.name}|{len(split)}|{layers}|{pool}|norm={norm}|{keep_tokens}|{img_size}"
         feats[name] = cached_features(cache_dir if cache_key else None, key, lambda s=split, n=name: extract_features(
-            backbone, s, img_size, layers=layers, pool=pool, keep_tokens=keep_tokens, device=device,
+            backbone, s, img_size, layers=layers, pool=pool, norm=norm, keep_tokens=keep_tokens, device=device,
             progress=progress, desc=f"{n} features"))
     results = {}
     for spec in specs:
@@ -47,31 +98,61 @@ def probe_encoder(backbone, train, val, num_classes: int, img_size: int, probes:
     return results
 
 
+def _run_dir_of(path: Path) -> Path:
+    """Where probe outputs go: the run directory (``path``, or the run its checkpoint folder belongs to)."""
+    if (path / "config.yaml").exists():
+        return path
+    run = path.resolve().parent.parent  # RUN/checkpoints/<step>
+    return run if (run / "config.yaml").exists() else path
+
+
 def probe_run(run_dir: str | Path, data: str | None = None, probes: Sequence[str] = DEFAULT_PROBES,
-              layers: Sequence[int] | None = None, pool: str = "auto", random_init: bool = True,
-              device: str = "cpu", progress: bool = True) -> list[dict]:
-    """Rows: the pre-trained encoder and (optionally) the same architecture freshly initialised."""
-    run_dir = Path(run_dir)
-    cfg, objective, ckpt = load_run(run_dir, device=device)
-    data = data or cfg.data
-    train, val, num_classes = labelled_splits(data, cfg.val_fraction)
-    rows = []
-    encoders = [("pre-trained", objective.encoder, f"{ckpt}")]
+              layers: Sequence[int] | None = None, pool: str = "auto", norm: bool | None = None,
+              random_init: bool = True, device: str = "cpu", progress: bool = True,
+              checkpoint: str | Path | None = None) -> list[dict]:
+    """Rows: the pre-trained encoder and (optionally) the same architecture freshly initialised.
+
+    ``run_dir``: a run directory or one of its checkpoint folders. Both rows use the same
+    protocol (the objective's, see ``resolve_protocol``), recorded in each row.
+    """
+    backbone, record, ckpt = open_backbone(run_dir, device=device, checkpoint=checkpoint)
+    ckpt = Path(ckpt)
+    out_dir = _run_dir_of(Path(run_dir))
+    objective = record_value(record, "objective", "")
+    proto = resolve_protocol(objective, pool, layers, norm)
+    data = data or record_value(record, "data")
+    img_size = int(record_value(record, "img_size"))
+    seed = int(record_value(record, "seed", 0))
+    train, val, num_classes = labelled_splits(data, float(record_value(record, "val_fraction", 0.2)))
+    model = (record.get("backbone") or {}).get("name") or record_value(record, "model", "?")
+    encoders = [("pre-trained", backbone, f"{ckpt}")]
     if random_init:
-        encoders.append(("random init", build_run_objective(cfg).encoder, f"random-{cfg.model}-{cfg.seed}"))
+        encoders.append(("random init", build_backbone(record, seed=seed), f"random-{model}-{objective}-{seed}"))
+    rows = []
     for label, encoder, key in encoders:
-        scores = probe_encoder(encoder, train, val, num_classes, cfg.img_size, probes, layers, pool, device,
-                               cache_dir=run_dir / "features", cache_key=f"{key}|{data}", progress=progress)
+        scores = probe_encoder(encoder.to(device).eval(), train, val, num_classes, img_size, probes,
+                               list(proto.layers) if proto.layers is not None else None, proto.pool, device,
+                               cache_dir=out_dir / "features", cache_key=f"{key}|{data}", progress=progress,
+                               norm=proto.norm)
         rows.append({"encoder": label, "checkpoint": ckpt.name if label == "pre-trained" else "-",
-                     "data": data, "train_images": len(train), "val_images": len(val),
+                     "objective": objective, "model": model, "data": data, "train_images": len(train),
+                     "val_images": len(val), "pool": proto.pool,
+                     "layers": list(proto.layers) if proto.layers is not None else None, "norm": proto.norm,
+                     "protocol": describe_protocol(proto), "protocol_source": proto.source,
                      **{f"{p}_top1": round(v, 2) for p, v in scores.items()}})
-    (run_dir / "probe.json").write_text(json.dumps(rows, indent=2))
+    (out_dir / "probe.json").write_text(json.dumps(rows, indent=2))
     return rows
 
 
+def format_protocol(row: dict) -> str:
+    return f"probe protocol: {row['protocol']} (source: {row['protocol_source']})"
+
+
 def format_table(rows: list[dict]) -> str:
+    """The protocol line, then a markdown table of top-1 per probe and encoder."""
     cols = [c for c in rows[0] if c.endswith("_top1")]
     header = "| encoder | " + " | ".join(c.replace("_top1", " top-1 (%)") for c in cols) + " |"
     sep = "|---|" + "---|" * len(cols)
     lines = [header, sep] + [f"| {r['encoder']} | " + " | ".join(f"{r[c]:.2f}" for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
+    head = [format_protocol(rows[0])] if "protocol" in rows[0] else []
+    return "\n".join(head + lines)

@@ -1,0 +1,176 @@
+"""Probes read a run only through its checkpoint and the backbone contract, with each objective's protocol."""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import mimaim
+from mimaim.eval.features import encode, pool_tokens
+from mimaim.eval.probe_run import describe_protocol, format_table, probe_run, resolve_protocol
+
+EVAL_DIR = Path(mimaim.__file__).parent / "eval"
+CONCRETE_OBJECTIVES = ("mae", "beit", "simmim", "aim")
+#: modules kept only as re-exports of mimaim.studies until eval/commands.py imports from there
+SHIMS = {"compare.py", "scale.py"}
+
+
+def imported_modules(path: Path) -> list[str]:
+    """Absolute module names imported by ``path`` (relative imports resolved inside ``mimaim.eval``)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = ["mimaim", "eval"][:max(0, 2 - node.level + 1)] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            names.append(module)
+            names += [f"{module}.{a.name}" for a in node.names]  # `from ..engine import trainer`
+    return names
+
+
+@pytest.mark.parametrize("module", sorted(p.name for p in EVAL_DIR.glob("*.py")))
+def test_eval_modules_do_not_reach_into_the_trainer_or_a_concrete_objective(module):
+    names = imported_modules(EVAL_DIR / module)
+    forbidden = ["mimaim.engine.trainer"] + [f"mimaim.objectives.{o}" for o in CONCRETE_OBJECTIVES]
+    bad = [n for n in names if any(n == f or n.startswith(f + ".") for f in forbidden)]
+    # load_run rebuilds the whole objective (through the trainer): evaluation opens backbones instead
+    bad += [n for n in names if n.endswith((".load_run", ".build_run_objective", ".resolved_objective_options"))]
+    if module not in SHIMS and module != "commands.py":  # studies sit above eval; only the CLI glue may call them
+        bad += [n for n in names if n.startswith("mimaim.studies")]
+    assert not bad, f"eval/{module} imports {bad}; go through mimaim.engine.runs.open_backbone/build_backbone"
+
+
+def test_the_import_check_sees_relative_imports():
+    src = "from ..engine.trainer import pretrain\nfrom ..objectives import mae\nfrom . import probes\n"
+    tmp = EVAL_DIR.parent.parent / "__probe_import_check__.py"
+    try:
+        tmp.write_text(src)
+        names = imported_modules(tmp)
+    finally:
+        tmp.unlink(missing_ok=True)
+    assert "mimaim.engine.trainer" in names and "mimaim.objectives.mae" in names and "mimaim.eval.probes" in names
+
+
+# --------------------------------------------------------------------------- protocols
+def test_each_objective_declares_its_protocol_and_overrides_are_named():
+    assert (resolve_protocol("mae").pool, resolve_protocol("mae").layers, resolve_protocol("mae").norm) == \
+        ("cls", None, True)
+    for name in ("beit", "simmim"):
+        assert resolve_protocol(name).pool == "mean"
+    aim = resolve_protocol("aim")
+    assert (aim.pool, aim.layers, aim.norm) == ("mean", (-6, -5, -4, -3, -2, -1), False)
+    assert describe_protocol(aim) == "mean of patch tokens of blocks (-6, -5, -4, -3, -2, -1) averaged, no final norm"
+    assert resolve_protocol("mae", pool="auto") is resolve_protocol("mae")
+    over = resolve_protocol("mae", pool="mean", layers=[-2, -1])
+    assert (over.pool, over.layers, over.norm) == ("mean", (-2, -1), True)
+    assert "overridden by pool=mean, layers=(-2, -1)" in over.source and "main_linprobe" in over.source
+    with pytest.raises(ValueError, match="pool"):
+        resolve_protocol("mae", pool="max")
+
+
+@pytest.fixture(scope="module")
+def micro_vit():
+    from mimaim.models import create_model
+    torch.manual_seed(0)
+    return create_model("vit_micro", img_size=16, patch_size=4, depth=3, class_token=True).eval()
+
+
+def hooked_blocks(backbone, images):
+    """Every block's output through forward hooks: an oracle independent of forward_intermediates."""
+    outs = []
+    handles = [b.register_forward_hook(lambda m, i, o: outs.append(o)) for b in backbone.blocks]
+    try:
+        final = backbone.forward_features(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return outs, final
+
+
+def test_encode_honours_layers_and_norm(micro_vit):
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    blocks, final = hooked_blocks(micro_vit, x)
+    norm = micro_vit.norm
+    torch.testing.assert_close(encode(micro_vit, x), final)
+    torch.testing.assert_close(encode(micro_vit, x, None, norm=False), blocks[-1])
+    torch.testing.assert_close(encode(micro_vit, x, [-2, -1], norm=False), (blocks[-2] + blocks[-1]) / 2)
+    torch.testing.assert_close(encode(micro_vit, x, [0, 2], norm=True), (norm(blocks[0]) + norm(blocks[2])) / 2)
+    assert not torch.allclose(encode(micro_vit, x, [-1], norm=True), encode(micro_vit, x, [-1], norm=False))
+
+
+def test_pool_reads_the_cls_token_or_the_patch_mean():
+    t = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    torch.testing.assert_close(pool_tokens(t, 1, "cls"), t[:, 0])
+    torch.testing.assert_close(pool_tokens(t, 1, "mean"), t[:, 1:].mean(1))
+    torch.testing.assert_close(pool_tokens(t, 0, "mean"), t.mean(1))
+    with pytest.raises(ValueError, match="--pool mean"):
+        pool_tokens(t, 0, "cls")
+
+
+# --------------------------------------------------------------------------- mimaim probe on a run
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    from conftest import make_image_folder
+    from mimaim.config import make_config
+    from mimaim.engine.trainer import pretrain
+
+    root = tmp_path_factory.mktemp("probe")
+    images = make_image_folder(root / "images")
+    runs = {}
+    for objective in ("mae", "aim"):
+        cfg = make_config(objective=objective, model="vit_micro", img_size=16, patch_size=4,
+                          data=f"imagefolder:{images}", batch_size=4, epochs=1, max_steps=2, out=str(root / objective),
+                          progress=False, objective_options={"head_depth": 1, "head_width": 32} if objective == "aim"
+                          else {"decoder_depth": 1, "decoder_embed_dim": 32, "decoder_num_heads": 2})
+        runs[objective] = pretrain(cfg)
+    return runs
+
+
+def test_probe_run_defaults_to_the_objectives_protocol_and_prints_it(tiny_runs, monkeypatch):
+    import mimaim.eval.probe_run as pr
+
+    seen = []
+    real = pr.extract_features
+    monkeypatch.setattr(pr, "extract_features", lambda *a, **k: seen.append((k["pool"], k["layers"], k["norm"]))
+                        or real(*a, **k))
+    rows = probe_run(tiny_runs["aim"], probes=["knn"], progress=False)
+    assert [r["encoder"] for r in rows] == ["pre-trained", "random init"]
+    assert seen == [("mean", [-6, -5, -4, -3, -2, -1], False)] * 4  # both rows, train and val
+    for r in rows:
+        assert (r["pool"], r["layers"], r["norm"]) == ("mean", [-6, -5, -4, -3, -2, -1], False)
+        assert "AverageLayers" in r["protocol_source"]
+    first = format_table(rows).splitlines()[0]
+    assert first.startswith("probe protocol: mean of patch tokens of blocks (-6") and "ml-aim" in first
+    assert json.loads((tiny_runs["aim"] / "probe.json").read_text())[0]["protocol"] == rows[0]["protocol"]
+
+    seen.clear()
+    rows = probe_run(tiny_runs["mae"], probes=["knn"], random_init=False, progress=False)
+    assert seen == [("cls", None, True)] * 2 and len(rows) == 1
+    seen.clear()
+    rows = probe_run(tiny_runs["mae"], probes=["knn"], pool="mean", layers=[-1], random_init=False, progress=False)
+    assert seen == [("mean", [-1], True)] * 2 and "overridden" in rows[0]["protocol_source"]
+
+
+def test_probe_run_never_builds_the_objective(tiny_runs, monkeypatch):
+    import mimaim.engine.trainer as trainer
+    import mimaim.objectives as objectives
+
+    def refuse(*a, **k):
+        raise AssertionError("probe_run built an objective")
+    monkeypatch.setattr(trainer, "build_run_objective", refuse)
+    monkeypatch.setattr(objectives, "build_objective", refuse)
+    rows = probe_run(tiny_runs["mae"], probes=["knn"], progress=False)
+    assert len(rows) == 2
+
+
+def test_random_init_row_is_the_same_architecture_freshly_initialised(tiny_runs):
+    from mimaim.engine.runs import build_backbone, open_backbone
+
+    trained, record, _ = open_backbone(tiny_runs["aim"])
+    fresh = build_backbone(record, seed=0)
+    assert type(fresh) is type(trained) and fresh.num_prefix_tokens == trained.num_prefix_tokens == 0
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in trained.state_dict().items()}
+    assert any(not torch.equal(v, trained.state_dict()[k]) for k, v in fresh.state_dict().items())
