@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
-import mimaim.eval.compare as compare_mod
+import mimaim.studies.compare as compare_mod
 from mimaim.config import ConfigError
-from mimaim.eval.compare import VARIANTS, compare, parse_objective_spec
+from mimaim.studies.compare import VARIANTS, compare, parse_objective_spec
 
 PROBES = ["linear", "knn"]
 

@@ -5,9 +5,9 @@ import csv
 import numpy as np
 import pytest
 
-import mimaim.eval.compare as compare_mod
+import mimaim.studies.compare as compare_mod
 from mimaim.config import ConfigError
-from mimaim.eval.scale import fit_power_law, parse_fractions, scale
+from mimaim.studies.scale import fit_power_law, parse_fractions, scale
 
 
 @pytest.mark.parametrize("a, alpha", [(3.0, 0.076), (50.0, 0.5), (0.8, 1.3)])
@@ -65,8 +65,8 @@ def test_tiny_scale_grid_writes_plots_and_csv(tmp_path, monkeypatch, capsys):
 def test_data_fractions_are_nested_class_balanced_subsets_with_the_same_steps(tmp_path):
     from conftest import make_image_folder
     from mimaim.data import build_source
-    from mimaim.engine.trainer import training_subset
-    from mimaim.eval.scale import plan_scale
+    from mimaim.data import training_subset
+    from mimaim.studies.scale import plan_scale
 
     images = make_image_folder(tmp_path / "images", per_class=10)
     base = dict(data=f"imagefolder:{images}", img_size=16, patch_size=4, batch_size=2, epochs=3, progress=False)

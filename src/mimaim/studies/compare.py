@@ -18,7 +18,12 @@ probe`` and, optionally, fine-tuned by the same ``finetune`` as ``mimaim finetun
 * the augmentation is the same for every cell by default: one RandomResizedCrop scale
   (``crop_scale``, MAE's (0.2, 1)) + flip, no colour jitter; ``same_augmentation=False``
   gives each objective its paper's own (``Objective.augmentation``);
-* a random-initialisation row (the first cell's backbone flavour, unchanged weights).
+* probes read each cell with its objective's declared probe protocol (``probe_protocol``:
+  pool, layers, norm, with its source; docs/methods.md sec. 7) unless ``pool``/``layers``
+  override it; results.md names the protocol of every row;
+* one random-initialisation row per trunk flavour (backbone name and constructor arguments
+  from the run record: MAE's ViT, AIM's trunk, the BEiT-style ViT of BEiT/SimMIM), read with
+  the same protocol as the first cell of that flavour.
 
 Objective names come from ``list_objectives()``; a few named variants are the AIM paper's
 ablations (``VARIANTS``), and ``objective@key=value@key=value`` sets any options.
@@ -168,8 +173,7 @@ def time_feature_extraction(cfg: PretrainConfig, batch: int = 64) -> float:
 # --------------------------------------------------------------------------- cells
 def split_sizes(cfg: PretrainConfig) -> tuple[int, int, bool]:
     """(training images after data_fraction, held-out images, labelled?) from a scan (no decoding)."""
-    from ..data import build_source
-    from ..engine.trainer import training_subset
+    from ..data import build_source, training_subset
 
     source = build_source(cfg.data, cache="off", progress=False)
     train = training_subset(source.split("train", cfg.val_fraction), cfg.data_fraction, cfg.seed)
@@ -232,7 +236,7 @@ def default_probes() -> list[str]:
     from ..eval.probes import list_probes
 
     try:  # the attentive probe registers itself when its module exists
-        from . import attentive  # noqa: F401
+        from ..eval import attentive  # noqa: F401
     except ImportError:
         pass
     available = list_probes()
@@ -240,29 +244,57 @@ def default_probes() -> list[str]:
 
 
 def probe_cell(run_dir: Path, probes: Sequence[str], layers: Sequence[int] | None, random_init: bool,
-               device: str, progress: bool) -> list[dict]:
-    """``probe_run`` on a cell, memoised in ``compare_probe.json`` against its checkpoint and settings."""
+               device: str, progress: bool, pool: str = "auto") -> list[dict]:
+    """``probe_run`` on a cell, memoised in ``compare_probe.json`` against its checkpoint and settings.
+
+    The cell is read with its objective's probe protocol unless ``pool`` / ``layers`` override it
+    (the same rule as ``mimaim probe``); each row records the protocol it used.
+    """
     from ..engine.checkpoint import latest_checkpoint
-    from .probe_run import probe_run
+    from ..eval.probe_run import probe_run
 
     memo = run_dir / "compare_probe.json"
     key = {"checkpoint": latest_checkpoint(run_dir).name, "probes": list(probes),
-           "layers": list(layers) if layers else None, "random_init": random_init}
+           "layers": list(layers) if layers else None, "pool": pool, "random_init": random_init, "format": 2}
     if memo.exists():
         saved = json.loads(memo.read_text())
         if saved.get("key") == key:
             return saved["rows"]
-    rows = probe_run(run_dir, probes=probes, layers=layers, random_init=random_init, device=device,
+    rows = probe_run(run_dir, probes=probes, layers=layers, pool=pool, random_init=random_init, device=device,
                      progress=progress)
     memo.write_text(json.dumps({"key": key, "rows": rows}, indent=2))
     return rows
+
+
+#: backbone arguments that change training only, not the architecture read at evaluation
+_NOT_ARCHITECTURE = {"drop_path_rate", "drop_rate", "attn_drop_rate"}
+
+
+def trunk_flavour(run_dir: Path) -> tuple[str, str]:
+    """(key, words) of a cell's trunk from its run record: the backbone name and constructor arguments.
+
+    Cells with the same key share one random-init row (MAE and MAE@mask_ratio=0.5 do; MAE's ViT,
+    AIM's trunk and the BEiT-style ViT of BEiT/SimMIM do not).
+    """
+    from ..engine.runs import open_backbone
+
+    _, record, _ = open_backbone(run_dir)
+    backbone = record.get("backbone") or {}
+    kwargs = {k: v for k, v in (backbone.get("kwargs") or {}).items() if k not in _NOT_ARCHITECTURE}
+    key = json.dumps({"name": backbone.get("name"), "kwargs": kwargs}, sort_keys=True, default=str)
+    traits = [str(backbone.get("name", "?")), "cls token" if kwargs.get("class_token", True) else "no cls token"]
+    for k, words in (("pos_embed", "pos"), ("qkv_bias", "qkv bias"), ("rel_pos_bias", "rel. bias"),
+                     ("init_values", "layer scale"), ("patch_norm", "patch norm")):
+        if kwargs.get(k) not in (None, False):
+            traits.append(f"{words} {kwargs[k]}")
+    return key, ", ".join(traits)
 
 
 def finetune_cell(run_dir: Path, fcfg) -> dict:
     """``finetune`` on a cell unless its result for the same settings is on disk."""
     from dataclasses import asdict
 
-    from .finetune import finetune
+    from ..eval.finetune import finetune
 
     tag = "finetune" + ("" if fcfg.img_size is None else f"-{fcfg.img_size}px") + \
           ("" if fcfg.init == "pretrained" else "-random")
@@ -278,7 +310,7 @@ def finetune_cell(run_dir: Path, fcfg) -> dict:
 # --------------------------------------------------------------------------- planning
 def plan_cells(specs: Sequence[str], out: Path, base: dict, budget_flops: float | None) -> list[Cell]:
     """Parse, validate and size every cell before anything trains."""
-    from ..data import GlobalBatchSampler
+    from ..data import steps_per_epoch as count_steps
 
     specs = parse_list(specs)
     if not specs:
@@ -297,7 +329,7 @@ def plan_cells(specs: Sequence[str], out: Path, base: dict, budget_flops: float 
     for cell in cells:
         cfg = cell.cfg
         cell.train_images = train_images
-        steps_per_epoch = GlobalBatchSampler(train_images, cfg.batch_size, cfg.accum_steps).steps_per_epoch
+        steps_per_epoch = count_steps(train_images, cfg.batch_size, cfg.accum_steps)
         try:
             cell.flops_per_image = count_training_flops(cfg)
         except Exception as err:  # noqa: BLE001 - FLOPs are a column, unless they set the budget
@@ -333,13 +365,16 @@ def estimate_seconds(cells: Sequence[Cell], probes: Sequence[str], val_images: i
                      finetune_epochs: int) -> list[dict]:
     """Per cell: seconds per step and the estimated wall time, from a short measurement."""
     out = []
-    for i, c in enumerate(cells):
+    seen = set()  # one random-init row per trunk flavour; the objective name stands for it before training
+    for c in cells:
         step_s = time_training_steps(c.cfg)
         per_image = time_feature_extraction(c.cfg)
-        n_feature_passes = 2 if (random_init and i == 0) else 1
+        first = random_init and (c.objective, c.cfg.model) not in seen
+        seen.add((c.objective, c.cfg.model))
+        n_feature_passes = 2 if first else 1
         probe_s = per_image * (c.train_images + val_images) * n_feature_passes
         # fine-tuning runs the whole trunk forward and backward: about 3 forward passes per image
-        ft_s = 3 * per_image * c.train_images * finetune_epochs * (2 if (random_init and i == 0) else 1)
+        ft_s = 3 * per_image * c.train_images * finetune_epochs * (2 if first else 1)
         pre_s = step_s * c.steps
         out.append({"cell": c.name, "step_s": step_s, "pretrain_s": pre_s, "probe_s": probe_s, "finetune_s": ft_s,
                     "total_s": pre_s + probe_s + ft_s})
@@ -350,7 +385,8 @@ def estimate_seconds(cells: Sequence[Cell], probes: Sequence[str], val_images: i
 def compare(objectives: str | Sequence[str], out: str | Path, base: dict | None = None,
             budget_flops: float | None = None, same_augmentation: bool = True,
             crop_scale: tuple[float, float] = SAME_CROP_SCALE, probes: Sequence[str] | None = None,
-            layers: Sequence[int] | None = None, random_init: bool = True, finetune_epochs: int = 0,
+            layers: Sequence[int] | None = None, pool: str = "auto", random_init: bool = True,
+            finetune_epochs: int = 0,
             finetune_options: dict | None = None, dry_run: bool = False, device: str = "cpu",
             progress: bool = True) -> list[dict]:
     """Pre-train, probe (and fine-tune) every objective; write OUT/results.{csv,md} and PNGs.
@@ -358,7 +394,7 @@ def compare(objectives: str | Sequence[str], out: str | Path, base: dict | None 
     ``base`` holds ``PretrainConfig`` fields shared by every cell (data, model, epochs, ...).
     Returns the table's rows (an estimate per cell with ``dry_run``).
     """
-    from .probes import get_probe
+    from ..eval.probes import get_probe
 
     out = Path(out)
     base = dict(base or {})
@@ -375,7 +411,7 @@ def compare(objectives: str | Sequence[str], out: str | Path, base: dict | None 
             raise ConfigError(f"--probes: {err}") from None
     ft = None
     if finetune_epochs:
-        from .finetune import FinetuneConfig
+        from ..eval.finetune import FinetuneConfig
         ft = FinetuneConfig(epochs=finetune_epochs, device=device, progress=progress,
                             **(finetune_options or {})).validate()
 
@@ -405,15 +441,26 @@ def compare(objectives: str | Sequence[str], out: str | Path, base: dict | None 
     for i, cell in enumerate(cells):
         status = run_cell(cell.cfg)
         print(f"[{i + 1}/{len(cells)}] {cell.name}: {status}", file=sys.stderr, flush=True)
-    for i, cell in enumerate(cells):
+    # one random-init row per trunk flavour (MAE's ViT, AIM's trunk, the BEiT-style ViT of BEiT/SimMIM, ...):
+    # every pre-trained cell is read against its own architecture at init, with its own probe protocol
+    flavours: dict[str, dict] = {}
+    for cell in cells:
+        key, words = trunk_flavour(Path(cell.cfg.out))
+        flavours.setdefault(key, {"first": cell, "cells": [], "words": words})["cells"].append(cell.name)
+        cell.extras["flavour"] = key
+    random_rows = []
+    for cell in cells:
         run_dir = Path(cell.cfg.out)
-        first = random_init and i == 0
-        probe_rows = probe_cell(run_dir, probes, layers, first, device, progress)
+        flavour = flavours[cell.extras["flavour"]]
+        first = random_init and flavour["first"] is cell
+        probe_rows = probe_cell(run_dir, probes, layers, first, device, progress, pool=pool)
         summary = json.loads((run_dir / "summary.json").read_text())
         row = {"cell": cell.name, "objective": cell.objective, "options": json.dumps(cell.options),
                "model": cell.cfg.model, "epochs": cell.cfg.epochs, "steps": summary["steps"],
                "pretrain_loss": round(final_loss(run_dir), 5),
                **{k: v for k, v in probe_rows[0].items() if k.endswith("_top1")},
+               "probe_protocol": probe_rows[0].get("protocol", "-"),
+               "protocol_source": probe_rows[0].get("protocol_source", "-"),
                "images_per_s": summary.get("images_per_s"), "wall_time_s": summary.get("wall_time_s"),
                "flops_per_image": cell.flops_per_image,
                "train_flops": cell.flops_per_image * summary["steps"] * cell.cfg.batch_size}
@@ -421,17 +468,20 @@ def compare(objectives: str | Sequence[str], out: str | Path, base: dict | None 
             row["finetune_top1"] = finetune_cell(run_dir, ft)["top1"]
         rows.append(row)
         if first:
-            rnd = {"cell": "random-init", "objective": f"random init ({cell.name} trunk)", "options": "{}",
-                   "model": cell.cfg.model, "epochs": 0, "steps": 0, "pretrain_loss": float("nan"),
+            cells_of = flavour["cells"]
+            rnd = {"cell": f"random-init-{cell.name}",
+                   "objective": f"random init ({flavour['words']}; trunk of {', '.join(cells_of)})",
+                   "options": "{}", "model": cell.cfg.model, "epochs": 0, "steps": 0, "pretrain_loss": float("nan"),
                    **{k: v for k, v in probe_rows[1].items() if k.endswith("_top1")},
+                   "probe_protocol": probe_rows[1].get("protocol", "-"),
+                   "protocol_source": probe_rows[1].get("protocol_source", "-"),
                    "images_per_s": float("nan"), "wall_time_s": 0.0, "flops_per_image": cell.flops_per_image,
-                   "train_flops": 0.0}
+                   "train_flops": 0.0, "random_init_of": ",".join(cells_of)}
             if ft:
                 from dataclasses import replace
                 rnd["finetune_top1"] = finetune_cell(run_dir, replace(ft, init="random"))["top1"]
-            random_row = rnd
-    if random_init:
-        rows.append(random_row)
+            random_rows.append(rnd)
+    rows.extend(random_rows)
     write_results(out, rows, cells, budget, aug, val_images)
     return rows
 
@@ -465,14 +515,21 @@ def write_results(out: Path, rows: list[dict], cells: Sequence[Cell], budget: st
     probe_cols = [k for k in rows[0] if k.endswith("_top1")]
     columns = [("objective", "objective"), ("cell", "cell"), ("pretrain_loss", "pre-training loss"),
                *[(k, k.replace("_top1", " top-1 (%)")) for k in probe_cols],
+               ("probe_protocol", "probe protocol"),
                ("images_per_s", "images/s"), ("wall_time_s", "wall time (s)"), ("train_flops", "training FLOPs")]
     cfg = cells[0].cfg
+    sources = dict.fromkeys(f"{r['cell']}: {r['protocol_source']}" for r in rows
+                            if r.get("protocol_source") not in (None, "-") and not r.get("random_init_of"))
     header = (f"# mimaim compare\n\n{cfg.model}/{cfg.patch_size} at {cfg.img_size}px on `{cfg.data}`; held-out "
               f"split: the last {cfg.val_fraction:.0%} of each class ({val_images} images). Budget: {budget}. "
-              f"Augmentation: {aug}. Pre-training loss: mean over the last 10% of logged steps (each objective's "
-              "own loss, not comparable across objectives). FLOPs: forward + backward of the whole objective, "
-              "counted by torch FlopCounterMode.\n\n")
-    (out / "results.md").write_text(header + markdown_table(rows, columns) + "\n")
+              f"Augmentation: {aug}. Probes: each cell is read with its own objective's probe protocol (column "
+              "'probe protocol'; sources below), and each random-init row with the protocol of the cells whose "
+              "trunk it shares, so every pre-trained cell is read against its own architecture at init. "
+              "Pre-training loss: mean over the last 10% of logged steps (each objective's own loss, not "
+              "comparable across objectives). FLOPs: forward + backward of the whole objective, counted by torch "
+              "FlopCounterMode.\n\n")
+    footer = "\n\nProbe protocol sources:\n" + "".join(f"- {line}\n" for line in sources) if sources else "\n"
+    (out / "results.md").write_text(header + markdown_table(rows, columns) + footer)
     plot_loss_curves(out / "loss_curves.png", [(c.name, Path(c.cfg.out)) for c in cells])
     plot_probe_accuracy(out / "probe_accuracy.png", rows, probe_cols)
     print(markdown_table(rows, columns))

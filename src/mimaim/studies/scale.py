@@ -82,7 +82,7 @@ def parse_fractions(value: str | Sequence[float]) -> list[float]:
 
 def plan_scale(objective_spec: str, models: Sequence[str], fractions: Sequence[float], out: Path, base: dict,
                same_steps: bool) -> list[Cell]:
-    from ..data import GlobalBatchSampler
+    from ..data import steps_per_epoch as count_steps
     from ..models import list_models
 
     objective, options = parse_objective_spec(objective_spec)
@@ -109,7 +109,7 @@ def plan_scale(objective_spec: str, models: Sequence[str], fractions: Sequence[f
             sizes[f] = split_sizes(cell.cfg)
             check_probe_data(cell.cfg, *sizes[f])
         cell.train_images = sizes[f][0]
-        spe = GlobalBatchSampler(cell.train_images, cell.cfg.batch_size, cell.cfg.accum_steps).steps_per_epoch
+        spe = count_steps(cell.train_images, cell.cfg.batch_size, cell.cfg.accum_steps)
         cell.steps = spe * cell.cfg.epochs if cell.cfg.max_steps is None else min(spe * cell.cfg.epochs,
                                                                                     cell.cfg.max_steps)
         if cell.cfg.model not in flops:  # the data fraction does not change a step's FLOPs
