@@ -1,7 +1,11 @@
 """AIM (2401.08541): prefix-causal attention, next-patch loss, variants, options, CLI end to end."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from mimaim.models.layers import Attention
 from mimaim.objectives import build_objective, parse_options
@@ -170,6 +174,118 @@ def test_masked_variant_is_bidirectional_with_a_mask_token_and_own_patch_targets
     assert (a - b).abs().max() > 1e-5
 
 
+# --------------------------------------------------------------------------- the head, as ml-l3m has it
+# A reference written from apple/ml-l3m @ e6376a3017293641bd39fb2dae66546f102fb75f:
+# src/l3m/model/heads/simple_decoder.py (SimpleDecoder), src/l3m/model/trunks/transformer.py (Block),
+# src/l3m/model/layers/ffn.py (MLP), src/l3m/model/layers/misc.py (GenericIdentity),
+# src/l3m/model/preprocessors/pos_embed/sinusoidal.py, with configs/aimv1/001_aim_v1_600M.yaml's head settings
+# (attn_target GenericIdentity, use_bias false, norm_layer LayerNorm eps 1e-5, mlp_ratio 4).
+def l3m_2d_sincos(embed_dim, grid):
+    def one_d(dim, pos):
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    gw, gh = np.meshgrid(np.arange(grid[1], dtype=np.float32), np.arange(grid[0], dtype=np.float32))  # w first
+    return np.concatenate([one_d(embed_dim // 2, gw), one_d(embed_dim // 2, gh)], axis=1)
+
+
+class L3MMLP(nn.Module):
+    def __init__(self, dim, hidden, use_bias):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=use_bias)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim, bias=use_bias)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class L3MBlock(nn.Module):
+    def __init__(self, dim, hidden, eps, use_bias):
+        super().__init__()
+        self.attn = nn.Identity()  # GenericIdentity: "No Attention - MLP only"
+        self.norm_1 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = L3MMLP(dim, hidden, use_bias)
+        self.norm_2 = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm_1(x))
+        return x + self.mlp(self.norm_2(x))
+
+
+class L3MSimpleDecoder(nn.Module):
+    def __init__(self, input_dim, embed_dim, output_dim, num_layers, patch_size, image_size, mlp_ratio=4,
+                 eps=1e-5, use_bias=False):
+        super().__init__()
+        grid = (image_size // patch_size, image_size // patch_size)
+        self.decoder_projection = nn.Linear(input_dim, embed_dim, bias=True)
+        self.decoder_pos_embed = nn.Parameter(torch.from_numpy(l3m_2d_sincos(embed_dim, grid)).float().unsqueeze(0),
+                                              requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([L3MBlock(embed_dim, int(mlp_ratio * embed_dim), eps, use_bias)
+                                             for _ in range(num_layers)])
+        self.decoder_norm = nn.LayerNorm(embed_dim, eps=eps)
+        self.decoder_pred = nn.Linear(embed_dim, output_dim, bias=True)
+
+    def forward(self, x):  # x: the trunk output after its final norm (postprocessor Identity)
+        x = self.decoder_projection(x)
+        x = x + self.decoder_pos_embed[:, :x.shape[1]]
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))
+
+
+def test_head_matches_l3m_simple_decoder_layout_and_output():
+    aim = tiny_aim(head_depth=2, head_width=64)
+    ref = L3MSimpleDecoder(input_dim=aim.encoder.embed_dim, embed_dim=64, output_dim=4 * 4 * 3, num_layers=2,
+                           patch_size=4, image_size=16)
+    ours = aim.head.state_dict()
+    # the same layer layout: every name and shape, biases where l3m has them and nowhere else
+    assert {k: tuple(v.shape) for k, v in ref.state_dict().items()} == {k: tuple(v.shape) for k, v in ours.items()}
+    assert [type(m) for m in ref.modules() if isinstance(m, (nn.Linear, nn.LayerNorm))] == \
+        [type(m) for m in aim.head.modules() if isinstance(m, (nn.Linear, nn.LayerNorm))]
+    assert all(m.eps == 1e-5 for m in aim.head.modules() if isinstance(m, nn.LayerNorm))
+    # the sin-cos table at the head's width, fixed
+    torch.testing.assert_close(aim.head.decoder_pos_embed, ref.decoder_pos_embed, atol=1e-6, rtol=0)
+    assert not aim.head.decoder_pos_embed.requires_grad
+    # the same output on the same (perturbed) weights, through the objective's own forward_head
+    with torch.no_grad():
+        for p in aim.head.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    ref.load_state_dict(aim.head.state_dict())
+    features = aim.forward_trunk(images(), torch.tensor([1, 5, 9]))
+    with torch.no_grad():
+        torch.testing.assert_close(aim.forward_head(features), ref(features), atol=1e-5, rtol=1e-5)
+
+
+def test_head_and_trunk_init_as_l3m():
+    aim = tiny_aim(head_depth=2, head_width=64)
+    for name, m in aim.head.named_modules():
+        if isinstance(m, nn.Linear):  # xavier-uniform, zero bias (decoder_pred too: l3m's apply pass redraws it)
+            bound = math.sqrt(6.0 / (m.in_features + m.out_features))
+            assert m.weight.abs().max() <= bound and m.weight.abs().max() > 0.9 * bound, name
+            assert m.bias is None or not m.bias.any(), name
+        elif isinstance(m, nn.LayerNorm):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)) and not m.bias.any()
+    D = aim.encoder.embed_dim
+    for blk in aim.encoder.blocks:  # l3m: separate q, k, v Linears, each xavier over (D, D)
+        w = blk.attn.qkv.weight
+        assert w.abs().max() <= math.sqrt(6.0 / (2 * D)) and w.abs().max() > math.sqrt(6.0 / (4 * D))
+    conv = aim.encoder.patch_embed.proj  # l3m leaves the conv bias at PyTorch's default
+    assert conv.bias.abs().max() > 0 and conv.bias.abs().max() <= 1 / math.sqrt(conv.weight[0].numel())
+
+
+def test_lightly_head_style_keeps_the_old_layout():
+    aim = tiny_aim(head_style="lightly", head_depth=2, head_width=64)
+    names = set(aim.head.state_dict())
+    assert "embed.weight" in names and "pred.weight" in names and "embed.bias" not in names
+    assert all(m.eps == 1e-6 for m in aim.head.modules() if isinstance(m, nn.LayerNorm))
+    with torch.no_grad():  # the trunk's table is added before the head, at the trunk's width
+        f = aim.forward_trunk(images(), torch.tensor([2, 2, 2]))
+        torch.testing.assert_close(aim.forward_head(f), aim.head(f + aim.encoder.pos_embed))
+
+
 # --------------------------------------------------------------------------- options
 def test_trunk_is_the_aim_flavour():
     enc = tiny_aim().encoder
@@ -186,7 +302,7 @@ def test_trunk_is_the_aim_flavour():
 def test_paper_defaults():
     opts = parse_options(AIM, {})
     assert (opts.mode, opts.attention, opts.head_depth, opts.head_width, opts.head_mlp_ratio,
-            opts.norm_pix_loss) == ("autoregressive", "prefix", 12, 2048, 4.0, True)
+            opts.norm_pix_loss, opts.head_style) == ("autoregressive", "prefix", 12, 2048, 4.0, True, "l3m")
 
 
 @pytest.mark.parametrize("options, message", [
@@ -200,6 +316,8 @@ def test_paper_defaults():
     ({"mask_ratio": 0.75}, r"only applies to the masked variant; add --opt mode=masked"),
     ({"mode": "masked", "mask_ratio": 1.0}, r"aim.mask_ratio must be in \(0, 1\)"),
     ({"head_depth": -1}, r"need head_depth >= 0"),
+    ({"head_style": "mae"}, r"aim.head_style: unknown value 'mae'; choose one of l3m, lightly"),
+    ({"head_width": 30}, r"aim.head_width 30 must be divisible by 4"),
     ({"unknown": 1}, r"unknown option\(s\) unknown for objective 'aim'"),
 ])
 def test_bad_options_name_value_and_fix(options, message):

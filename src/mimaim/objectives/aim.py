@@ -14,40 +14,49 @@ Section 3 of the paper, with the trunk as ``apple/ml-aim`` ``aim-v1`` releases i
 * **Objective** (Sec. 3, Eq. 1-2): next-patch regression in raster order. The trunk
   output at position k predicts patch k+1; the target is per-patch normalised pixels
   (Table 3a's best) and the loss is their mean squared error.
-* **Head** (Sec. 3, "Prediction heads"; Table 3e/f): a stack of MLP blocks applied to
-  each token independently, 12 blocks of width 2048 by default, with the sin-cos
-  position table added to the trunk output again before it. The released code does not
-  include the head, so its internals here are our choice, laid out exactly like
-  ``lightly``'s ``AIMPredictionHead`` so the two can share weights: a bias-free Linear
-  (D -> width), ``head_depth`` residual blocks ``x + MLP(LN(x))`` (bias-free MLP,
-  expansion ``head_mlp_ratio``), a LayerNorm and a bias-free Linear (width -> p*p*3).
-  Our LayerNorms use eps 1e-6 like the trunk (lightly's default is 1e-5); head Linears
-  use MAE's xavier init (AIM's head init is unreleased).
+* **Head** (Sec. 3, "Prediction heads"; Table 3e/f): a stack of per-token MLP blocks, 12
+  blocks of width 2048 by default, as apple/ml-l3m trains AIM (``heads/simple_decoder.py``
+  ``SimpleDecoder`` with ``configs/aimv1/001_aim_v1_600M.yaml``): a Linear with bias (D ->
+  width), the fixed sin-cos table added *at the head's width*, ``head_depth`` blocks of
+  ``x + LN(x)`` then ``x + MLP(LN(x))`` (l3m's transformer block with its attention replaced by
+  an identity; bias-free MLP, expansion ``head_mlp_ratio``), a LayerNorm and a Linear with bias
+  (width -> p*p*3); LayerNorm eps 1e-5, xavier-uniform Linears with zero biases (``L3MHead``;
+  tests/test_aim.py pins it to a reference written from l3m's code). ``head_style="lightly"``
+  keeps the layout of lightly's ``AIMPredictionHead`` instead (bias-free Linears, one LayerNorm
+  per block, the table added at the trunk's width before the head) for the peer test
+  tests/test_aim_lightly.py.
 * **Masked variant** (Table 5): ``mode="masked"`` keeps everything but the task: the
   trunk is bidirectional, a random ``mask_ratio`` of patches is replaced by a learned mask
   token (N(0, 0.02)), and the same head predicts each masked patch's own pixels, with the
   loss on masked patches only (paper: 70.3 at 50%, 77.8 at 75% vs AR 78.2, attentive).
 
-Departures from ml-aim: none in the trunk beyond the initialisation of its Linears (xavier
-as MAE; ml-aim leaves PyTorch's default and xavier-initialises only the patch conv). On
-CUDA the prefix-causal mask runs through ``flex_attention`` with a ``BlockMask``, which
-computes the same function as ml-aim's dense boolean mask (tests/test_aim.py checks it).
+Training recipe (configs/aim_*.yaml, from the same l3m config): AdamW (0.9, 0.95), lr 1e-3,
+weight decay 0.05 except biases, norms and position tables, gradient clipping at 1.0, linear
+warm-up over 2.5% of the iterations then cosine to 0; augmentation ``AIM.augmentation``.
+
+Departures from l3m (docs/methods.md section 5): trunk LayerNorms use eps 1e-6 (ml-aim's
+released trunk; l3m's config sets 1e-5); the warm-up starts at 0, not 1e-6. On CUDA the
+prefix-causal mask runs through ``flex_attention`` with a ``BlockMask``, which computes the
+same function as ml-aim's dense boolean mask (tests/test_aim.py checks it).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from timm.layers import Mlp
 
-from ..models.layers import BlockMask, init_weights_xavier, normalized_pixel_targets, patchify, unpatchify
+from ..models.layers import (BlockMask, init_weights_xavier, normalized_pixel_targets, patchify, sincos_2d,
+                             unpatchify)
 from .base import Augmentation, Objective, ProbeProtocol, ObjectiveOutput, register_objective
 
 MODES = ("autoregressive", "masked")
 ATTENTIONS = ("prefix", "causal")
 KERNELS = ("auto", "flex", "sdpa")
+HEAD_STYLES = ("l3m", "lightly")
 
 
 @dataclass
@@ -59,6 +68,7 @@ class AIMOptions:
     head_depth: int = 12
     head_width: int = 2048
     head_mlp_ratio: float = 4.0
+    head_style: str = "l3m"  # l3m (ml-l3m's SimpleDecoder, AIM's training code) | lightly (lightly's head)
     norm_pix_loss: bool = True
     mask_ratio: float = 0.5  # mode=masked only
     attention_kernel: str = "auto"  # auto: flex_attention on CUDA, dense SDPA elsewhere | flex | sdpa
@@ -72,6 +82,7 @@ class AIMOptions:
         choice("mode", MODES)
         choice("attention", ATTENTIONS)
         choice("attention_kernel", KERNELS)
+        choice("head_style", HEAD_STYLES)
         if self.min_prefix < 1:
             raise ValueError(f"aim.min_prefix must be at least 1 (the prefix holds at least one patch), "
                              f"got {self.min_prefix}")
@@ -117,8 +128,58 @@ def prefix_causal_block_mask(prefix_len: torch.Tensor, num_tokens: int):
                              device=prefix_len.device)
 
 
+class L3MHeadBlock(nn.Module):
+    """One block of ml-l3m's AIM head: l3m's transformer ``Block`` with an identity in place of attention.
+
+    ``x = x + norm_1(x)`` (the attention branch, ``GenericIdentity`` applied to the normed
+    input), then ``x = x + mlp(norm_2(x))`` with a bias-free MLP. Parameter names as l3m's.
+    """
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, eps: float = 1e-5):
+        super().__init__()
+        self.norm_1 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dim, bias=False)
+        self.norm_2 = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x):
+        x = x + self.norm_1(x)
+        return x + self.mlp(self.norm_2(x))
+
+
+class L3MHead(nn.Module):
+    """AIM's prediction head as ml-l3m defines it (``heads/simple_decoder.py`` ``SimpleDecoder`` with the
+    ``configs/aimv1`` settings): (B, N, D) trunk output -> (B, N, out).
+
+    ``decoder_projection`` Linear(D -> width, with bias); plus the fixed 2-D sin-cos table at
+    the head's width; ``depth`` ``L3MHeadBlock``s; ``decoder_norm``; ``decoder_pred``
+    Linear(width -> out, with bias). LayerNorm eps 1e-5. Every Linear is xavier-uniform with
+    zero bias: l3m first draws ``decoder_pred`` fan-in depth-scaled, then its ``apply(_init_weights)``
+    pass re-draws every Linear, that one included, as xavier-uniform.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, grid_size: tuple[int, int], width: int = 2048, depth: int = 12,
+                 mlp_ratio: float = 4.0, eps: float = 1e-5):
+        super().__init__()
+        if width % 4:
+            raise ValueError(f"aim.head_width {width} must be divisible by 4 (the head adds a 2-D sin-cos table "
+                             "at its own width); pick e.g. 256 or 2048")
+        self.decoder_projection = nn.Linear(in_dim, width, bias=True)
+        self.decoder_pos_embed = nn.Parameter(sincos_2d(width, grid_size)[None], requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([L3MHeadBlock(width, mlp_ratio, eps) for _ in range(depth)])
+        self.decoder_norm = nn.LayerNorm(width, eps=eps)
+        self.decoder_pred = nn.Linear(width, out_dim, bias=True)
+        self.apply(init_weights_xavier)
+
+    def forward(self, x):
+        x = self.decoder_projection(x)  # (B, N, W)
+        x = x + self.decoder_pos_embed[:, :x.shape[1]].to(x.dtype)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))  # (B, N, out)
+
+
 class MLPHeadBlock(nn.Module):
-    """One head block: x + MLP(LN(x)), no biases (the attention-free half of a ViT block)."""
+    """One block of lightly's ``AIMPredictionHead``: x + MLP(LN(x)), no biases."""
 
     def __init__(self, dim: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -130,7 +191,12 @@ class MLPHeadBlock(nn.Module):
 
 
 class AIMHead(nn.Module):
-    """The per-token MLP prediction head (see the module docstring): (B, N, D) -> (B, N, out)."""
+    """``head_style="lightly"``: laid out block for block like lightly's ``AIMPredictionHead`` (its peer test).
+
+    A bias-free Linear (D -> width), ``depth`` ``MLPHeadBlock``s, a LayerNorm (eps 1e-6, as our
+    trunk) and a bias-free Linear (width -> out); the sin-cos table is added at the trunk's
+    width before it (``AIM.forward_head``).
+    """
 
     def __init__(self, in_dim: int, out_dim: int, width: int = 2048, depth: int = 12, mlp_ratio: float = 4.0):
         super().__init__()
@@ -138,6 +204,7 @@ class AIMHead(nn.Module):
         self.blocks = nn.ModuleList([MLPHeadBlock(width, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.pred = nn.Linear(width, out_dim, bias=False)
+        self.apply(init_weights_xavier)
 
     def forward(self, x):
         x = self.embed(x)  # (B, N, W)
@@ -180,14 +247,36 @@ class AIM(Objective):
             raise ValueError(f"aim.min_prefix {options.min_prefix} exceeds the largest prefix {self.max_prefix} "
                              f"for {N} patches; lower it")
         p = encoder.patch_size
-        self.head = AIMHead(encoder.embed_dim, p * p * encoder.in_chans, options.head_width, options.head_depth,
-                            options.head_mlp_ratio)
-        self.head.apply(init_weights_xavier)
+        out_dim = p * p * encoder.in_chans
+        if options.head_style == "l3m":
+            self.head = L3MHead(encoder.embed_dim, out_dim, encoder.grid_size, options.head_width, options.head_depth,
+                                options.head_mlp_ratio)
+        else:
+            self.head = AIMHead(encoder.embed_dim, out_dim, options.head_width, options.head_depth,
+                                options.head_mlp_ratio)
+        self._init_trunk_as_l3m()
         if options.mode == "masked":
             self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
             nn.init.normal_(self.mask_token, std=0.02)
         else:
             self.mask_token = None
+
+    @torch.no_grad()
+    def _init_trunk_as_l3m(self):
+        """The two places where l3m's trunk initialisation differs from our shared xavier init.
+
+        l3m's attention has separate q, k and v Linears, each xavier-uniform over (D, D); our
+        fused qkv is drawn the same way one third at a time (a fused (3D, D) xavier draw is
+        narrower). l3m's ``ViTPreprocessor`` re-draws only the patch conv's weight, so the
+        conv bias keeps PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        """
+        for blk in self.encoder.blocks:
+            for part in blk.attn.qkv.weight.chunk(3, dim=0):
+                nn.init.xavier_uniform_(part)
+        conv = self.encoder.patch_embed.proj
+        if conv.bias is not None:
+            bound = 1.0 / math.sqrt(conv.weight[0].numel())
+            nn.init.uniform_(conv.bias, -bound, bound)
 
     # -- masking, drawn per sample in the data pipeline -----------------------------------
     def sample_masking(self, generator):
@@ -237,7 +326,13 @@ class AIM(Objective):
         return self.encoder.forward_tokens(x, attn_mask=attn_mask)
 
     def forward_head(self, features):
-        """Trunk output (B, N, D) plus the sin-cos table again -> per-token predictions (B, N, p*p*3)."""
+        """Trunk output (B, N, D) -> per-token predictions (B, N, p*p*3).
+
+        l3m's head adds the sin-cos table itself, at its own width after its projection;
+        the lightly-style head gets the trunk's table added to the features before it.
+        """
+        if self.options.head_style == "l3m":
+            return self.head(features)
         return self.head(features + self.encoder.pos_embed.to(features.dtype))
 
     def default_masking(self, images):
