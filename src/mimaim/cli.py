@@ -19,114 +19,59 @@ EPILOG = """examples:
 
 
 #: modules that add sub-commands of their own: each has ``add_parser(subparsers)``
-EXTRA_COMMANDS: list[str] = ["mimaim.tokenizers.cli", "mimaim.eval.commands"]
+EXTRA_COMMANDS: list[str] = ["mimaim.tokenizers.cli", "mimaim.eval.commands", "mimaim.data.commands"]
+
+
+#: objective options with a flag of their own (the rest: --opt KEY=VALUE)
+OBJECTIVE_FLAGS = {"mask_ratio": (float, "share of patches masked (MAE default 0.75)"),
+                   "attention": (str, "AIM pre-training attention: prefix (default) | causal"),
+                   "tokenizer": (str, "BEiT visual tokenizer: kmeans (default) | dalle:PATH | PATH of a "
+                                      "`mimaim tokenizer train` output")}
 
 
 def _pretrain_parser(sub) -> argparse.ArgumentParser:
+    from .config import PretrainConfig, RESUME_MUTABLE
     from .data import DATA_SPEC_HELP
+    from .options import add_dataclass_arguments
 
     p = sub.add_parser("pretrain", help="pre-train an encoder with a self-supervised objective",
                        description="Pre-train an encoder. Values come from the defaults, then --config, then "
                                    "flags. --batch-size is the global optimiser batch, split across processes "
                                    "and --accum-steps; the learning rate is blr x batch/256 (MAE).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     S = argparse.SUPPRESS
     g = p.add_argument_group("what to train")
     g.add_argument("--config", help="YAML preset (see configs/), overridden by flags", default=S)
-    g.add_argument("--objective", help="mae | aim | simmim | beit (those installed: see `mimaim list`)", default=S)
-    g.add_argument("--model", help="backbone: vit_micro|vit_tiny|vit_small|vit_base|vit_large|vit_huge|...", default=S)
-    g.add_argument("--img-size", type=int, help="input resolution in pixels (default 32)", default=S)
-    g.add_argument("--patch-size", type=int, help="ViT patch size in pixels (default 4)", default=S)
-    g.add_argument("--mask-ratio", type=float, help="share of patches masked (MAE default 0.75)", default=S)
-    g.add_argument("--attention", default=S, help="AIM pre-training attention: prefix (default) | causal")
-    g.add_argument("--tokenizer", default=S,
-                   help="BEiT visual tokenizer: kmeans (default) | dalle:PATH | PATH of a `mimaim tokenizer train` output")
+    for name, (typ, text) in OBJECTIVE_FLAGS.items():
+        g.add_argument("--" + name.replace("_", "-"), type=typ, help=text, default=S)
     g.add_argument("--opt", action="append", metavar="KEY=VALUE", default=S,
                    help="an objective option, e.g. --opt decoder_depth=8 (repeatable; `mimaim list` shows them)")
-    g.add_argument("--recipe", choices=["quick", "paper"], default=S,
-                   help="quick: objective heads sized for a CPU demo (default); paper: the paper's values")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", help=f"{DATA_SPEC_HELP} (default digits)", default=S)
-    g.add_argument("--val-fraction", type=float, default=S,
-                   help="share of each class held out for probes, the last files of each class (default 0.2)")
-    g.add_argument("--cache", choices=["auto", "on", "off"], default=S,
-                   help="decode an image folder into memory once (auto: when it fits in 4 GB)")
-    g.add_argument("--num-workers", type=int, default=S, help="DataLoader workers per process (-1: auto)")
-    g.add_argument("--max-bad-fraction", type=float, default=S,
-                   help="stop if more than this share of images cannot be read (default 0.01)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=S, help="epochs (default 20)")
-    g.add_argument("--batch-size", type=int, default=S, help="global batch per optimiser step (default 64)")
-    g.add_argument("--accum-steps", type=int, default=S, help="gradient accumulation micro-steps (default 1)")
-    g.add_argument("--blr", type=float, default=S, help="base learning rate; lr = blr x batch/256 (default 1e-3)")
-    g.add_argument("--lr", type=float, default=S, help="absolute learning rate (overrides --blr)")
-    g.add_argument("--min-lr", type=float, default=S, help="floor of the cosine schedule (default 0)")
-    g.add_argument("--warmup-epochs", type=float, default=S, help="linear warm-up epochs (default 2)")
-    g.add_argument("--weight-decay", type=float, default=S, help="AdamW weight decay (default 0.05)")
-    g.add_argument("--clip-grad", type=float, default=S, help="clip the gradient norm to this value (default off)")
-    g = p.add_argument_group("engine")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=S,
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16 also works on CPUs with AVX512-BF16/AMX")
-    g.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
-    g.add_argument("--device", default=S, help="auto | cpu | cuda")
-    g.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
-    g.add_argument("--out", default=S, help="run directory (default runs/<objective>-<data>, numbered if taken)")
-    g.add_argument("--resume", metavar="RUN_DIR", default=S, help="continue the run in RUN_DIR from its last checkpoint")
-    g.add_argument("--save-every", type=int, default=S, help="checkpoint every N steps (default: each epoch)")
-    g.add_argument("--keep-last", type=int, default=S, help="checkpoints to keep (default 2)")
-    g.add_argument("--log-every", type=int, default=S, help="log metrics every N steps (default 10)")
-    g.add_argument("--max-steps", type=int, default=S, help="stop after N optimiser steps (for smoke tests)")
-    g.add_argument("--no-progress", action="store_true", default=S, help="no progress bars")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", dest="set_fields", default=S,
+                   help="any config field, e.g. --set augmentation={crop_scale: [0.4, 1.0]} (repeatable)")
+    g.add_argument("--resume", metavar="RUN_DIR", default=S,
+                   help="continue the run in RUN_DIR from its last checkpoint (from step 0 if it has none; a new "
+                        "run from this command's settings if RUN_DIR holds no run yet; `auto`: the --out folder). "
+                        "A resumed run keeps its recorded config except: "
+                        + ", ".join(sorted(RESUME_MUTABLE - {"out"})))
+    g.add_argument("--dry-run", action="store_true", default=S,
+                   help="print parameters, expected memory and FLOPs; train nothing")
+    add_dataclass_arguments(p, PretrainConfig, helps={"data": DATA_SPEC_HELP}, sections={"what to train": g})
     return p
 
 
-def _default_out(objective: str, data: str) -> str:
-    name = "digits" if data == "digits" else Path(data.split(":", 1)[-1].rstrip("/")).name or "data"
-    base = Path("runs") / f"{objective}-{name}"
-    out, n = base, 1
-    while (out / "config.yaml").exists():
-        n += 1
-        out = Path(f"{base}-{n}")
-    return str(out)
-
-
 def cmd_pretrain(args) -> int:
-    from .config import ConfigError, load_run_config, load_yaml, make_config
-    from .engine.trainer import pretrain
+    from .launch import pretrain_command
+    from .options import parse_assignments
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "resume", "opt",
-                                                             "mask_ratio", "attention", "tokenizer",
-                                                             "no_progress")}
-    options = {}
-    for item in getattr(args, "opt", []) or []:
-        if "=" not in item:
-            raise ConfigError(f"--opt {item!r}: expected KEY=VALUE, e.g. --opt decoder_depth=8")
-        key, value = item.split("=", 1)
-        options[key.strip()] = value.strip()
-    for key in ("mask_ratio", "attention", "tokenizer"):  # objective options with a flag of their own
-        if hasattr(args, key):
-            options[key] = getattr(args, key)
-    if getattr(args, "no_progress", False):
-        flags["progress"] = False
-    resume = getattr(args, "resume", None)
-    if resume:
-        base = load_run_config(resume).to_dict()
-        for key in ("objective", "model"):
-            if key in flags and flags[key] != base[key]:
-                raise ConfigError(f"--{key} {flags[key]!r} does not match the run being resumed, which used "
-                                  f"{base[key]!r}; drop --{key} or start a new run with --out")
-        base["out"] = str(resume)
-    else:
-        base = load_yaml(args.config) if hasattr(args, "config") else {}
+    flags = {k: v for k, v in vars(args).items()
+             if k not in ("command", "func", "config", "resume", "opt", "set_fields", "dry_run", *OBJECTIVE_FLAGS)}
+    flags.update(parse_assignments(getattr(args, "set_fields", None), "--set", "precision=bf16"))
+    options = parse_assignments(getattr(args, "opt", None), "--opt", "decoder_depth=8")
+    options.update({k: getattr(args, k) for k in OBJECTIVE_FLAGS if hasattr(args, k)})
     if options:
-        flags["objective_options"] = {**(base.get("objective_options") or {}), **options}
-    cfg = make_config(base, **flags)
-    if not resume and "out" not in flags and "out" not in base:
-        cfg.out = _default_out(cfg.objective, cfg.data)
-    from .objectives.base import get_objective_class, parse_options
-    from .engine.trainer import resolved_objective_options
-    parse_options(get_objective_class(cfg.objective), resolved_objective_options(cfg))  # fail before any work
-    pretrain(cfg, resume=bool(resume))
+        flags["objective_options"] = {**(flags.get("objective_options") or {}), **options}
+    pretrain_command(flags, preset=getattr(args, "config", None), resume=getattr(args, "resume", None),
+                     dry_run=getattr(args, "dry_run", False))
     return 0
 
 
@@ -250,8 +195,9 @@ def main(argv=None) -> int:
         from .data import DataError
         from .engine.checkpoint import CheckpointError
         from .engine.trainer import TrainingDiverged
+        from .options import OptionError
         known = (ConfigError, DataError, CheckpointError, TrainingDiverged, FileNotFoundError, FileExistsError,
-                 ValueError)
+                 ValueError, OptionError, NotImplementedError)
         if isinstance(err, known) and not os.environ.get("MIMAIM_DEBUG"):
             print(f"mimaim: error: {err}", file=sys.stderr)
             return 1 if isinstance(err, TrainingDiverged) else 2

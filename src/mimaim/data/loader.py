@@ -51,15 +51,21 @@ class PretrainDataset(Dataset):
         else:
             raise RuntimeError(f"{self.max_retries} consecutive images could not be read, starting at "
                                f"{self.source.describe(index)}; check the data folder")
-        seed = sample_seed(self.seed, epoch, index)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            image = self.transform(img)
-        masking = None
-        if self.masking_fn is not None:
-            generator = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
-            masking = self.masking_fn(generator)
-        return {"image": image, "label": self.source.labels[i], "masking": masking, "bad": bad}
+        return prepare_sample(img, self.source.labels[i], bad, self.transform, self.masking_fn, self.seed, epoch, index)
+
+
+def prepare_sample(img, label: int, bad: list, transform: Callable, masking_fn: Callable | None, seed: int,
+                   epoch: int, index: int) -> dict:
+    """One sample's dict, its crop and mask drawn from (seed, epoch, index) only."""
+    seed = sample_seed(seed, epoch, index)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        image = transform(img)
+    masking = None
+    if masking_fn is not None:
+        generator = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
+        masking = masking_fn(generator)
+    return {"image": image, "label": label, "masking": masking, "bad": bad}
 
 
 def collate(samples: list[dict]) -> dict:

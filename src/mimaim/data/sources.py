@@ -5,8 +5,9 @@ A *source* is an indexable collection of images with optional labels:
 ``source.labels`` (list of int, -1 = unlabelled), ``source.classes`` and
 ``source.describe(i)`` (a path or name for messages).
 
-A data spec names a source: ``digits`` (scikit-learn's bundled 8x8 digits, no download)
-or ``imagefolder:PATH``. Every source splits into ``train`` and a held-out ``val``:
+A data spec names a source: ``digits`` (scikit-learn's bundled 8x8 digits, no download),
+``imagefolder:PATH``, or ``wds:SHARDS`` (WebDataset tar shards, streamed; see
+:mod:`mimaim.data.shards`). Every source splits into ``train`` and a held-out ``val``:
 the last ``val_fraction`` of each class in file order (for CIFAR-10's 5,000 per class
 and the default 0.1, the last 500 images of each class).
 """
@@ -25,7 +26,8 @@ import torch
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-DATA_SPEC_HELP = "digits (built in, no download) or imagefolder:PATH"
+DATA_SPEC_HELP = ("digits (built in, no download), imagefolder:PATH, or wds:SHARDS "
+                  "(WebDataset shards written by `mimaim shards`: a folder or DIR/train-{000000..000127}.tar)")
 
 
 class DataError(ValueError):
@@ -53,6 +55,11 @@ class Source:
     def describe(self, index: int) -> str:
         item = self.items[index]
         return item if isinstance(item, str) else f"{self.name}[{index}]"
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the images are already decoded (no file is read while training)."""
+        return not self.items or not isinstance(self.items[0], str)
 
     @property
     def has_labels(self) -> bool:
@@ -177,8 +184,8 @@ def parse_data_spec(spec: str) -> tuple[str, str | None]:
     kind, _, arg = spec.partition(":")
     if kind == "digits" and not arg:
         return "digits", None
-    if kind == "imagefolder" and arg:
-        return "imagefolder", arg
+    if kind in ("imagefolder", "wds") and arg:
+        return kind, arg
     raise DataError(f"unknown data spec {spec!r}; use {DATA_SPEC_HELP}")
 
 
@@ -199,6 +206,10 @@ def build_source(spec: str, cache: str = "auto", max_bad_fraction: float = 0.01,
     kind, arg = parse_data_spec(spec)
     if kind == "digits":
         return load_digits_source()
+    if kind == "wds":  # streamed from tar shards, never decoded into memory
+        from .shards import build_shard_source
+
+        return build_shard_source(arg)
     source = scan_image_folder(arg)
     if cache not in ("auto", "on", "off"):
         raise DataError(f"unknown cache setting {cache!r}; choose auto, on or off")

@@ -1,0 +1,133 @@
+"""WebDataset shards: exactly-once epochs over processes x workers, exact mid-epoch resume, order from
+(seed, epoch), corrupt samples skipped and reported, `mimaim shards` round trip, clear errors."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mimaim.data import DataError, Source, build_source, make_epoch_loader, pretrain_transform
+from mimaim.data.shards import write_shards
+
+
+
+def tiny_source(n: int, broken: Path | None = None) -> Source:
+    """``n`` random 8x8 images whose label is their own index (so a batch names its samples)."""
+    rng = np.random.default_rng(0)
+    items = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(n)]
+    if broken is not None:  # copied byte for byte into the shard, fails to decode when read
+        broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+        items[5] = str(broken)
+    return Source("tiny", items, list(range(n)), [str(i) for i in range(n)])
+
+
+@pytest.fixture
+def shards(tmp_path):
+    write_shards(tiny_source(40), tmp_path / "shards", shard_size=7, progress=False)  # 6 shards: 5 x 7 + 5
+    return build_source(f"wds:{tmp_path / 'shards'}/train-{{000000..000005}}.tar")
+
+
+def epoch(source, rank=0, world_size=2, num_workers=0, seed=1, epoch=0, start_step=0, batch_size=8, accum_steps=2):
+    return list(make_epoch_loader(source, pretrain_transform(8), lambda g: torch.rand(5, generator=g), seed=seed,
+                                  epoch=epoch, start_step=start_step, batch_size=batch_size, accum_steps=accum_steps,
+                                  rank=rank, world_size=world_size, num_workers=num_workers, pin_memory=False))
+
+
+def ids(batches) -> list[int]:
+    return [int(i) for b in batches for i in b["label"]]
+
+
+def test_two_processes_with_two_workers_read_every_sample_exactly_once(shards):
+    assert len(shards) == 40 and len(shards.shards) == 6
+    ranks = [epoch(shards, rank=r, num_workers=2) for r in range(2)]
+    assert [len(r) for r in ranks] == [10, 10]  # 5 steps x 2 micro-batches of 2 images on each process
+    assert all(b["image"].shape == (2, 3, 8, 8) and b["masking"].shape == (2, 5) for r in ranks for b in r)
+    assert sorted(ids(ranks[0]) + ids(ranks[1])) == list(range(40))
+    # a batch that does not divide the data drops the same remainder on every process (as for folders)
+    ranks = [epoch(shards, rank=r, batch_size=12, accum_steps=1) for r in range(2)]
+    seen = ids(ranks[0]) + ids(ranks[1])
+    assert len(seen) == len(set(seen)) == 36
+
+
+def test_the_batches_do_not_depend_on_the_number_of_workers(shards):
+    reference = epoch(shards, num_workers=0)
+    for workers in (1, 2):
+        other = epoch(shards, num_workers=workers)
+        assert ids(other) == ids(reference)
+        assert all(torch.equal(a["image"], b["image"]) and torch.equal(a["masking"], b["masking"])
+                   for a, b in zip(reference, other))
+
+
+def test_resuming_mid_epoch_continues_on_the_very_next_sample(shards):
+    for rank in range(2):
+        full = epoch(shards, rank=rank)
+        resumed = epoch(shards, rank=rank, start_step=3, num_workers=2)
+        assert len(resumed) == len(full) - 3 * 2
+        for a, b in zip(resumed, full[6:]):
+            assert torch.equal(a["label"], b["label"]) and torch.equal(a["image"], b["image"])
+            assert torch.equal(a["masking"], b["masking"])
+
+
+def test_the_order_is_a_function_of_seed_and_epoch(shards):
+    base = ids(epoch(shards, world_size=1, batch_size=8, accum_steps=1))
+    assert ids(epoch(shards, world_size=1, batch_size=8, accum_steps=1)) == base
+    other_epoch = ids(epoch(shards, world_size=1, batch_size=8, accum_steps=1, epoch=1))
+    other_seed = ids(epoch(shards, world_size=1, batch_size=8, accum_steps=1, seed=2))
+    assert sorted(other_epoch) == sorted(other_seed) == sorted(base) == list(range(40))
+    assert other_epoch != base and other_seed != base and other_epoch != other_seed
+
+
+def test_a_corrupt_sample_is_replaced_and_reported(tmp_path):
+    write_shards(tiny_source(16, broken=tmp_path / "broken.png"), tmp_path / "shards", shard_size=5, progress=False)
+    source = build_source(f"wds:{tmp_path / 'shards'}")
+    batches = epoch(source, world_size=1, batch_size=4, accum_steps=1, num_workers=0)
+    bad = [path for b in batches for path in b["bad"]]
+    assert len(bad) == 1 and bad[0].startswith(str(tmp_path / "shards" / "train-00000"))
+    assert all(b["image"].shape[0] == 4 for b in batches) and len(batches) == 4
+    seen = ids(batches)
+    assert 5 not in seen and len(seen) == 16  # its place went to another sample of the same shard
+    with pytest.raises(Exception, match="cannot identify image"):
+        source.load(source.labels.index(5))
+
+
+def test_shards_command_round_trip_keeps_images_and_classes(tmp_path, image_folder, capsys):
+    from mimaim.cli import main
+
+    out = tmp_path / "out"
+    assert main(["shards", f"imagefolder:{image_folder}", str(out), "--shard-size", "5", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 12 images (2 classes) into 3 shard(s)" in printed
+    assert f"--data 'wds:{out}/train-{{000000..000002}}.tar'" in printed
+    index = json.loads((out / "index.json").read_text())
+    assert [s["num_samples"] for s in index["shards"]] == [5, 5, 2]
+    folder = build_source(f"imagefolder:{image_folder}", cache="off")
+    source = build_source(f"wds:{out}/train-{{000000..000002}}.tar")
+    assert source.classes == folder.classes == ["a", "b"] and source.has_labels and len(source) == 12
+    by_path = {p: i for i, p in enumerate(folder.items)}
+    for i in range(len(source)):
+        shard, pos = source.locate(source.items[i])
+        path = json.loads(_member(source.shards[shard], index["shards"][shard]["keys"][pos] + ".json"))["path"]
+        assert source.labels[i] == folder.labels[by_path[path]]
+        assert np.array_equal(np.asarray(source.load(i)), np.asarray(folder.load(by_path[path])))
+    train, val = source.split("train", 0.2), source.split("val", 0.2)
+    assert len(train) + len(val) == 12 and sorted(val.labels) == [0, 1]
+    assert sorted(train.items + val.items) == list(range(12))
+
+
+def _member(tar_path: str, name: str) -> bytes:
+    import tarfile
+
+    with tarfile.open(tar_path) as tar:
+        return tar.extractfile(name).read()
+
+
+def test_missing_index_and_unknown_shards_say_what_to_do(tmp_path, shards):
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(DataError, match="no index.json .* `mimaim shards imagefolder:PATH OUT`"):
+        build_source(f"wds:{tmp_path / 'bare'}")
+    with pytest.raises(DataError, match="not listed in .*index.json.*check the brace pattern"):
+        build_source(f"wds:{tmp_path / 'shards'}/train-{{000000..000009}}.tar")
+    with pytest.raises(DataError, match="already exists; write the shards to a new folder"):
+        write_shards(tiny_source(3), tmp_path / "shards", progress=False)
