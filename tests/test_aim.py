@@ -296,7 +296,9 @@ def test_trunk_is_the_aim_flavour():
     for blk in enc.blocks:
         for lin in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2):
             assert lin.bias is None
-    assert AIM.augmentation.crop_scale == (0.4, 1.0)
+    aug = AIM.augmentation  # l3m aimv1: crop (0.4, 1) bicubic, flip, ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8
+    assert (aug.crop_scale, aug.interpolation, aug.hflip) == ((0.4, 1.0), "bicubic", True)
+    assert (aug.jitter, aug.jitter_prob, aug.jitter_first) == ((0.4, 0.4, 0.2, 0.1), 0.8, False)
 
 
 def test_paper_defaults():
@@ -402,4 +404,7 @@ def test_presets_load(name):
     assert (cfg.objective, cfg.recipe, cfg.lr, cfg.batch_size, tuple(cfg.betas)) == ("aim", "paper", 1e-3, 4096,
                                                                                      (0.9, 0.95))
     opts = parse_options(AIM, resolved_objective_options(cfg))
-    assert (opts.attention, opts.head_depth, opts.head_width) == ("prefix", 12, 2048)
+    assert (opts.attention, opts.head_depth, opts.head_width, opts.head_style) == ("prefix", 12, 2048, "l3m")
+    # ml-l3m configs/aimv1/001_aim_v1_600M.yaml: grad_clip 1.0, warm-up over 2.5% of the iterations, cosine to 0
+    assert (cfg.clip_grad, cfg.schedule, cfg.min_lr, cfg.weight_decay) == (1.0, "cosine", 0.0, 0.05)
+    assert cfg.warmup_epochs == pytest.approx(0.025 * cfg.epochs)

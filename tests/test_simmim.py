@@ -192,6 +192,9 @@ def test_presets_load_and_fit_their_sizes(name):
     assert cfg.recipe == "paper" and cfg.objective == "simmim"
     assert math.isclose(cfg.effective_lr(), 1e-4 * cfg.batch_size / 512)  # SimMIM's batch/512 rule
     assert (opts.mask_ratio, opts.mask_patch_size) == (0.6, 32)
+    # the official 800-epoch recipes: multi-step, x0.1 at epoch 700 (configs/*__800ep/*pretrain*.yaml)
+    assert (cfg.schedule, tuple(cfg.milestones), cfg.lr_gamma, cfg.epochs, cfg.clip_grad) == (
+        "multistep", (700,), 0.1, 800, 5.0)
     check_simmim_mask_sizes(cfg.img_size, opts.mask_patch_size, cfg.patch_size)
     if cfg.model.startswith("swin"):
         check_swin_sizes(cfg.img_size, cfg.patch_size, opts.window_size, 4)
