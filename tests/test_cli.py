@@ -85,5 +85,7 @@ def test_probe_and_resume_refuse_what_does_not_fit(tmp_path, image_folder):
     assert result.returncode == 2 and "does not exist" in result.stderr
     # weights of another architecture under this run's config
     (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("model: vit_micro", "model: vit_tiny"))
+    for record in (run / "checkpoints").glob("step-*/run.json"):  # the checkpoint's own record (C1) wins
+        record.write_text(record.read_text().replace('"vit_micro"', '"vit_tiny"'))
     result = run_cli("probe", str(run))
     assert result.returncode == 2 and "does not fit this model" in result.stderr

@@ -124,7 +124,9 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
 
 
 def test_run_directory_holds_config_metrics_events_checkpoints_and_picture(tmp_path, image_folder):
-    run = pretrain(tiny_cfg(tmp_path, image_folder, epochs=1))
+    from mimaim.launch import pretrain as pretrain_and_draw  # the engine trains; the command draws the picture
+
+    run = pretrain_and_draw(tiny_cfg(tmp_path, image_folder, epochs=1))
     names = {p.name for p in run.iterdir()}
     assert {"config.yaml", "metrics.csv", "summary.json", "reconstruction.png", "checkpoints", "tensorboard"} <= names
     assert list((run / "tensorboard").iterdir())
