@@ -1,7 +1,8 @@
-"""`mimaim compare`: a tiny two-cell comparison, resume/skip, dry run, bad input stops before training."""
+"""`mimaim compare`: same budget per cell, protocol per cell, random-init row per trunk flavour, resume/skip, dry run, bad input."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -35,24 +36,56 @@ def counted_pretrain(monkeypatch):
     return calls
 
 
-@pytest.mark.slow  # several tiny pre-trainings + probes: ~10 s of CPU, 30 s on the shared machine
-def test_tiny_compare_writes_table_plots_and_resumes_without_retraining(images, tmp_path, counted_pretrain, capsys):
+@pytest.mark.slow  # three tiny pre-trainings + probes: ~15 s of CPU, ~40 s on the shared machine
+def test_tiny_compare_same_budget_protocol_per_cell_random_row_per_flavour_and_resume(images, tmp_path,
+                                                                                       counted_pretrain):
+    from mimaim.engine.runs import build_backbone, open_backbone
+    from mimaim.eval.probe_run import describe_protocol, labelled_splits, probe_encoder, resolve_protocol
+
     out = tmp_path / "cmp"
-    specs = "mae,mae@mask_ratio=0.5"
+    specs = "mae,mae@mask_ratio=0.5,aim"
     rows = compare(specs, out, base_for(images), probes=PROBES, progress=False)
-    assert [r["cell"] for r in rows] == ["mae", "mae-mask_ratio0.5", "random-init"]
-    assert len(counted_pretrain) == 2 and not any(resume for _, resume in counted_pretrain)
-    for name in ("results.csv", "results.md", "loss_curves.png", "probe_accuracy.png"):
-        assert (out / name).stat().st_size > 0, name
-    table = (out / "results.md").read_text()
-    assert "linear top-1 (%)" in table and "knn top-1 (%)" in table and "random init" in table
-    for r in rows:
-        assert 0 <= r["linear_top1"] <= 100 and 0 <= r["knn_top1"] <= 100
+    by_cell = {r["cell"]: r for r in rows}
+    # one random-init row per trunk flavour: MAE's ViT (shared by both MAE cells) and AIM's trunk
+    assert list(by_cell) == ["mae", "mae-mask_ratio0.5", "aim", "random-init-mae", "random-init-aim"]
+    assert by_cell["random-init-mae"]["random_init_of"] == "mae,mae-mask_ratio0.5"
+    assert by_cell["random-init-aim"]["random_init_of"] == "aim"
+    assert len(counted_pretrain) == 3 and not any(resume for _, resume in counted_pretrain)
+
+    # the same budget for every cell: same epochs, steps and batch; the configs differ only in objective and out
+    configs = {c: (out / c / "config.yaml").read_text() for c in ("mae", "mae-mask_ratio0.5", "aim")}
+    for c in configs:
+        summary = json.loads((out / c / "summary.json").read_text())
+        assert summary["steps"] == by_cell[c]["steps"] == 2 and by_cell[c]["epochs"] == 1
+    import yaml
+    loaded = {c: yaml.safe_load(t) for c, t in configs.items()}
+    differing = {k for k in loaded["mae"] if len({json.dumps(v.get(k), sort_keys=True) for v in loaded.values()}) > 1}
+    assert differing <= {"objective", "objective_options", "out"}, differing
     assert rows[0]["train_flops"] == pytest.approx(rows[0]["flops_per_image"] * 2 * 4)
-    # the 50% cell's encoder sees twice the tokens of the 75% one: more FLOPs per image
-    assert rows[1]["flops_per_image"] > rows[0]["flops_per_image"] > 0
-    for cell in ("mae", "mae-mask_ratio0.5"):  # each cell is an ordinary run directory
-        assert (out / cell / "summary.json").exists() and (out / cell / "config.yaml").exists()
+    assert rows[1]["flops_per_image"] > rows[0]["flops_per_image"] > 0  # mask 50% encodes more tokens than 75%
+
+    # each cell (and its random row) is read with its own objective's protocol, and results.md says which
+    mae_p, aim_p = describe_protocol(resolve_protocol("mae")), describe_protocol(resolve_protocol("aim"))
+    assert by_cell["mae"]["probe_protocol"] == by_cell["random-init-mae"]["probe_protocol"] == mae_p
+    assert by_cell["aim"]["probe_protocol"] == by_cell["random-init-aim"]["probe_protocol"] == aim_p
+    assert mae_p != aim_p
+    table = (out / "results.md").read_text()
+    assert mae_p in table and aim_p in table and "main_linprobe" in table and "AverageLayers" in table
+    md_rows = {line.split(" | ")[1]: line for line in table.splitlines() if line.startswith("| random init")}
+    assert set(md_rows) == {"random-init-mae", "random-init-aim"}
+
+    # the random rows' numbers are the probe of the cell's architecture at init, under the cell's protocol
+    backbone, record, _ = open_backbone(out / "aim")
+    train, val, classes = labelled_splits(record["config"]["data"], record["config"]["val_fraction"])
+    proto = resolve_protocol("aim")
+    fresh = probe_encoder(build_backbone(record, seed=record["config"]["seed"]), train, val, classes, 16, ["knn"],
+                          list(proto.layers), proto.pool, norm=proto.norm)
+    trained = probe_encoder(backbone, train, val, classes, 16, ["knn"], list(proto.layers), proto.pool,
+                            norm=proto.norm)
+    assert by_cell["random-init-aim"]["knn_top1"] == round(fresh["knn"], 2)
+    assert by_cell["aim"]["knn_top1"] == round(trained["knn"], 2)
+    for r in rows:
+        assert f"{r['knn_top1']:.4g}" in table or f"{r['knn_top1']:g}" in table
 
     # interrupt cell 2 after its checkpoint: no summary -> it resumes; cell 1 is left untouched
     finished = {p: p.stat().st_mtime_ns for p in (out / "mae").rglob("*") if p.is_file()}
@@ -71,6 +104,25 @@ def test_tiny_compare_writes_table_plots_and_resumes_without_retraining(images, 
     # a different recipe in the same folder is refused, naming the field
     with pytest.raises(ConfigError, match="epochs"):
         compare(specs, out, base_for(images, epochs=2), probes=PROBES, progress=False)
+
+
+def test_trunk_flavours_group_cells_by_architecture(tmp_path, monkeypatch):
+    """MAE and MAE@0.5 share a trunk; BEiT and SimMIM share the BEiT-style ViT (drop path aside); AIM has its own."""
+    import mimaim.engine.runs as runs
+    from mimaim.config import make_config
+
+    records = {}
+    for spec in ("mae", "mae@mask_ratio=0.5", "beit", "simmim", "aim"):
+        objective, options = compare_mod.parse_objective_spec(spec)
+        records[spec] = runs.run_record(make_config(objective=objective, objective_options=options, model="vit_micro",
+                                                    img_size=16, patch_size=4))
+    monkeypatch.setattr(runs, "open_backbone", lambda path, *a, **k: (None, records[Path(path).name], None))
+    keys = {spec: compare_mod.trunk_flavour(Path(spec))[0] for spec in records}
+    assert keys["mae"] == keys["mae@mask_ratio=0.5"]
+    assert keys["beit"] == keys["simmim"]
+    assert len({keys["mae"], keys["beit"], keys["aim"]}) == 3
+    assert "no cls token" in compare_mod.trunk_flavour(Path("aim"))[1]
+    assert "rel. bias" in compare_mod.trunk_flavour(Path("beit"))[1]
 
 
 def test_dry_run_prints_flops_and_estimate_and_trains_nothing(images, tmp_path, counted_pretrain, capsys):
