@@ -152,7 +152,7 @@ def test_causal_option_is_prefix_one_with_loss_on_every_later_patch():
 
 def test_masked_variant_is_bidirectional_with_a_mask_token_and_own_patch_targets():
     aim = tiny_aim(mode="masked", mask_ratio=0.5)
-    assert aim.mask_token is not None and "mask_token" in aim.extra_no_weight_decay()
+    assert aim.mask_token is not None
     mask = aim.sample_masking(torch.Generator().manual_seed(0))
     assert mask.dtype == torch.bool and mask.sum() == N // 2
     masking = aim.draw_masking(3, torch.Generator().manual_seed(0))
@@ -299,6 +299,28 @@ def test_trunk_is_the_aim_flavour():
     aug = AIM.augmentation  # l3m aimv1: crop (0.4, 1) bicubic, flip, ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8
     assert (aug.crop_scale, aug.interpolation, aug.hflip) == ((0.4, 1.0), "bicubic", True)
     assert (aug.jitter, aug.jitter_prob, aug.jitter_first) == ((0.4, 0.4, 0.2, 0.1), 0.8, False)
+
+
+def decay_split(objective):
+    """(decayed, undecayed) parameter names of the optimiser groups the engine builds for ``objective``."""
+    from mimaim.engine.optim import param_groups_weight_decay
+
+    names = {id(p): n for n, p in objective.named_parameters()}
+    groups = param_groups_weight_decay(objective, 0.05, objective.no_weight_decay())
+    return {names[id(p)] for p in groups[1]["params"]}, {names[id(p)] for p in groups[0]["params"]}
+
+
+def test_weight_decay_as_l3m_wd_exclude():
+    """l3m aimv1 wd_exclude ['*bias*', '*pos_embed*', '*norm*', '*gamma*'] (fnmatch on parameter names)."""
+    from fnmatch import fnmatch
+
+    for aim in (tiny_aim(), tiny_aim(mode="masked")):
+        decayed, undecayed = decay_split(aim)
+        trainable = {n for n, p in aim.named_parameters() if p.requires_grad}
+        l3m_excluded = {n for n in trainable if any(fnmatch(n, pat) for pat in ("*bias*", "*pos_embed*", "*norm*",
+                                                                                "*gamma*"))}
+        assert undecayed == l3m_excluded and decayed == trainable - l3m_excluded
+    assert "mask_token" in decayed
 
 
 def test_paper_defaults():

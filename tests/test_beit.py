@@ -101,6 +101,25 @@ def test_backbone_flavour():
     assert tiny_beit(rel_pos_bias=False).encoder.pos_embed is not None
 
 
+def decay_split(objective):
+    """(decayed, undecayed) parameter names of the optimiser groups the engine builds for ``objective``."""
+    from mimaim.engine.optim import param_groups_weight_decay
+
+    names = {id(p): n for n, p in objective.named_parameters()}
+    groups = param_groups_weight_decay(objective, 0.05, objective.no_weight_decay())
+    return {names[id(p)] for p in groups[1]["params"]}, {names[id(p)] for p in groups[0]["params"]}
+
+
+def test_weight_decay_as_the_official_skip_list():
+    """unilm beit: skip = model.no_weight_decay() = {pos_embed, cls_token}; the shared relative position
+    bias table and the mask token are 2-D and decayed; layer-scale gammas are 1-D and not."""
+    decayed, undecayed = decay_split(tiny_beit())
+    assert {"encoder.rel_pos_bias.relative_position_bias_table", "mask_token", "lm_head.weight"} <= decayed
+    assert {"encoder.cls_token", "encoder.blocks.0.ls1.gamma", "encoder.blocks.0.attn.q_bias"} <= undecayed
+    decayed, undecayed = decay_split(tiny_beit(rel_pos_bias=False))
+    assert "encoder.pos_embed" in undecayed
+
+
 def test_bad_masking_options_fail_at_construction():
     with pytest.raises(ValueError, match="min_block_patches 16 cannot fit a 4x4"):
         build_objective("beit", "vit_tiny", 16, 4, {}, depth=1)

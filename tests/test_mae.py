@@ -163,6 +163,23 @@ def test_forward_shapes_and_encoder_sees_visible_tokens_only():
     assert all(v.shape == images.shape for v in cols.values())
 
 
+def decay_split(objective):
+    """(decayed, undecayed) parameter names of the optimiser groups the engine builds for ``objective``."""
+    from mimaim.engine.optim import param_groups_weight_decay
+
+    names = {id(p): n for n, p in objective.named_parameters()}
+    groups = param_groups_weight_decay(objective, 0.05, objective.no_weight_decay())
+    return {names[id(p)] for p in groups[1]["params"]}, {names[id(p)] for p in groups[0]["params"]}
+
+
+def test_weight_decay_as_main_pretrain():
+    """timm add_weight_decay without a skip list: only 1-D parameters and biases escape decay."""
+    decayed, undecayed = decay_split(_mae())
+    assert {"encoder.cls_token", "mask_token"} <= decayed
+    assert {"encoder.blocks.0.norm1.weight", "encoder.blocks.0.attn.qkv.bias", "decoder_norm.bias"} <= undecayed
+    assert "encoder.pos_embed" not in decayed | undecayed and "decoder_pos_embed" not in decayed | undecayed
+
+
 def test_bad_options_are_named():
     with pytest.raises(ValueError, match="mask_ratio"):
         _mae({"mask_ratio": 1.0})

@@ -97,17 +97,34 @@ def test_encoder_sees_mask_tokens_and_head_reaches_pixels(make):
     assert (cols["masked"][pm] == 0).all()
 
 
+def decay_split(objective):
+    """(decayed, undecayed) parameter names of the optimiser groups the engine builds for ``objective``."""
+    from mimaim.engine.optim import param_groups_weight_decay
+
+    names = {id(p): n for n, p in objective.named_parameters()}
+    groups = param_groups_weight_decay(objective, 0.05, objective.no_weight_decay())
+    return {names[id(p)] for p in groups[1]["params"]}, {names[id(p)] for p in groups[0]["params"]}
+
+
 def test_vit_flavours_and_weight_decay_follow_the_official_code():
     beit = _tiny_vit()
     enc = beit.encoder
     assert enc.rel_pos_bias is not None and enc.pos_embed is None and enc.cls_token is not None
     assert enc.blocks[0].attn.q_bias is not None and torch.allclose(enc.blocks[0].ls1.gamma, torch.tensor(0.1))
     assert beit.mask_token.abs().max() <= 0.02 + 1e-7  # trunc normal clipped at +-std
-    assert "mask_token" not in beit.no_weight_decay()  # the official ViT decays it
-    plain = _tiny_vit(vit_flavour="plain").encoder
-    assert plain.rel_pos_bias is None and plain.pos_embed_kind == "learned" and plain.blocks[0].attn.q_bias is None
-    swin = _tiny_swin()
-    assert "mask_token" in swin.no_weight_decay()  # the official Swin does not
+    # the official ViT's skip list is {pos_embed, cls_token}: the mask token and the shared relative
+    # position bias table are decayed (optimizer.py get_pretrain_param_groups)
+    decayed, undecayed = decay_split(beit)
+    assert {"mask_token", "encoder.rel_pos_bias.relative_position_bias_table"} <= decayed
+    assert "encoder.cls_token" in undecayed
+    plain = _tiny_vit(vit_flavour="plain")
+    assert plain.encoder.rel_pos_bias is None and plain.encoder.pos_embed_kind == "learned"
+    assert plain.encoder.blocks[0].attn.q_bias is None
+    assert "encoder.pos_embed" in decay_split(plain)[1]
+    # the official Swin keeps its mask token and every relative position bias table out of decay
+    decayed, undecayed = decay_split(_tiny_swin())
+    assert "mask_token" in undecayed and not any("relative_position_bias_table" in n for n in decayed)
+    assert any("relative_position_bias_table" in n for n in undecayed)
 
 
 # --------------------------------------------------------------------------- errors

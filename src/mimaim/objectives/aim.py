@@ -364,8 +364,12 @@ class AIM(Objective):
         loss, target = self.forward_loss(images, pred, loss_mask)
         return ObjectiveOutput(loss=loss, pred=pred, target=target, mask=loss_mask, extras=extras)
 
-    def extra_no_weight_decay(self):
-        return {"mask_token"} if self.mask_token is not None else set()
+    def no_weight_decay(self):
+        """l3m's ``wd_exclude`` patterns ``*bias*``, ``*pos_embed*``, ``*norm*``, ``*gamma*`` select here exactly
+        the biases and LayerNorm weights the optimiser leaves undecayed anyway (the position tables are
+        frozen); nothing else is excluded, so the masked variant's mask token is decayed as a 2-D
+        parameter under those patterns would be (docs/methods.md section 5)."""
+        return set()
 
     @torch.no_grad()
     def reconstruct(self, images, masking=None):

@@ -109,6 +109,13 @@ class BEiT(Objective):
         trunc_normal_(self.lm_head.weight, std=0.02, a=-0.02, b=0.02)
         nn.init.zeros_(self.lm_head.bias)
 
+    def no_weight_decay(self):
+        """The official skip list, ``VisionTransformerForMaskedImageModeling.no_weight_decay()``: the cls
+        token and the absolute position table (when there is one). The shared relative position bias
+        table and the mask token are decayed, as ``optim_factory.get_parameter_groups`` leaves them
+        (docs/methods.md section 3)."""
+        return {"encoder.cls_token", "encoder.pos_embed"}
+
     # -- the method's vocabulary -------------------------------------------------------
     def sample_masking(self, generator):
         o = self.options

@@ -116,8 +116,11 @@ class MAE(Objective):
         loss, target = self.forward_loss(images, pred, mask)
         return ObjectiveOutput(loss=loss, pred=pred, target=target, mask=mask)
 
-    def extra_no_weight_decay(self):
-        return {"mask_token", "decoder_pos_embed"}
+    def no_weight_decay(self):
+        """No names: MAE's ``main_pretrain.py`` builds its groups with timm's ``add_weight_decay`` and no
+        skip list, so only 1-D parameters and biases escape decay; the cls and mask tokens are decayed
+        (docs/methods.md section 2). The sin-cos tables are frozen and never reach the optimiser."""
+        return set()
 
     @torch.no_grad()
     def reconstruct(self, images, masking=None):

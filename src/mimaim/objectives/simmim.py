@@ -161,9 +161,16 @@ class SimMIM(Objective):
         loss = self.forward_loss(images, pred, mask)
         return ObjectiveOutput(loss=loss, pred=pred, target=images, mask=mask.to(images.dtype))
 
-    def extra_no_weight_decay(self):
-        # the official Swin keeps its mask token out of weight decay; the official ViT does not
-        return {"mask_token"} if self.is_swin else set()
+    def no_weight_decay(self):
+        """The official skip lists (models/simmim.py, docs/methods.md section 4).
+
+        ViT: ``{encoder.pos_embed, encoder.cls_token}`` only, so the shared relative position bias
+        table and the mask token are decayed. Swin: the backbone's relative position bias tables
+        (``no_weight_decay_keywords``) and the mask token (``SwinTransformerForSimMIM``) are not.
+        """
+        if self.is_swin:
+            return super().no_weight_decay() | {"mask_token"}
+        return {"encoder.cls_token", "encoder.pos_embed"}
 
     @torch.no_grad()
     def reconstruct(self, images, masking=None):
