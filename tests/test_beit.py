@@ -189,9 +189,24 @@ def test_cli_pretrain_probe_reconstruct_and_tokenizer(image_folder, tmp_path, ca
     assert (tmp_path / "r.png").exists()
 
 
-def test_cli_pretrain_beit_smoke(image_folder, tmp_path, capsys):
+def test_cli_pretrain_beit_starts_at_chance_and_saves_its_fitted_codebook(image_folder, tmp_path, capsys):
+    """The default BEiT run: cross-entropy over the 256 k-means codes starts at ln(256) (the lm_head is
+    initialised near zero, so every code is about equally likely), and the codebook fitted on the first
+    batch is saved with the weights, fitted, with distinct codes."""
+    import json
+
+    from safetensors.torch import load_file
+
     run = tmp_path / "run"
     _mimaim(capsys, "pretrain", "--objective", "beit", "--model", "vit_micro", "--data",
             f"imagefolder:{image_folder}", "--batch-size", 8, "--epochs", 1, "--max-steps", 2, "--out", run,
             "--no-progress")
-    assert (run / "summary.json").exists()
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["objective"], summary["steps"]) == ("beit", 1)  # 10 training images, batch 8: one step
+    assert summary["final_loss"] == pytest.approx(math.log(256), abs=0.1)
+    (ckpt,) = (run / "checkpoints").iterdir()
+    weights = load_file(ckpt / "model.safetensors")
+    assert bool(weights["tokenizer.fitted"])
+    codebook = weights["tokenizer.codebook"]
+    assert codebook.shape == (256, 4 * 4 * 3) and weights["lm_head.weight"].shape == (256, 128)
+    assert len(torch.unique(codebook, dim=0)) > 128  # fitted centroids, not a constant or empty codebook
