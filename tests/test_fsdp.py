@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mimaim.engine.fsdp import (clip_grad_norm, gradient_sync, shard_objective, transformer_blocks)
+from mimaim.engine.fsdp import clip_grad_norm, full_state_dict, gradient_sync, shard_objective, transformer_blocks
+from mimaim.engine.optim import build_optimizer
 from mimaim.objectives import build_objective
 
 WORLD = 2
@@ -53,17 +54,25 @@ def batches(name: str):
     return out
 
 
-def train(model, params_of, name: str, rank: int = 0, world: int = 1):
+def make_optimizer(model):
+    """The trainer's AdamW groups (decay / no decay, ``lr_scale``), built after any sharding."""
+    return build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), model.no_weight_decay())
+
+
+def train(model, name: str, rank: int = 0, world: int = 1, optimizer=None, steps=range(STEPS)):
     """A minimal loop as the trainer runs it: accumulation, gradient sync on the last micro-batch, clipping."""
-    optimizer = torch.optim.AdamW(params_of(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+    objective = getattr(model, "module", model)  # DDP wraps
+    optimizer = optimizer or make_optimizer(objective)
     norms = []
-    for images, masking in batches(name):
+    all_batches = batches(name)
+    for step in steps:
+        images, masking = all_batches[step]
         local = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
         micro = zip(images[local].chunk(ACCUM), masking[local].chunk(ACCUM))
         for i, (x, m) in enumerate(micro):
             with gradient_sync(model, i == ACCUM - 1):
                 (model(x, m).loss / ACCUM).backward()
-        norms.append(clip_grad_norm(params_of(), CLIP))
+        norms.append(clip_grad_norm(model.parameters(), CLIP))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return norms
@@ -90,11 +99,6 @@ def max_abs_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def _full_weights(objective):
-    from mimaim.engine.fsdp import full_state_dict
-    return full_state_dict(objective)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -110,12 +114,12 @@ def _equivalence_worker(rank: int, port: int, out_dir: str):
         results = {}
         for name in TINY:
             ddp = torch.nn.parallel.DistributedDataParallel(tiny_objective(name))
-            norms = train(ddp, ddp.parameters, name, rank, WORLD)
+            norms = train(ddp, name, rank, WORLD)
             results[f"{name}/ddp"] = ({k: v.detach().clone() for k, v in ddp.module.state_dict().items()}, norms)
             for ac in (False, True):
                 obj = shard_objective(tiny_objective(name), cpu, "fp32", activation_checkpointing=ac)
-                norms = train(obj, obj.parameters, name, rank, WORLD)
-                results[f"{name}/fsdp{'+ac' if ac else ''}"] = (_full_weights(obj), norms)
+                norms = train(obj, name, rank, WORLD)
+                results[f"{name}/fsdp{'+ac' if ac else ''}"] = (full_state_dict(obj), norms)
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
     finally:
@@ -125,8 +129,10 @@ def _equivalence_worker(rank: int, port: int, out_dir: str):
 def test_transformer_blocks_are_the_fsdp_units():
     names = [n for n, _ in transformer_blocks(tiny_objective("mae"))]
     assert names == ["encoder.blocks.0", "encoder.blocks.1", "decoder_blocks.0", "decoder_blocks.1"]
-    names = [n for n, _ in transformer_blocks(tiny_objective("aim"))]
-    assert names == ["encoder.blocks.0", "encoder.blocks.1", "head.blocks.0", "head.blocks.1"]
+    aim = tiny_objective("aim")
+    names = [n for n, _ in transformer_blocks(aim)]
+    head = [n for n, m in aim.named_modules() if n.startswith("head.") and isinstance(m, torch.nn.ModuleList)]
+    assert names == ["encoder.blocks.0", "encoder.blocks.1", f"{head[0]}.0", f"{head[0]}.1"]
 
 
 def test_activation_checkpointing_keeps_names_and_gradients():
@@ -151,7 +157,7 @@ def test_fsdp_ddp_and_one_process_end_with_the_same_weights(tmp_path):
     report = []
     for name in TINY:
         single = tiny_objective(name)
-        norms = train(single, single.parameters, name)
+        norms = train(single, name)
         ref = single.state_dict()
         assert min(norms) > CLIP  # clipping was active
         for variant in ("ddp", "fsdp", "fsdp+ac"):
@@ -167,3 +173,86 @@ def test_fsdp_ddp_and_one_process_end_with_the_same_weights(tmp_path):
         assert diff < 2e-6, report[-1]
         assert all(torch.equal(fsdp[k], ac[k]) for k in fsdp), "activation checkpointing changed the result"
     print("\n".join(report))
+
+
+# --------------------------------------------------------------------------- sharded checkpoints
+def _reshard_worker(rank: int, port: int, root: str):
+    """Load the 1-process checkpoint into 2 FSDP processes, take step 2, save a 2-process checkpoint."""
+    from mimaim.engine.dcp import load_sharded_checkpoint, save_sharded_checkpoint
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(123)  # other weights than the checkpoint's, so a silent non-load shows
+        obj = shard_objective(build_objective("mae", "vit_micro", 16, 4, TINY["mae"]["options"],
+                                              **TINY["mae"]["backbone"]), torch.device("cpu"), "fp32")
+        optimizer = make_optimizer(obj)
+        state = load_sharded_checkpoint(os.path.join(root, "one", "step-00000001"), obj, optimizer)
+        loaded = full_state_dict(obj)
+        train(obj, "mae", rank, WORLD, optimizer, steps=[1])
+        save_sharded_checkpoint(os.path.join(root, "two"), 2, obj, optimizer, {"step": 2, "seen": state["step"]})
+        after = full_state_dict(obj)
+        if rank == 0:
+            torch.save({"loaded": loaded, "after": after}, os.path.join(root, "fsdp.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_checkpoint_reshards_between_one_and_two_processes(tmp_path):
+    """1 process -> 2 FSDP processes -> 1 process: weights and AdamW moments carry over exactly."""
+    from mimaim.engine.dcp import (consolidated_weights, is_sharded_checkpoint, load_sharded_checkpoint,
+                                   save_sharded_checkpoint)
+
+    ref = tiny_objective("mae")
+    ref_opt = make_optimizer(ref)
+    train(ref, "mae", optimizer=ref_opt, steps=[0])
+    save_sharded_checkpoint(tmp_path / "one", 1, ref, ref_opt, {"step": 1})
+    step1 = {k: v.clone() for k, v in ref.state_dict().items()}
+
+    torch.multiprocessing.spawn(_reshard_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD)
+    fsdp = torch.load(tmp_path / "fsdp.pt", weights_only=True)
+    assert all(torch.equal(fsdp["loaded"][k], step1[k]) for k in step1), "1 -> 2 processes changed the weights"
+
+    train(ref, "mae", optimizer=ref_opt, steps=[1])  # the same step 2 in one process
+    assert max_abs_diff(fsdp["after"], ref.state_dict()) < 2e-6  # so the AdamW moments arrived whole
+
+    ckpt = tmp_path / "two" / "step-00000002"
+    assert is_sharded_checkpoint(ckpt) and len(list(ckpt.glob("*.distcp"))) == WORLD
+    weights = consolidated_weights(ckpt)  # no process group
+    assert all(torch.equal(weights[k], fsdp["after"][k]) for k in weights) and set(weights) == set(step1)
+
+    back = tiny_objective("mae")
+    back_opt = make_optimizer(back)
+    state = load_sharded_checkpoint(ckpt, back, back_opt)
+    assert state == {"step": 2, "seen": 1}
+    assert all(torch.equal(back.state_dict()[k], fsdp["after"][k]) for k in step1), "2 -> 1 process changed weights"
+    train(back, "mae", optimizer=back_opt, steps=[2])
+    train(ref, "mae", optimizer=ref_opt, steps=[2])
+    assert max_abs_diff(back.state_dict(), ref.state_dict()) < 2e-6
+
+
+def test_sharded_checkpoint_is_whole_or_absent_and_refuses_foreign_pickles(tmp_path):
+    import pickle
+
+    from mimaim.engine.checkpoint import CheckpointError
+    from mimaim.engine.dcp import consolidated_weights, load_sharded_checkpoint, save_sharded_checkpoint
+
+    model = tiny_objective("mae")
+    opt = make_optimizer(model)
+    (tmp_path / "ck" / ".tmp-step-00000003").mkdir(parents=True)  # a save killed half-way
+    for step in (1, 2, 3):
+        path = save_sharded_checkpoint(tmp_path / "ck", step, model, opt, {"step": step}, keep_last=2,
+                                       record={"format": 1})
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step-00000002", "step-00000003"]
+    assert (path / "run.json").is_file()
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        load_sharded_checkpoint(path, tiny_objective("aim"))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    (path / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        consolidated_weights(path)

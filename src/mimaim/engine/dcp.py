@@ -1,0 +1,235 @@
+"""Sharded checkpoints for FSDP runs, through ``torch.distributed.checkpoint`` (DCP).
+
+Under ``--strategy fsdp`` no rank holds the whole model, so no rank writes a
+``model.safetensors``. Instead every rank writes its own shard of the weights and of the
+AdamW moments into one folder, and DCP's ``.metadata`` records which slice of which tensor
+each file holds::
+
+    checkpoints/step-00001234/
+        .metadata          the index (tensor shapes, dtypes, who wrote which slice)
+        __0_0.distcp ...   one file per rank: its shards of "model.*" and "optimizer.*"
+        state.pt           step, epoch, RNG states (rank 0; torch.load(weights_only=True))
+        run.json           the run record (``runs.run_record``), so load_backbone can read it
+
+Like ``engine/checkpoint.py``, a checkpoint is written into a hidden temporary folder and
+renamed into place by rank 0 only after every rank has written and flushed its files:
+a reader (or a resumed run after ``kill -9``) sees a whole checkpoint or none. With
+several nodes the folder must be on a filesystem they all share.
+
+Because DCP stores global shapes and slices, a checkpoint written by N processes loads
+into M processes (resharding), including M = 1 without a process group, and
+:func:`consolidated_weights` turns one into an ordinary ``{name: tensor}`` dict on one
+process (for ``load_backbone``, ``export`` and probes).
+
+Loading never unpickles arbitrary objects: DCP's own reader unpickles ``.metadata`` and
+its non-tensor entries with plain ``pickle``; here the index is read by an unpickler that
+admits only DCP's metadata classes and torch's size/dtype types, and non-tensor entries
+(the optimiser's hyper-parameters) go through ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+
+from .checkpoint import PREFIX, RECORD_FILE, CheckpointError, _fsync_dir, check_weights_fit
+
+METADATA_FILE = ".metadata"
+STATE_FILE = "state.pt"
+MODEL_KEY, OPTIMIZER_KEY = "model", "optimizer"
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """True for a finished DCP checkpoint folder (its index and its state file exist)."""
+    path = Path(path)
+    return (path / METADATA_FILE).is_file() and (path / STATE_FILE).is_file()
+
+
+# --------------------------------------------------------------------------- safe reading
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits only what a DCP index holds: DCP's metadata classes, torch.Size/dtype/layout, paths."""
+
+    ALLOWED = {
+        "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                                  "TensorStorageMetadata", "BytesStorageMetadata",
+                                                  "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch.serialization": {"_get_layout"},  # maps a layout's name to torch.strided etc.
+        "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+        "collections": {"OrderedDict"},
+    }
+
+    def find_class(self, module, name):
+        if name in self.ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None),
+                                                               (torch.dtype, torch.layout, torch.memory_format))):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint index; only DCP "
+                                     "metadata is expected there (was this folder written by mimaim?)")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        with open(Path(self.path) / METADATA_FILE, "rb") as fh:
+            metadata = _MetadataUnpickler(fh).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """Non-tensor entries through ``torch.load(weights_only=True)`` instead of a full unpickle."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+
+
+def read_index(path: str | Path):
+    """The DCP ``Metadata`` of a checkpoint folder (shapes and dtypes of every entry)."""
+    path = Path(path)
+    if not (path / METADATA_FILE).is_file():
+        raise CheckpointError(f"{path} is not a sharded checkpoint: it has no {METADATA_FILE} "
+                              "(sharded checkpoints come from `--strategy fsdp` runs)")
+    try:
+        return SafeFileSystemReader(str(path)).read_metadata()
+    except (pickle.UnpicklingError, EOFError, OSError) as err:
+        raise CheckpointError(f"cannot read the index of checkpoint {path}: {err}") from None
+
+
+def _model_entries(metadata) -> dict[str, object]:
+    """``{parameter name: TensorStorageMetadata}`` of the checkpoint's model part."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    out = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        path = metadata.planner_data.get(key, tuple(key.split(".", 1))) if metadata.planner_data else None
+        if path and path[0] == MODEL_KEY and isinstance(meta, TensorStorageMetadata):
+            out[".".join(str(p) for p in path[1:])] = meta
+    return out
+
+
+def consolidated_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """All weights of a sharded checkpoint as one ``{name: tensor}`` dict on CPU, in one process.
+
+    Names are the objective's (``encoder.*``, heads), as in ``model.safetensors``; no process
+    group is needed, whatever number of processes wrote the checkpoint.
+    """
+    entries = _model_entries(read_index(path))
+    weights = {name: torch.empty(tuple(m.size), dtype=m.properties.dtype) for name, m in entries.items()}
+    with _single_process_quiet():
+        dcp.load({MODEL_KEY: weights}, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(),
+                 no_dist=True)
+    return weights
+
+
+# --------------------------------------------------------------------------- save / load
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every single-process save/load that it assumes a single process: that is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_sharded_checkpoint(ckpt_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                            state: dict, keep_last: int = 2, record: dict | None = None) -> Path:
+    """Write ``ckpt_dir/step-N/`` from every rank (a collective); returns its path on every rank.
+
+    ``model`` may be FSDP-sharded or plain (one process); ``state`` (step, epoch, RNG) is
+    rank 0's and goes to ``state.pt``, ``record`` to ``run.json``.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    ckpt_dir = Path(ckpt_dir)
+    final = ckpt_dir / f"{PREFIX}{step:08d}"
+    tmp = ckpt_dir / f".tmp-{final.name}"  # the same name on every rank
+    if _rank() == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a process killed while writing this very step
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _single_process_quiet():
+        dcp.save({MODEL_KEY: model_sd, OPTIMIZER_KEY: optim_sd},
+                 storage_writer=FileSystemWriter(str(tmp), sync_files=True), no_dist=not dist.is_initialized())
+    # dcp.save returns on rank 0 after every rank's files are written and the index is on disk
+    if _rank() == 0:
+        torch.save(state, tmp / STATE_FILE)
+        if record is not None:
+            (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2))
+        for name in (STATE_FILE, METADATA_FILE):
+            with open(tmp / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)
+        _prune(ckpt_dir, keep_last)
+    _barrier()
+    return final
+
+
+def _prune(ckpt_dir: Path, keep_last: int) -> None:
+    finished = sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+                       and ((p / STATE_FILE).is_file())), key=lambda p: int(p.name[len(PREFIX):]))
+    for old in finished[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_dir.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def load_sharded_checkpoint(path: str | Path, model: nn.Module,
+                            optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Load a sharded checkpoint into ``model`` (and ``optimizer``) in place; returns ``state.pt``.
+
+    A collective under FSDP (every rank calls it). The number of processes may differ from
+    the one that wrote it: each rank reads the slices that its shards cover.
+    """
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        raise CheckpointError(f"{path} is not a finished sharded checkpoint (it needs {METADATA_FILE} and "
+                              f"{STATE_FILE})")
+    entries = _model_entries(read_index(path))
+    expected = get_model_state_dict(model)
+    check_weights_fit({k: v for k, v in expected.items()},
+                      {k: torch.empty(tuple(m.size), device="meta") for k, m in entries.items()},
+                      f"checkpoint {path}")
+    sd = {MODEL_KEY: expected}
+    if optimizer is not None:
+        sd[OPTIMIZER_KEY] = get_optimizer_state_dict(model, optimizer)
+    with _single_process_quiet():
+        dcp.load(sd, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(),
+                 no_dist=not dist.is_initialized())
+    set_model_state_dict(model, sd[MODEL_KEY])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, sd[OPTIMIZER_KEY])
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
