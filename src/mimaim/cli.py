@@ -19,7 +19,8 @@ EPILOG = """examples:
 
 
 #: modules that add sub-commands of their own: each has ``add_parser(subparsers)``
-EXTRA_COMMANDS: list[str] = ["mimaim.tokenizers.cli", "mimaim.eval.commands", "mimaim.data.commands"]
+EXTRA_COMMANDS: list[str] = ["mimaim.tokenizers.cli", "mimaim.eval.commands", "mimaim.data.commands",
+                              "mimaim.interop.commands"]
 
 
 #: objective options with a flag of their own (the rest: --opt KEY=VALUE)

@@ -1,0 +1,155 @@
+"""A mimaim encoder as a timm model, written in timm's own hub format.
+
+``export_timm(RUN_DIR, OUT)`` writes ``config.json`` + ``model.safetensors`` with
+``timm.models.save_for_hf``, so that ``timm.create_model("local-dir:OUT", pretrained=True)``
+rebuilds it with no other argument and ``timm.models.push_to_hf_hub`` publishes it as is.
+
+Which timm class holds which flavour of our ViT (``models/vit.py``):
+
+* MAE, SimMIM ``vit_flavour=plain``: ``VisionTransformer`` (cls token, absolute positions,
+  biased q/k/v); our frozen sin-cos table is stored as timm's ``pos_embed`` parameter.
+* BEiT and SimMIM's BEiT-style ViT (q/v-only bias, layer scale, one relative position bias
+  shared by all blocks): timm ``Beit`` with ``use_shared_rel_pos_bias=True``.
+* AIM (no cls token, LayerNorm after the patch projection, bias-free q/k/v, projection and
+  MLP): ``VisionTransformer(class_token=False, embed_norm_layer="layernorm",
+  qkv_bias=False, proj_bias=False)``. The trunk is exact; AIM's probe protocol (average of
+  the last six blocks, without the final norm) is not a timm ``global_pool``: the export
+  pools the normed patch tokens (``avg``) and the protocol stays available as
+  ``forward_intermediates(x, indices=6, norm=False, intermediates_only=True)``.
+* SimMIM on Swin: timm's ``SwinTransformer`` itself (our ``Swin`` is one).
+
+``global_pool`` follows the objective's probe protocol (``Objective.probe_protocol``):
+"token" for the cls token (MAE), "avg" for the mean of patch tokens after the final norm
+(BEiT, SimMIM); ``num_classes`` is 0, so ``model(x)`` returns those pooled features.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["export_timm", "timm_spec", "to_timm", "to_timm_state_dict"]
+
+# registered timm names whose shape (width, depth, heads) matches ours; others use the base name + args
+_VIT_NAMES = {(192, 12, 3): "vit_tiny_patch16_224", (384, 12, 6): "vit_small_patch16_224",
+              (768, 12, 12): "vit_base_patch16_224", (1024, 24, 16): "vit_large_patch16_224",
+              (1280, 32, 16): "vit_huge_patch14_224"}
+_BEIT_NAMES = {(768, 12, 12): "beit_base_patch16_224", (1024, 24, 16): "beit_large_patch16_224"}
+
+
+def _is_swin(backbone: nn.Module) -> bool:
+    return hasattr(backbone, "output_stride")
+
+
+def _is_beit_style(backbone: nn.Module) -> bool:
+    return backbone.rel_pos_bias is not None or backbone.blocks[0].attn.q_bias is not None
+
+
+def timm_spec(backbone: nn.Module, pool: str = "mean") -> tuple[str, dict[str, Any]]:
+    """-> (timm architecture name, constructor kwargs) for our backbone; ``pool``: "cls" | "mean".
+
+    Raises ValueError naming what timm cannot hold.
+    """
+    global_pool = {"cls": "token", "mean": "avg"}[pool]
+    if _is_swin(backbone):
+        first = backbone.layers[0].blocks[0]
+        return "swin_tiny_patch4_window7_224", dict(
+            img_size=backbone.img_size, patch_size=backbone.patch_size, in_chans=backbone.patch_embed.proj.in_channels,
+            embed_dim=backbone.embed_dim, depths=list(backbone.depths),
+            num_heads=[s.blocks[0].attn.num_heads for s in backbone.layers], window_size=backbone.window_size,
+            mlp_ratio=first.mlp.fc1.out_features / backbone.embed_dim, qkv_bias=first.attn.qkv.bias is not None,
+            num_classes=0, global_pool="avg")
+    blk = backbone.blocks[0]
+    D, depth, heads = backbone.embed_dim, backbone.depth, backbone.num_heads
+    common = dict(img_size=backbone.img_size, patch_size=backbone.patch_size, in_chans=backbone.in_chans,
+                  embed_dim=D, depth=depth, num_heads=heads, mlp_ratio=blk.mlp.fc1.out_features / D,
+                  num_classes=0, global_pool=global_pool)
+    has_ls = hasattr(blk.ls1, "gamma")
+    if _is_beit_style(backbone):
+        problems = []
+        if backbone.cls_token is None:
+            problems.append("no cls token (timm Beit always has one)")
+        if blk.attn.q_bias is None:
+            problems.append("q/k/v bias other than q/v-only")
+        if not isinstance(backbone.patch_norm, nn.Identity) or blk.attn.proj.bias is None:
+            problems.append("patch LayerNorm or bias-free projections")
+        if problems:
+            raise ValueError("this BEiT-style ViT has no timm Beit equivalent: " + "; ".join(problems))
+        name = _BEIT_NAMES.get((D, depth, heads), "beit_base_patch16_224")
+        return name, dict(common, qkv_bias=True, use_abs_pos_emb=backbone.pos_embed is not None,
+                          use_rel_pos_bias=False, use_shared_rel_pos_bias=backbone.rel_pos_bias is not None,
+                          init_values=0.1 if has_ls else None,
+                          use_fc_norm=False)  # final norm on every token, then pool (as our probes)
+    if backbone.pos_embed is None:
+        raise ValueError("a ViT without absolute positions and without a relative position bias has no "
+                         "timm equivalent")
+    name = _VIT_NAMES.get((D, depth, heads), "vit_base_patch16_224")
+    return name, dict(common, class_token=backbone.cls_token is not None, no_embed_class=False,
+                      qkv_bias=blk.attn.qkv.bias is not None, proj_bias=blk.attn.proj.bias is not None,
+                      init_values=0.1 if has_ls else None,
+                      embed_norm_layer=None if isinstance(backbone.patch_norm, nn.Identity) else "layernorm",
+                      fc_norm=False, weight_init="skip")
+
+
+def to_timm_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """Our backbone's weights under timm's names (the Swin's are timm's already)."""
+    out = {}
+    beit = not _is_swin(backbone) and _is_beit_style(backbone)
+    for key, value in backbone.state_dict().items():
+        key = key.replace("patch_norm.", "patch_embed.norm.")
+        if beit:
+            key = key.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2")
+        out[key] = value.detach().clone().contiguous()
+    return out
+
+
+def to_timm(backbone: nn.Module, pool: str = "mean") -> nn.Module:
+    """A timm model (eval mode, no classifier) holding ``backbone``'s weights, strictly loaded."""
+    import timm
+
+    name, kwargs = timm_spec(backbone, pool)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    theirs = model.state_dict()
+    ours = to_timm_state_dict(backbone)
+    buffers = {k for k, _ in model.named_buffers()}  # index tables timm rebuilds itself
+    missing = sorted(k for k in set(theirs) - set(ours) if k not in buffers)
+    unexpected = sorted(set(ours) - set(theirs))
+    wrong = sorted(k for k in set(ours) & set(theirs) if ours[k].shape != theirs[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(f"timm {name} does not fit this backbone: missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}, other shape {wrong[:3]}")
+    model.load_state_dict(ours, strict=False)
+    return model.eval()
+
+
+def export_timm(run: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """Write run ``run``'s encoder (newest checkpoint) as a timm hub folder ``out``."""
+    from timm.models import save_for_hf
+
+    from ..engine.runs import open_backbone
+
+    backbone, record, ckpt = open_backbone(run, checkpoint=checkpoint)
+    pool = record.get("probe_protocol", {}).get("pool", "mean")
+    model = to_timm(backbone, pool)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_config = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic", crop_pct=0.875)
+    save_for_hf(model, str(out), safe_serialization=True, data_config=data_config)
+    # the factory's pretrained_cfg names another checkpoint (its tag, license): describe this one
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    cfg = config["pretrained_cfg"]
+    cfg["tag"] = f"mimaim_{record['objective']}"
+    for key in ("license", "hf_hub_id", "origin_url", "paper_ids", "notes"):
+        cfg.pop(key, None)
+    config["mimaim"] = {"objective": record["objective"], "backbone": record["backbone"]["name"],
+                        "probe_protocol": record.get("probe_protocol"), "checkpoint": ckpt.name,
+                        "mimaim_version": record.get("mimaim_version")}
+    config_path.write_text(json.dumps(config, indent=2))
+    return out
