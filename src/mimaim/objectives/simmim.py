@@ -27,11 +27,13 @@ Backbones, chosen with ``--model``:
 * Swin (``swin_tiny``, ``swin_base``): timm's Swin through ``models/swin.py``; the official
   Swin-B recipe uses 192 px and window 6 (``window_size``).
 
-Departures, each small: like every mimaim ViT, the relative-bias table is kept out of
-weight decay (the official ViT exempts only ``pos_embed`` and ``cls_token``, so it decays
-the table; its mask token is decayed here as there, while the official Swin exempts its
-mask token, as here). The official schedule is multi-step (x0.1 at epoch 700 of 800) with
-warm-up from 5e-7; the engine's is cosine with warm-up from 0 (see the presets).
+Recipe (``configs/simmim_*.yaml``, from the official 800-epoch configs): AdamW (0.9, 0.999),
+weight decay 0.05 with the official skip lists (``no_weight_decay``: the ViT decays its shared
+relative-bias table and mask token; the Swin exempts its bias tables and mask token), grad clip
+5.0, the multi-step schedule (warm-up, flat, x0.1 at epoch 700 of 800), augmentation
+RandomResizedCrop(scale (0.67, 1), bilinear) + flip.
+
+Departure (docs/methods.md section 4): the warm-up starts at 0, not 5e-7 x batch/512.
 """
 
 from __future__ import annotations
