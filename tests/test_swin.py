@@ -4,7 +4,7 @@ import pytest
 import torch
 from timm.models.swin_transformer import SwinTransformer
 
-from mimaim.eval.features import encode, pool_tokens
+from mimaim.eval.features import pool_tokens
 from mimaim.models import create_model, model_family
 from mimaim.objectives import build_objective
 
@@ -56,19 +56,52 @@ def test_embed_replaces_masked_tokens_after_the_patch_norm():
     assert plain.mean(-1).abs().max() < 1e-5
 
 
-def test_intermediates_by_block_over_stages():
+def _timm_twin(m):
+    """timm's own SwinTransformer with the adapter's weights."""
+    plain = SwinTransformer(img_size=32, patch_size=4, embed_dim=12, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4),
+                            window_size=4, num_classes=0).eval()
+    plain.load_state_dict(m.state_dict(), strict=True)
+    return plain
+
+
+def test_forward_intermediates_is_timms_over_stages():
     m = _tiny()
+    peer = _timm_twin(m)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        stage2 = m.forward_intermediates(x, [2, 3])  # both in stage 2 (grid 2x2, width 48)
-        last = m.forward_intermediates(x, 1, norm=True)
-        avg = encode(m, x, layers=[2, 3])
+        final, stages = m.forward_intermediates(x)
+        ref_final, ref_stages = peer.forward_intermediates(x)
+        nlc = m.forward_intermediates(x, indices=[-2, -1], norm=True, output_fmt="NLC", intermediates_only=True)
+        ref_nlc = peer.forward_intermediates(x, indices=[-2, -1], norm=True, intermediates_only=True)
+    assert [t.shape for t in stages] == [(2, 12, 8, 8), (2, 24, 4, 4), (2, 48, 2, 2), (2, 96, 1, 1)]
+    for a, b in zip(stages, ref_stages):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(final, ref_final.flatten(1, 2), rtol=0, atol=0)  # = forward_features
+    for a, b in zip(nlc, ref_nlc):  # NLC = timm's NCHW flattened in raster order
+        torch.testing.assert_close(a, b.flatten(2).transpose(1, 2), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="output_fmt"):
+        m.forward_intermediates(x, output_fmt="NHWC")
+
+
+def test_block_outputs_by_block_over_stages_against_timm_hooks():
+    m = _tiny()
+    peer = _timm_twin(m)
+    x = torch.randn(2, 3, 32, 32)
+    seen = []  # every timm block's output, in order, through forward hooks
+    for stage in peer.layers:
+        for blk in stage.blocks:
+            blk.register_forward_hook(lambda mod, inp, out: seen.append(out.flatten(1, 2)))
+    with torch.no_grad():
+        peer.forward_features(x)
+        stage2 = m.block_outputs(x, [3, 2])  # both in stage 2 (grid 2x2, width 48), in the order asked
+        last = m.block_outputs(x, 1, norm=True)
     assert [t.shape for t in stage2] == [(2, 4, 48), (2, 4, 48)]
+    torch.testing.assert_close(stage2[0], seen[3], rtol=0, atol=0)
+    torch.testing.assert_close(stage2[1], seen[2], rtol=0, atol=0)
     torch.testing.assert_close(last[0], m.forward_features(x))
-    assert avg.shape == (2, 4, 48)
-    assert pool_tokens(avg, m.num_prefix_tokens).shape == (2, 48)  # mean of tokens: no cls
+    assert pool_tokens(stage2[0], m.num_prefix_tokens).shape == (2, 48)  # mean of tokens: no cls
     with pytest.raises(ValueError, match="span stages"):
-        m.forward_intermediates(x, [1, 2])
+        m.block_outputs(x, [1, 2])
 
 
 @pytest.mark.parametrize("img_size, window, match", [
@@ -81,11 +114,16 @@ def test_window_or_size_that_does_not_fit_is_named(img_size, window, match):
         create_model("swin_tiny", img_size=img_size, patch_size=4, window_size=window)
 
 
-def test_windows_that_fit():
-    for img_size, window in ((32, 8), (32, 2), (64, 4), (192, 6), (224, 7)):
-        grids = [img_size // 4 // 2 ** i for i in range(4)]
-        assert all(g <= window or g % window == 0 for g in grids)
-    create_model("swin_tiny", **{**TINY, "window_size": 8})  # window = whole grid: global attention, no shift
+@pytest.mark.parametrize("img_size, window", [(32, 8), (32, 2), (64, 4), (192, 6)])
+def test_windows_that_fit_build_and_match_timm(img_size, window):
+    shape = dict(patch_size=4, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=window)
+    torch.manual_seed(0)
+    m = create_model("swin_tiny", img_size=img_size, **shape).eval()
+    peer = SwinTransformer(img_size=img_size, num_classes=0, **shape).eval()
+    peer.load_state_dict(m.state_dict(), strict=True)
+    x = torch.randn(1, 3, img_size, img_size)
+    with torch.no_grad():  # where the grid is no larger than the window, both shrink it and do not shift
+        torch.testing.assert_close(m.forward_features(x), peer.forward_features(x).flatten(1, 2), rtol=0, atol=0)
 
 
 def test_attention_mask_is_refused_and_mae_refuses_swin():

@@ -110,37 +110,57 @@ def sincos_2d(embed_dim: int, grid_size: int | tuple[int, int], num_prefix_token
 
 
 # --------------------------------------------------------------------------- attention
-class RelativePositionBias(nn.Module):
-    """BEiT's relative position bias over a (h, w) patch grid plus one cls token.
+def relative_position_index(grid_size: tuple[int, int]) -> torch.Tensor:
+    """BEiT's (N+1, N+1) index into a relative position bias table over a (h, w) grid plus cls.
 
-    The table has (2h-1)(2w-1) + 3 rows per head: the last three hold cls->token,
+    The table has (2h-1)(2w-1) + 3 rows: one per relative offset, then cls->token,
     token->cls and cls->cls.
+    """
+    h, w = grid_size
+    num_relative_distance = (2 * h - 1) * (2 * w - 1) + 3
+    coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)  # (2, N)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2)
+    rel[:, :, 0] += h - 1
+    rel[:, :, 1] += w - 1
+    rel[:, :, 0] *= 2 * w - 1
+    N = h * w
+    index = torch.zeros(N + 1, N + 1, dtype=torch.long)
+    index[1:, 1:] = rel.sum(-1)
+    index[0, 0:] = num_relative_distance - 3
+    index[0:, 0] = num_relative_distance - 2
+    index[0, 0] = num_relative_distance - 1
+    return index
+
+
+def num_relative_distance(grid_size: tuple[int, int]) -> int:
+    """Rows of a relative position bias table over ``grid_size`` plus cls: (2h-1)(2w-1) + 3."""
+    h, w = grid_size
+    return (2 * h - 1) * (2 * w - 1) + 3
+
+
+def gather_relative_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(rows, heads) table, (T, T) index -> (heads, T, T) additive attention bias."""
+    T = index.shape[0]
+    return table[index.view(-1)].view(T, T, -1).permute(2, 0, 1).contiguous()
+
+
+class RelativePositionBias(nn.Module):
+    """BEiT's relative position bias over a (h, w) patch grid plus one cls token, shared by all blocks.
+
+    The table has (2h-1)(2w-1) + 3 rows per head (see :func:`relative_position_index`).
+    Fine-tuning copies it into one table per block (``Attention(rel_pos_grid=...)``).
     """
 
     def __init__(self, grid_size: tuple[int, int], num_heads: int):
         super().__init__()
-        h, w = grid_size
-        self.grid_size = grid_size
-        self.num_relative_distance = (2 * h - 1) * (2 * w - 1) + 3
+        self.grid_size = tuple(grid_size)
+        self.num_relative_distance = num_relative_distance(self.grid_size)
         self.relative_position_bias_table = nn.Parameter(torch.zeros(self.num_relative_distance, num_heads))
-        coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)  # (2, N)
-        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2)
-        rel[:, :, 0] += h - 1
-        rel[:, :, 1] += w - 1
-        rel[:, :, 0] *= 2 * w - 1
-        N = h * w
-        index = torch.zeros(N + 1, N + 1, dtype=torch.long)
-        index[1:, 1:] = rel.sum(-1)
-        index[0, 0:] = self.num_relative_distance - 3
-        index[0:, 0] = self.num_relative_distance - 2
-        index[0, 0] = self.num_relative_distance - 1
-        self.register_buffer("relative_position_index", index, persistent=False)
+        self.register_buffer("relative_position_index", relative_position_index(self.grid_size), persistent=False)
 
     def forward(self) -> torch.Tensor:
         """-> (heads, N+1, N+1) additive attention bias."""
-        T = self.relative_position_index.shape[0]
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(T, T, -1)
-        return bias.permute(2, 0, 1).contiguous()
+        return gather_relative_bias(self.relative_position_bias_table, self.relative_position_index)
 
 
 class Attention(nn.Module):
@@ -151,10 +171,14 @@ class Attention(nn.Module):
     or additive mask broadcastable to (B, heads, T, T), or a flex-attention ``BlockMask``
     (AIM's prefix-causal mask on CUDA; see ``run_flex_attention``); ``rel_pos_bias`` is an
     additive (heads, T, T) bias.
+
+    ``rel_pos_grid`` (h, w): the block owns a relative position bias table over that grid
+    plus cls (``relative_position_bias_table``, BEiT's per-block mode, the official names
+    ``blocks.i.attn.relative_position_bias_table``), added to any ``rel_pos_bias`` passed in.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: str = "all", proj_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, rel_pos_grid: tuple[int, int] | None = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
@@ -171,10 +195,23 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
+        if rel_pos_grid is not None:
+            rel_pos_grid = tuple(rel_pos_grid)
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros(num_relative_distance(rel_pos_grid), num_heads))
+            self.register_buffer("relative_position_index", relative_position_index(rel_pos_grid), persistent=False)
+        else:
+            self.relative_position_bias_table = None
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
         B, T, D = x.shape
+        if self.relative_position_bias_table is not None:
+            if T != self.relative_position_index.shape[0]:
+                raise ValueError("the relative position bias needs the full token grid plus cls; got "
+                                 f"{T} tokens for a table over {self.relative_position_index.shape[0]}")
+            own = gather_relative_bias(self.relative_position_bias_table, self.relative_position_index)
+            rel_pos_bias = own if rel_pos_bias is None else rel_pos_bias + own
         if self.q_bias is not None:
             bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
             qkv = F.linear(x, self.qkv.weight, bias)
@@ -220,11 +257,11 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: str = "all",
                  bias: bool = True, drop_path: float = 0.0, init_values: float | None = None,
-                 norm_layer=None, act_layer=nn.GELU):
+                 norm_layer=None, act_layer=nn.GELU, rel_pos_grid: tuple[int, int] | None = None):
         super().__init__()
         norm_layer = norm_layer or (lambda d: nn.LayerNorm(d, eps=1e-6))
         self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=bias)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=bias, rel_pos_grid=rel_pos_grid)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)

@@ -10,10 +10,13 @@ that objectives and probes use (see ``models/__init__.py`` and ``vit.py``):
   and so does HF's ``SwinEmbeddings``.
 * ``forward_tokens(tokens) -> (B, N_final, C)``: the four stages and the final norm;
   tokens come out flattened in raster order over the final (H/32, W/32) grid.
-* ``forward_features`` / ``forward_intermediates``: the unmasked path for probes, with
-  ``num_prefix_tokens = 0`` so probes pool by the mean of tokens. Block indices run over
+* ``forward_features``: the unmasked path for probes, with ``num_prefix_tokens = 0`` so
+  probes pool by the mean of tokens.
+* ``block_outputs(images, indices, norm)``: outputs of single blocks, indices running over
   all blocks of all stages in order (``depth = sum(depths)``); blocks averaged together
   must come from one stage, since each stage has its own width and grid.
+* ``forward_intermediates``: timm's own (stage outputs, ``indices`` over the 4 stages), plus
+  ``output_fmt="NLC"`` (tokens flattened in raster order) so it fits the ViT's contract.
 
 Attribute names follow timm: ``embed_dim`` is the first stage's width (the width of the
 mask token), ``num_features`` the last stage's (the width SimMIM's head reads).
@@ -143,10 +146,11 @@ class Swin(SwinTransformer):
                 return stage
         raise IndexError(f"block {index} out of range for a Swin with {self.depth} blocks")
 
-    def forward_intermediates(self, images: torch.Tensor, indices: Sequence[int] | int | None = None,
-                              norm: bool = False) -> list[torch.Tensor]:
+    def block_outputs(self, images: torch.Tensor, indices: Sequence[int] | int | None = None,
+                      norm: bool = False) -> list[torch.Tensor]:
         """Outputs of the chosen blocks (numbered over all stages), each (B, N_stage, C_stage).
 
+        ``indices``: None = the last block, int n = the last n blocks, negatives from the end.
         ``norm=True`` applies the final norm to blocks of the last stage (timm's convention:
         the other stages have another width and no norm of their own).
         """
@@ -171,6 +175,25 @@ class Swin(SwinTransformer):
         if norm and stages == {len(self.depths) - 1}:
             out = [self.norm(t) for t in out]
         return out
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's ``SwinTransformer.forward_intermediates`` (stage outputs, NCHW), plus ``output_fmt="NLC"``.
+
+        ``indices`` count stages (None = all, int n = the last n). NLC flattens each (B, C, h, w)
+        stage map to (B, h*w, C) in raster order, the layout of ``forward_features``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be NCHW or NLC, got {output_fmt!r}")
+        out = super().forward_intermediates(x, indices=indices, norm=norm, stop_early=stop_early,
+                                            output_fmt="NCHW", intermediates_only=intermediates_only)
+        final, inter = (None, out) if intermediates_only else out
+        if output_fmt == "NLC":
+            inter = [t.flatten(2).transpose(1, 2) for t in inter]
+        if intermediates_only:
+            return inter
+        return final.flatten(1, 2), inter
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_features(images)

@@ -5,7 +5,9 @@ rather than subclasses:
 
 * MAE: cls token, fixed 2-D sin-cos position table, biased q/k/v, xavier init.
 * BEiT / SimMIM-ViT: cls token, no absolute position table, a shared relative position
-  bias, layer scale, q/v-only bias.
+  bias (``rel_pos_bias="shared"``; fine-tuning copies it into one table per block,
+  ``"per_block"``, as BEiT's ``run_class_finetuning.py`` and SimMIM's ``utils.py`` do),
+  layer scale, q/v-only bias.
 * AIM: no cls token, sin-cos table, LayerNorm after the patch projection, no bias in
   any trunk Linear.
 
@@ -16,17 +18,23 @@ The backbone contract (shared with the Swin adapter, see ``models/__init__.py``)
   ``mask_token`` first (SimMIM, BEiT).
 * ``forward_tokens(tokens, attn_mask=None) -> (B, T, D)``: prepends the prefix tokens
   (cls), runs the blocks and the final norm. MAE passes only its visible tokens.
-* ``forward_features(images) -> (B, T, D)`` and ``forward_intermediates(images,
-  indices)``: the unmasked path for probes and fine-tuning.
+* ``forward_features(images) -> (B, T, D)``: the unmasked path for probes and fine-tuning.
+* ``block_outputs(images, indices, norm=False) -> list of (B, T, D)``: the chosen blocks'
+  outputs, prefix tokens included (what probes average).
+* ``forward_intermediates``: timm's contract (``timm.models.VisionTransformer``): returns
+  ``(final, intermediates)`` (or the list alone with ``intermediates_only``), spatial
+  tokens reshaped to NCHW by default (``output_fmt="NLC"`` keeps tokens), prefix tokens split
+  off (``return_prefix_tokens`` pairs them), blocks in model order.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 from torch import nn
 from timm.layers import PatchEmbed, trunc_normal_
+from timm.models._features import feature_take_indices
 
 from .layers import Block, RelativePositionBias, init_weights_xavier, sincos_2d
 
@@ -47,7 +55,7 @@ class VisionTransformer(nn.Module):
         bias: bool = True,  # bias in attn.proj and the MLP
         patch_norm: bool = False,  # LayerNorm right after the patch projection (AIM)
         patch_bias: bool | None = None,  # bias of the patch projection; None: ``bias``, and none before patch_norm
-        rel_pos_bias: bool = False,  # one relative position bias shared by all blocks (BEiT)
+        rel_pos_bias: bool | str = False,  # False/"none" | True/"shared" (one for all blocks, BEiT) | "per_block"
         init_values: float | None = None,  # layer scale
         drop_path_rate: float = 0.0,
         weight_init: str = "xavier",  # xavier (MAE) | trunc_normal (BEiT)
@@ -58,6 +66,11 @@ class VisionTransformer(nn.Module):
                              f"choose --img-size as a multiple of --patch-size")
         if pos_embed not in ("sincos", "learned", "none"):
             raise ValueError(f"pos_embed must be one of sincos, learned, none; got {pos_embed!r}")
+        modes = {False: "none", None: "none", True: "shared", "none": "none", "shared": "shared",
+                 "per_block": "per_block"}
+        if not isinstance(rel_pos_bias, (bool, str, type(None))) or rel_pos_bias not in modes:
+            raise ValueError(f"rel_pos_bias must be one of none, shared, per_block (or a bool); got {rel_pos_bias!r}")
+        self.rel_pos_bias_mode = modes[rel_pos_bias]
         self.img_size = img_size
         self.patch_size = patch_size
         self.in_chans = in_chans
@@ -82,12 +95,14 @@ class VisionTransformer(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.num_patches, embed_dim))
         else:
             self.pos_embed = None
-        self.rel_pos_bias = RelativePositionBias(self.grid_size, num_heads) if rel_pos_bias else None
+        shared = self.rel_pos_bias_mode == "shared"
+        self.rel_pos_bias = RelativePositionBias(self.grid_size, num_heads) if shared else None
+        per_block = self.grid_size if self.rel_pos_bias_mode == "per_block" else None
 
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, bias=bias, drop_path=dpr[i],
-                  init_values=init_values)
+                  init_values=init_values, rel_pos_grid=per_block)
             for i in range(depth)
         ])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -104,9 +119,10 @@ class VisionTransformer(nn.Module):
             if self.cls_token is not None:
                 nn.init.normal_(self.cls_token, std=0.02)
         elif mode == "trunc_normal":
-            # BEiT: truncated normal clipped at +-std, then rescale block outputs by 1/sqrt(2l)
+            # BEiT ``_init_weights``: truncated normal clipped at +-std for Linears and the patch
+            # Conv2d (zero biases), then block outputs rescaled by 1/sqrt(2l) (``fix_init_weight``)
             def _init(m):
-                if isinstance(m, nn.Linear):
+                if isinstance(m, (nn.Linear, nn.Conv2d)):
                     trunc_normal_(m.weight, std=0.02, a=-0.02, b=0.02)
                     if m.bias is not None:
                         nn.init.zeros_(m.bias)
@@ -188,22 +204,64 @@ class VisionTransformer(nn.Module):
         """(B, C, H, W) -> (B, prefix + N, D) after the final norm; no masking."""
         return self.forward_tokens(self.embed(images))
 
-    def forward_intermediates(self, images: torch.Tensor, indices: Sequence[int] | int | None = None,
-                              norm: bool = False) -> list[torch.Tensor]:
-        """Outputs of the chosen blocks, each (B, prefix + N, D); int n = the last n blocks.
+    def _take(self, indices) -> list[int]:
+        """Block indices as timm's ``feature_take_indices``: None = all, int n = the last n, negatives from the end."""
+        if isinstance(indices, int) and not 0 < indices <= self.depth:
+            raise ValueError(f"last-n block count {indices} is out of range (1 to {self.depth})")
+        if not isinstance(indices, int) and indices is not None:
+            bad = [i for i in indices if not -self.depth <= i < self.depth]
+            if bad:
+                raise ValueError(f"block indices {bad} are out of range for a {self.depth}-block ViT "
+                                 f"(0 to {self.depth - 1}, or negative from the end)")
+        return feature_take_indices(self.depth, indices)[0]
 
-        ``norm=True`` applies the final LayerNorm to each (timm's convention).
+    def block_outputs(self, images: torch.Tensor, indices: Sequence[int] | int | None = None,
+                      norm: bool = False) -> list[torch.Tensor]:
+        """Outputs of the chosen blocks, each (B, prefix + N, D), in the order of ``indices``.
+
+        ``indices``: None = the last block, int n = the last n blocks, negatives count from the
+        end. ``norm=True`` applies the final LayerNorm to each. Probes average these.
         """
-        if indices is None:
-            indices = [self.depth - 1]
-        elif isinstance(indices, int):
-            indices = list(range(self.depth - indices, self.depth))
-        indices = [i % self.depth for i in indices]
-        _, inter = self.forward_tokens(self.embed(images), indices=indices, norm=False)
-        order = sorted(set(indices))
-        by_index = dict(zip(order, inter))
-        out = [by_index[i] for i in indices]
+        take = self._take(1 if indices is None else indices)
+        _, inter = self.forward_tokens(self.embed(images), indices=sorted(set(take)), norm=False)
+        by_index = dict(zip(sorted(set(take)), inter))
+        out = [by_index[i] for i in take]
         return [self.norm(t) for t in out] if norm else out
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Union[int, Sequence[int], None] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """timm's ``VisionTransformer.forward_intermediates`` contract (timm 1.0).
+
+        ``indices``: None = all blocks, int n = the last n, a sequence = those blocks (negatives
+        from the end); intermediates come in block order. Each is the block's output with the
+        prefix tokens split off, (B, D, h, w) for ``output_fmt="NCHW"`` or (B, N, D) for
+        ``"NLC"``; ``return_prefix_tokens`` makes each a pair (spatial, prefix (B, prefix, D)).
+        ``norm`` applies the final LayerNorm to each. Returns ``(final, intermediates)`` where
+        final = ``forward_features`` (B, prefix + N, D), or the list alone with
+        ``intermediates_only``. ``stop_early`` is accepted for timm's signature; all blocks run.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be NCHW or NLC, got {output_fmt!r}")
+        take = sorted(set(self._take(indices)))
+        final, inter = self.forward_tokens(self.embed(x), indices=take, norm=True)
+        if norm:
+            inter = [self.norm(t) for t in inter]
+        p = self.num_prefix_tokens
+        prefix = [t[:, :p] for t in inter]
+        spatial = [t[:, p:] for t in inter]
+        if output_fmt == "NCHW":
+            B, (h, w) = x.shape[0], self.grid_size
+            spatial = [t.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for t in spatial]
+        out = list(zip(spatial, prefix)) if return_prefix_tokens and p else spatial
+        return out if intermediates_only else (final, out)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_features(images)
