@@ -199,6 +199,7 @@ def _reshard_worker(rank: int, port: int, root: str):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # ~30 s on 2 idle cores (one spawned pair of processes)
 def test_sharded_checkpoint_reshards_between_one_and_two_processes(tmp_path):
     """1 process -> 2 FSDP processes -> 1 process: weights and AdamW moments carry over exactly."""
     from mimaim.engine.dcp import (consolidated_weights, is_sharded_checkpoint, load_sharded_checkpoint,
