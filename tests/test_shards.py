@@ -131,3 +131,35 @@ def test_missing_index_and_unknown_shards_say_what_to_do(tmp_path, shards):
         build_source(f"wds:{tmp_path / 'shards'}/train-{{000000..000009}}.tar")
     with pytest.raises(DataError, match="already exists; write the shards to a new folder"):
         write_shards(tiny_source(3), tmp_path / "shards", progress=False)
+
+
+@pytest.mark.parametrize("fmt", ["pax", "gnu", "gz"])
+def test_the_local_tar_reader_groups_samples_as_webdataset_does(tmp_path, fmt):
+    import gzip
+    import io
+    import tarfile
+
+    from webdataset.tariterators import tarfile_samples
+
+    from mimaim.data.shards import shard_samples
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT if fmt == "gnu" else tarfile.PAX_FORMAT) as tar:
+        tar.addfile(tarfile.TarInfo("README"))  # a file without a field: not a sample
+        for key in ["a" * 120 + "/x0", "sub/x1", "x2"]:
+            for field, payload in (("jpg", b"\xff\xd8" + key.encode()), ("cls", b"3"), ("json", b"{}")):
+                info = tarfile.TarInfo(f"{key}.{field}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+        d = tarfile.TarInfo("adir")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+    data = gzip.compress(buf.getvalue()) if fmt == "gz" else buf.getvalue()
+    path = tmp_path / ("s.tar.gz" if fmt == "gz" else "s.tar")
+    path.write_bytes(data)
+    ours, theirs = list(shard_samples(str(path))), list(tarfile_samples([{"url": str(path)}]))
+    assert len(ours) == 3 and ours == theirs
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"x" * 1024)
+    with pytest.raises(ValueError, match="not a valid tar file"):
+        list(shard_samples(str(bad)))

@@ -229,10 +229,8 @@ class ShardEpoch(IterableDataset):
                 yield self._prepare(shard, samples, permuted, n)
 
     def _read(self, shard: int, positions: set[int]) -> dict[int, dict]:
-        from webdataset.tariterators import tarfile_samples
-
         out = {}
-        for pos, sample in enumerate(tarfile_samples([{"url": self.source.shards[shard]}])):
+        for pos, sample in enumerate(shard_samples(self.source.shards[shard])):
             if pos in positions:
                 out[pos] = sample
         return out
@@ -255,6 +253,87 @@ class ShardEpoch(IterableDataset):
             raise RuntimeError(f"{len(bad)} consecutive samples could not be read in shard "
                                f"{self.source.shards[shard]}, starting at {bad[0]}; check or rewrite the shard")
         return prepare_sample(img, label, bad, self.transform, self.masking_fn, self.seed, self.epoch, sample_id)
+
+
+def shard_samples(url: str):
+    """The samples of one shard in order, as dicts ``{"__key__", field: bytes}``.
+
+    A local uncompressed or gzipped tar is parsed here from its bytes: Python's ``tarfile``,
+    which ``webdataset`` streams through, costs about as much per member as decoding a
+    32-px JPEG (on 2 busy cores a CIFAR shard streamed at 220 images/s against 362 from
+    the folder). Anything else (``pipe:``, URLs) is read by ``webdataset.tarfile_samples``.
+    Both group members into samples the same way (tests/test_shards.py checks it)."""
+    path = Path(url)
+    if not path.is_file():
+        from webdataset.tariterators import tarfile_samples
+
+        yield from tarfile_samples([{"url": url}])
+        return
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        import gzip
+
+        data = gzip.decompress(data)
+    yield from _tar_samples(data, url)
+
+
+def _tar_samples(data: bytes, url: str):
+    """Group the regular files of a tar (ustar, pax or GNU long names) by key, as webdataset does."""
+    pos, long_name, sample = 0, None, None
+    while pos + 512 <= len(data):
+        header = data[pos:pos + 512]
+        if header == bytes(512):
+            break  # end-of-archive blocks
+        try:
+            valid = sum(header[:148]) + 256 + sum(header[156:]) == _octal(header[148:156])
+            size, flag = _octal(header[124:136]), header[156:157]
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ValueError(f"{url} is not a valid tar file (bad header at byte {pos}); rewrite the shard")
+        start = pos + 512
+        pos = start + (size + 511) // 512 * 512
+        body = data[start:start + size]
+        if flag == b"L":  # GNU long name of the next member
+            long_name = body.rstrip(b"\0").decode()
+            continue
+        if flag == b"x":  # pax header: its path= record names the next member
+            for record in body.decode().splitlines():
+                _, _, kv = record.partition(" ")
+                if kv.startswith("path="):
+                    long_name = kv[len("path="):]
+            continue
+        if flag not in (b"0", b"\0", b"7"):
+            long_name = None if flag != b"g" else long_name
+            continue  # directories, links, global headers
+        name = long_name or _header_name(header)
+        long_name = None
+        head, _, base = name.rpartition("/")
+        if base.startswith("__") or "." not in base:
+            continue  # webdataset's meta files and names without a field
+        stem, _, field = base.partition(".")
+        key = f"{head}/{stem}" if head else stem
+        if sample is None or sample["__key__"] != key:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key, "__url__": url}
+        sample[field.lower()] = body
+    if sample is not None:
+        yield sample
+
+
+def _octal(field: bytes) -> int:
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _header_name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0].decode()
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0].decode()
+        if prefix:
+            name = f"{prefix}/{name}"
+    return name
 
 
 def _collate(samples: list[dict]) -> dict:
