@@ -159,10 +159,10 @@ def time_training_steps(cfg: PretrainConfig, steps: int = 2) -> float:
 
 @torch.no_grad()
 def time_feature_extraction(cfg: PretrainConfig, batch: int = 64) -> float:
-    """Seconds per image of the frozen-encoder forward the probes run."""
-    from ..engine.trainer import build_run_objective
+    """Seconds per image of the frozen-encoder forward the probes run (the backbone alone, as probes build it)."""
+    from ..engine.runs import build_backbone, run_record
 
-    encoder = build_run_objective(cfg).encoder.eval()
+    encoder = build_backbone(run_record(cfg), seed=cfg.seed).eval()
     images = torch.randn(batch, 3, cfg.img_size, cfg.img_size)
     encoder.forward_features(images[:2])
     t = time.perf_counter()
