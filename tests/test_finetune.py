@@ -1,49 +1,105 @@
-"""Fine-tuning: MAE's layer-wise lr decay, position-table resizing, a tiny end-to-end run."""
+"""Fine-tuning: layer-wise decay as the official recipes, table handling, recipes, and that it learns."""
 
 import json
 
 import pytest
 import torch
 
-from mimaim.config import make_config
+from mimaim.config import ConfigError, make_config
 from mimaim.data import DataError
-from mimaim.engine.trainer import pretrain
-from mimaim.eval.finetune import (Classifier, FinetuneConfig, finetune, layer_id, param_groups_lrd,
+from mimaim.eval.finetune import (RECIPES, Classifier, FinetuneConfig, build_finetune_encoder,
+                                  expand_shared_rel_pos_bias, finetune, layer_id, param_groups_lrd,
                                   resize_pos_embed, resize_rel_pos_bias_table)
 from mimaim.models import create_model
 from mimaim.models.layers import sincos_2d
+
+torch.set_num_threads(1)
 
 
 def tiny_vit(**kw):
     return create_model("vit_micro", img_size=16, patch_size=4, depth=2, **kw)
 
 
+def groups_by_name(model, decay=0.5):
+    groups = param_groups_lrd(model, 0.05, decay)
+    return ({n: g["lr_scale"] for g in groups for n in g["names"]},
+            {n: g["weight_decay"] for g in groups for n in g["names"]}, groups)
+
+
 def test_layer_decay_scales_match_the_mae_recipe():
     # MAE lr_decay.py: id 0 = cls/pos/patch_embed, block i -> i+1, rest -> depth+1;
-    # scale = decay ** (depth + 1 - id)
-    model = Classifier(tiny_vit(), num_classes=3)
-    depth, decay = 2, 0.5
-    groups = param_groups_lrd(model, depth, 0.05, decay, model.no_weight_decay())
-    scale_of = {n: g["lr_scale"] for g in groups for n in g["names"]}
-    wd_of = {n: g["weight_decay"] for g in groups for n in g["names"]}
-    expected = {"encoder.cls_token": 0.125, "encoder.patch_embed.proj.weight": 0.125,
+    # scale = decay ** (depth + 1 - id); models_vit.py trains the position table
+    encoder = build_finetune_encoder({"backbone": {"name": "vit_micro", "kwargs": dict(
+        img_size=16, patch_size=4, depth=2)}}, 16, 0.0, None)
+    model = Classifier(encoder, num_classes=3)
+    scale_of, wd_of, groups = groups_by_name(model)
+    expected = {"encoder.cls_token": 0.125, "encoder.pos_embed": 0.125, "encoder.patch_embed.proj.weight": 0.125,
                 "encoder.patch_embed.proj.bias": 0.125,
                 "encoder.blocks.0.attn.qkv.weight": 0.25, "encoder.blocks.0.norm1.bias": 0.25,
                 "encoder.blocks.1.mlp.fc2.weight": 0.5, "fc_norm.weight": 1.0, "head.weight": 1.0, "head.bias": 1.0}
     for name, scale in expected.items():
         assert scale_of[name] == pytest.approx(scale), name
-    # the frozen sin-cos table is not trained; the final norm is replaced by fc_norm (MAE global_pool)
-    assert "encoder.pos_embed" not in scale_of and not any(n.startswith("encoder.norm.") for n in scale_of)
-    # every trainable parameter is in exactly one group
+    assert not any(n.startswith("encoder.norm.") for n in scale_of)  # replaced by fc_norm (MAE global_pool)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(scale_of) == trainable and sum(len(g["names"]) for g in groups) == len(trainable)
-    # weight decay: none on 1-D parameters or the cls token; on matrices
-    assert wd_of["encoder.cls_token"] == 0 and wd_of["head.bias"] == 0 and wd_of["fc_norm.weight"] == 0
+    # no weight decay on 1-D parameters, the cls token or the (trainable) position table; decay on matrices
+    assert wd_of["encoder.cls_token"] == wd_of["encoder.pos_embed"] == wd_of["head.bias"] == 0
+    assert wd_of["fc_norm.weight"] == 0
     assert wd_of["head.weight"] == 0.05 and wd_of["encoder.blocks.1.mlp.fc2.weight"] == 0.05
-    # a learned table and AIM's patch norm are embedding parameters too
-    assert layer_id("encoder.pos_embed", 12) == 0 and layer_id("encoder.patch_norm.weight", 12) == 0
-    assert layer_id("encoder.blocks.11.attn.proj.weight", 12) == 12
-    assert layer_id("encoder.rel_pos_bias.relative_position_bias_table", 12) == 13
+    # AIM's patch norm belongs to the embedding
+    assert layer_id("encoder.patch_norm.weight", 12) == 0 and layer_id("encoder.blocks.11.attn.proj.weight", 12) == 12
+
+
+def test_beit_finetune_has_one_decayed_relative_bias_table_per_block():
+    # BEiT run_class_finetuning.py / SimMIM utils.py: the shared table copied to
+    # blocks.i.attn.relative_position_bias_table; optim_factory: layer id i + 1, weight decay
+    # (BEiT's --disable_weight_decay_on_rel_pos_bias is off by default; SimMIM's ViT skips only pos/cls)
+    kwargs = dict(img_size=16, patch_size=4, depth=2, class_token=True, pos_embed="none", qkv_bias="qv",
+                  rel_pos_bias=True, init_values=0.1, weight_init="trunc_normal")
+    torch.manual_seed(0)
+    pretrained = create_model("vit_micro", **kwargs).eval()
+    with torch.no_grad():
+        pretrained.rel_pos_bias.relative_position_bias_table.normal_()
+    record = {"backbone": {"name": "vit_micro", "kwargs": kwargs}}
+    enc = build_finetune_encoder(record, 16, 0.1, pretrained)
+    assert enc.rel_pos_bias is None and enc.rel_pos_bias_mode == "per_block"
+    for blk in enc.blocks:
+        torch.testing.assert_close(blk.attn.relative_position_bias_table,
+                                   pretrained.rel_pos_bias.relative_position_bias_table)
+    scale_of, wd_of, _ = groups_by_name(Classifier(enc, 3))
+    assert scale_of["encoder.blocks.0.attn.relative_position_bias_table"] == pytest.approx(0.25)  # id 1
+    assert scale_of["encoder.blocks.1.attn.relative_position_bias_table"] == pytest.approx(0.5)  # id 2
+    assert wd_of["encoder.blocks.0.attn.relative_position_bias_table"] == 0.05
+    # the same function without copies: the fine-tuning model equals the pre-trained one (drop path off)
+    enc0 = build_finetune_encoder(record, 16, 0.0, pretrained).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(enc0(x), pretrained(x))
+    # at another resolution each copy is resized the BEiT way (timm's resize_rel_pos_bias_table)
+    bigger = build_finetune_encoder(record, 24, 0.0, pretrained)
+    assert bigger.blocks[1].attn.relative_position_bias_table.shape == ((2 * 6 - 1) ** 2 + 3, 4)
+    assert "rel_pos_bias.relative_position_bias_table" not in expand_shared_rel_pos_bias(
+        pretrained.state_dict(), 2)
+
+
+def test_swin_layer_ids_follow_simmim():
+    # SimMIM get_swin_layer over all blocks; timm's patch merging opens stage s (SimMIM's closes s - 1)
+    depths = (2, 2, 6, 2)
+    assert layer_id("encoder.patch_embed.proj.weight", 12, depths) == 0
+    assert layer_id("encoder.layers.0.blocks.1.mlp.fc1.weight", 12, depths) == 2
+    assert layer_id("encoder.layers.1.downsample.reduction.weight", 12, depths) == 2
+    assert layer_id("encoder.layers.2.blocks.0.attn.qkv.weight", 12, depths) == 5
+    assert layer_id("encoder.layers.3.blocks.1.norm2.bias", 12, depths) == 12
+    assert layer_id("head.weight", 12, depths) == 13
+    swin = create_model("swin_tiny", img_size=32, patch_size=4, window_size=4, embed_dim=12, depths=(1, 1, 2, 1),
+                        num_heads=(1, 2, 2, 4))
+    model = Classifier(swin, 3)
+    scale_of, wd_of, _ = groups_by_name(model, decay=0.5)
+    assert model.fc_norm.normalized_shape == (96,)  # the last stage's width
+    assert scale_of["encoder.layers.3.blocks.0.mlp.fc2.weight"] == pytest.approx(0.5)
+    assert scale_of["encoder.patch_embed.proj.weight"] == pytest.approx(0.5 ** 6)
+    assert wd_of["encoder.layers.0.blocks.0.attn.relative_position_bias_table"] == 0  # Swin's own skip list
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
 
 
 def test_head_init_and_pooling():
@@ -55,36 +111,62 @@ def test_head_init_and_pooling():
     torch.testing.assert_close(model(x), expected)
 
 
-def test_resize_pos_embed_sincos_is_recomputed_and_learned_is_interpolated():
+def test_resize_pos_embed_sincos_is_recomputed_and_learned_is_timms():
+    from timm.layers import resample_abs_pos_embed
+
     D = 16
     table = sincos_2d(D, (4, 4), 1)[None]
     torch.testing.assert_close(resize_pos_embed(table, (4, 4), (6, 6), 1, "sincos"), sincos_2d(D, (6, 6), 1)[None])
     learned = torch.randn(1, 1 + 16, D)
     assert resize_pos_embed(learned, (4, 4), (4, 4), 1, "learned") is learned
     bigger = resize_pos_embed(learned, (4, 4), (8, 6), 1, "learned")
-    assert bigger.shape == (1, 1 + 48, D)
+    torch.testing.assert_close(bigger, resample_abs_pos_embed(learned, [8, 6], [4, 4], num_prefix_tokens=1))
     torch.testing.assert_close(bigger[:, :1], learned[:, :1])  # cls row kept
-    const = torch.full((1, 16, D), 0.7)  # a constant table stays constant under bicubic resizing
+    const = torch.full((1, 16, D), 0.7)  # a constant table stays constant
     torch.testing.assert_close(resize_pos_embed(const, (4, 4), (6, 6), 0, "learned"), torch.full((1, 36, D), 0.7))
-    # a table that is linear along the columns stays (nearly) linear: values sampled at the new centres
-    ramp = torch.arange(4.0).repeat(4)[None, :, None].expand(1, 16, 1)  # column index
-    up = resize_pos_embed(ramp, (4, 4), (4, 8), 0, "learned").reshape(4, 8)
-    assert torch.all(up[:, 1:] >= up[:, :-1] - 1e-5)
     with pytest.raises(ValueError, match="does not match"):
         resize_pos_embed(learned, (5, 5), (6, 6), 1)
 
 
-def test_resize_rel_pos_bias_table_shape_keeps_cls_rows():
+def test_resize_rel_pos_bias_table_keeps_cls_rows_and_constants():
     table = torch.randn((2 * 4 - 1) ** 2 + 3, 2)
     out = resize_rel_pos_bias_table(table, (4, 4), (6, 6))
     assert out.shape == ((2 * 6 - 1) ** 2 + 3, 2)
     torch.testing.assert_close(out[-3:], table[-3:])
+    const = torch.full_like(table, 0.3)
+    torch.testing.assert_close(resize_rel_pos_bias_table(const, (4, 4), (6, 6)), torch.full_like(out, 0.3))
+    assert resize_rel_pos_bias_table(table, (4, 4), (4, 4)) is table
+
+
+def test_recipes_and_explicit_values():
+    quick, paper = FinetuneConfig(), FinetuneConfig(recipe="paper")
+    assert quick.recipe == "quick" and quick.mixup == 0 and quick.auto_augment == "none"
+    assert (paper.mixup, paper.cutmix, paper.smoothing, paper.reprob) == (0.8, 1.0, 0.1, 0.25)
+    assert paper.auto_augment == "rand-m9-mstd0.5-inc1" and paper.crop_scale == (0.08, 1.0) and paper.hflip
+    assert (paper.epochs, paper.batch_size, paper.blr, paper.warmup_epochs) == (100, 1024, 5e-4, 5.0)
+    assert FinetuneConfig(recipe="paper", mixup=0.0).mixup == 0.0  # an explicit value wins
+    assert set(RECIPES["quick"]) == set(RECIPES["paper"])
+    with pytest.raises(ConfigError, match="recipe 'imagenet' is unknown"):
+        FinetuneConfig(recipe="imagenet")
+    with pytest.raises(ConfigError, match="even batch"):
+        FinetuneConfig(batch_size=3, mixup=0.8).validate()
+
+
+def test_finetune_imports_neither_the_trainer_nor_an_objective():
+    import subprocess
+    import sys
+
+    code = ("import sys, mimaim.eval.finetune; "
+            "print([m for m in sys.modules if m.endswith('.trainer') or m.startswith('mimaim.objectives.')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One 2-step MAE run shared by the tests of this file (fine-tuning never writes into its weights)."""
     from conftest import make_image_folder
+    from mimaim.engine.trainer import pretrain
 
     root = tmp_path_factory.mktemp("finetune")
     images = make_image_folder(root / "images")
@@ -93,30 +175,24 @@ def tiny_run(tmp_path_factory):
     return pretrain(cfg)
 
 
-def test_tiny_finetune_reports_top1_and_loads_the_weights(tiny_run):
+def test_tiny_finetune_loads_the_weights_and_writes_its_result(tiny_run):
+    from mimaim.engine.runs import open_backbone
+
     result = finetune(tiny_run, FinetuneConfig(epochs=1, batch_size=4, max_steps=2, progress=False))
-    assert 0 <= result["top1"] <= 100 and result["steps"] == 2 and result["val_images"] == 2
+    assert result["steps"] == 2 and result["val_images"] == 2 and result["recipe"] == "quick"
     saved = json.loads((tiny_run / "finetune.json").read_text())
-    assert saved["top1"] == result["top1"] and saved["config"]["layer_decay"] == 0.75
-
-
-def test_finetune_encoder_starts_from_the_pretrained_weights(tiny_run):
-    from mimaim.engine.runs import load_run
-    from mimaim.eval.finetune import build_finetune_encoder
-
-    cfg, objective, _ = load_run(tiny_run)
-    enc = build_finetune_encoder(cfg, 16, 0.1, objective.encoder)
-    for name, value in objective.encoder.state_dict().items():
+    assert saved["top1"] == result["top1"] and saved["config"]["layer_decay"] == RECIPES["quick"]["layer_decay"]
+    backbone, record, _ = open_backbone(tiny_run)
+    enc = build_finetune_encoder(record, 16, 0.1, backbone)
+    for name, value in backbone.state_dict().items():
         torch.testing.assert_close(enc.state_dict()[name], value)
-    assert enc.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
-    bigger = build_finetune_encoder(cfg, 24, 0.0, objective.encoder)  # another resolution
-    assert bigger.pos_embed.shape[1] == 1 + 36
-    torch.testing.assert_close(bigger.blocks[0].attn.qkv.weight, objective.encoder.blocks[0].attn.qkv.weight)
+    assert enc.pos_embed.requires_grad and enc.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    bigger = build_finetune_encoder(record, 24, 0.0, backbone)  # another resolution: sin-cos recomputed
+    torch.testing.assert_close(bigger.pos_embed.detach(), sincos_2d(128, (6, 6), 1)[None])
 
 
 def test_finetune_at_another_resolution(tiny_run):
-    result = finetune(tiny_run, FinetuneConfig(epochs=1, batch_size=4, max_steps=1, img_size=24, mixup=0,
-                                               cutmix=0, progress=False))
+    result = finetune(tiny_run, FinetuneConfig(epochs=1, batch_size=4, max_steps=1, img_size=24, progress=False))
     assert result["img_size"] == 24 and (tiny_run / "finetune-24px.json").exists()
 
 
@@ -128,6 +204,3 @@ def test_finetune_refuses_unlabelled_data_before_training(tiny_run, tmp_path):
         Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(loose / f"{i}.png")
     with pytest.raises(DataError, match="no labels"):
         finetune(tiny_run, FinetuneConfig(data=f"imagefolder:{loose}", epochs=1, batch_size=2, progress=False))
-    from mimaim.config import ConfigError
-    with pytest.raises(ConfigError, match="even batch"):
-        FinetuneConfig(batch_size=3).validate()
