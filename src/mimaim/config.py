@@ -182,6 +182,8 @@ RESUME_MUTABLE = frozenset({
     "save_every", "keep_last", "max_bad_fraction", "strategy", "activation_checkpointing", "out"})
 #: settings that only make sense for a new run (``init`` loads weights before step 0)
 NEW_RUN_ONLY = frozenset({"init"})
+#: settings of one launch, not of the run: a relaunch that does not repeat them gets the default
+SESSION_ONLY = frozenset({"max_steps"})
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -242,7 +244,10 @@ def resolve_config(preset: dict[str, Any] | None = None, flags: dict[str, Any] |
         raise ConfigError(f"{flag} {_norm(getattr(new, key))!r} does not match the run being resumed, which used "
                           f"{_norm(getattr(old, key))!r}; drop {flag} or start a new run with --out (a resumed run "
                           f"may change only: {', '.join(sorted(RESUME_MUTABLE - {'out'}))})")
-    return make_config(recorded, **{k: v for k, v in given.items() if k in RESUME_MUTABLE})
+    keep = {k: v for k, v in given.items() if k in RESUME_MUTABLE}
+    for key in SESSION_ONLY - set(keep):
+        keep[key] = FIELDS[key].default
+    return make_config(recorded, **keep)
 
 
 def _norm(value):

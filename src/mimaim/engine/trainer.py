@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from ..config import PretrainConfig, save_config
 from ..data import build_source, check_bad_fraction, steps_per_epoch, training_subset  # noqa: F401 (re-export)
 from ..objectives import Objective
 from .build import build_run_objective, resolved_objective_options  # noqa: F401 (contract C7)
-from .checkpoint import latest_checkpoint, load_state, load_weights, save_checkpoint
+from .checkpoint import latest_checkpoint, list_checkpoints, load_state, load_weights, save_checkpoint
 from .distributed import DistInfo, cleanup, init_distributed, resolve_device
 from .logging import MetricsLogger, read_metrics
 from .meters import BadImages, LogWindow, Progress
@@ -89,11 +90,12 @@ def train(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
 
     def checkpoint(at: int) -> None:
         if not finite_weights(run.objective):
-            raise TrainingDiverged(diverged_message("the weights", "non-finite", at, spe, run_dir))
+            raise TrainingDiverged(diverged(run_dir, losses, start_step, at, spe, "non-finite weights"))
         if info.is_main:
             save(cfg, ckpt_dir, at, run, device)
 
     t_start, last_loss = time.perf_counter(), float("nan")
+    losses = torch.full((max(max_steps - start_step, 0),), float("nan"), device=device)  # per step, never synced
     run.objective.train()
     try:
         while step < max_steps:
@@ -101,7 +103,15 @@ def train(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
             batches = iter(epoch_loader(run.train, run.transform, run.objective, cfg, info, epoch, in_epoch,
                                         run.num_workers, device))
             for _ in range(in_epoch, spe):
-                window.add(train_step(run, cfg, batches, step, device, info, bad))
+                loss = train_step(run, cfg, batches, step, device, info, bad)
+                if not torch.isfinite(loss):  # one sync per step, before the weights change
+                    losses[step - start_step] = loss
+                    raise TrainingDiverged(diverged(run_dir, losses, start_step, step, spe, loss.item()))
+                losses[step - start_step] = loss
+                window.add(loss)
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+                run.objective.after_optimizer_step(step + 1)
                 step += 1
                 if step % cfg.log_every == 0 or step == max_steps:
                     last_loss = log(logger, window, bad, info, run, cfg, step, progress)
@@ -122,12 +132,11 @@ def train(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
 
 def train_step(run: Run, cfg: PretrainConfig, batches, step: int, device: torch.device, info: DistInfo,
                bad: BadImages) -> torch.Tensor:
-    """Optimiser step ``step`` over ``accum_steps`` micro-batches; returns its mean loss as a tensor.
-
-    Under DDP gradients are all-reduced on the last micro-batch only. The one sync per step is
-    the finiteness check of the step's loss (summed over processes, so all agree), made before
-    the weights change: a diverging step never reaches the weights or a checkpoint.
-    """
+    """Forward and backward of optimiser step ``step`` over ``accum_steps`` micro-batches (lr set,
+    gradients clipped); returns the step's mean loss as an unsynced tensor, summed over processes so
+    that all agree on its finiteness. The caller checks it, then steps the optimiser: a diverging
+    step never reaches the weights or a checkpoint. Under DDP gradients are all-reduced on the last
+    micro-batch only."""
     spe = run.steps_per_epoch
     set_lr(run.optimizer, lr_at(step / spe, cfg.effective_lr(), cfg.min_lr, cfg.warmup_epochs, cfg.epochs,
                                 cfg.schedule, cfg.milestones, cfg.lr_gamma))
@@ -146,13 +155,8 @@ def train_step(run: Run, cfg: PretrainConfig, batches, step: int, device: torch.
     if info.enabled:
         torch.distributed.all_reduce(loss_sum)
         loss_sum /= info.world_size
-    if not torch.isfinite(loss_sum):
-        raise TrainingDiverged(diverged_message("the loss", loss_sum.item(), step, spe, Path(cfg.out)))
     if cfg.clip_grad:
         torch.nn.utils.clip_grad_norm_(run.objective.parameters(), cfg.clip_grad)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.objective.after_optimizer_step(step + 1)
     return loss_sum
 
 
@@ -189,7 +193,7 @@ def setup(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
     step = restore(ckpt, objective, optimizer, cfg, device) if ckpt is not None else 0
     if resume:
         _say(info, f"resuming {run_dir} from step {step} ({ckpt.name})" if ckpt is not None else
-             f"{run_dir} has no checkpoint yet: starting it from step 0 with its recorded config")
+             f"{run_dir} has no checkpoint to continue from: starting it from step 0 with its recorded config")
     in_memory = not getattr(train, "items", None) or not isinstance(train.items[0], str)
     run = Run(objective, parallelize(objective, cfg, device, info), optimizer, source, train,
               build_transform(objective, cfg), default_num_workers(cfg, in_memory), spe, step)
@@ -256,14 +260,40 @@ def finite_weights(objective: torch.nn.Module) -> bool:
     return bool(torch.stack([p.detach().isfinite().all() for p in objective.parameters()]).all())
 
 
-def diverged_message(what: str, value, step: int, spe: int, run_dir: Path) -> str:
+#: a checkpoint whose first step's loss exceeds this multiple of the median loss before it was
+#: written as the run was already blowing up (e.g. --lr 1e5: finite but huge weights)
+SPIKE = 10.0
+
+
+def diverged(run_dir: Path, losses: torch.Tensor, start_step: int, step: int, spe: int, what) -> str:
+    """Set aside the checkpoints written after the blow-up began; explain how to continue.
+
+    A checkpoint at step s holds the weights that step s's forward pass used; it is kept only if
+    that loss was finite and below ``SPIKE`` x the median of this session's losses before it.
+    Set-aside checkpoints are renamed ``diverged-step-N`` (a resumed run never reads them).
+    """
+    history = losses.tolist()
+    set_aside = []
+    for ckpt in reversed(list_checkpoints(run_dir / "checkpoints")):
+        s = int(ckpt.name.split("-")[1])
+        if s < start_step or s - start_step >= len(history):
+            break
+        before = [x for x in history[:s - start_step] if math.isfinite(x)]
+        at = history[s - start_step]
+        if s <= step and math.isfinite(at) and (not before or at <= SPIKE * statistics.median(before)):
+            break
+        ckpt.rename(ckpt.with_name(f"diverged-{ckpt.name}"))
+        set_aside.append(f"{ckpt.name} (its first step's loss was {at:.3g})")
     last = latest_checkpoint(run_dir)
-    kept = (f"The last checkpoint before it, {last} (step {int(last.name.split('-')[1])}), is kept as it was; "
-            if last is not None else "No checkpoint was saved before it, so a resumed run restarts from step 0; ")
-    return (f"{what} became {value} at step {step} (epoch {step / spe:.2f}); this step's weights were not saved. "
-            f"{kept}try a lower --lr/--blr, gradient clipping (--clip-grad 1.0), a longer --warmup-epochs, or "
-            f"--precision fp32, and continue with new settings: `mimaim pretrain --resume {run_dir} --lr 1e-4` "
-            f"(on --resume the lr, blr, min-lr, clip-grad, warmup-epochs, weight-decay and epochs may change).")
+    aside = f"Set aside, written as it blew up: {', '.join(set_aside)}. " if set_aside else ""
+    kept = (f"The last good checkpoint is {last} (step {int(last.name.split('-')[1])}); a resumed run continues "
+            "from it. " if last is not None else "No good checkpoint was saved before it, so a resumed run restarts "
+            "from step 0. ")
+    value = f"the loss became {what}" if not isinstance(what, str) else f"training hit {what}"
+    return (f"{value} at step {step} (epoch {step / spe:.2f}); this step's weights were not saved. {aside}{kept}"
+            "Try a lower --lr/--blr, gradient clipping (--clip-grad 1.0), a longer --warmup-epochs, or --precision "
+            f"fp32, and continue with new settings: `mimaim pretrain --resume {run_dir} --lr 1e-4` (on --resume "
+            "the lr, blr, min-lr, clip-grad, warmup-epochs, weight-decay and epochs may change).")
 
 
 def finish(cfg: PretrainConfig, run: Run, info: DistInfo, start_step: int, step: int, wall: float,

@@ -1,7 +1,7 @@
 """Pre-training objectives, one file each; importing this package registers them."""
 
 from .base import (Augmentation, Objective, ObjectiveOutput, ProbeProtocol, build_objective, get_objective_class,
-                   list_objectives, parse_options, register_objective)
+                   list_objectives, load_plugins, parse_options, register_objective)
 from . import mae  # noqa: F401  (registers "mae")
 from . import simmim  # noqa: F401  (registers "simmim")
 from . import aim  # noqa: F401  (registers "aim")
@@ -9,5 +9,5 @@ from . import beit  # noqa: F401  (registers "beit")
 
 __all__ = [
     "Augmentation", "Objective", "ObjectiveOutput", "ProbeProtocol", "build_objective", "get_objective_class",
-    "list_objectives", "parse_options", "register_objective",
+    "list_objectives", "load_plugins", "parse_options", "register_objective",
 ]

@@ -17,8 +17,13 @@ The engine knows an objective only as an ``Objective``:
   picture (all (B, 3, H, W) in normalised input space).
 * ``encoder``: the backbone, for probes and fine-tuning.
 
-A new objective is one file that subclasses ``Objective`` and calls
-``register_objective``; nothing in the engine changes.
+* ``num_views``: augmented views per image (1: images (B, 3, H, W); k: (B, k, 3, H, W)).
+* ``after_optimizer_step(step)``: a hook after each optimiser step (an EMA target encoder).
+
+A new objective is one file that subclasses ``Objective``; no edit elsewhere registers it:
+``--objective package.module:ClassName``, a module listed in ``$MIMAIM_PLUGINS`` that calls
+``register_objective``, or an entry point in the ``mimaim.objectives`` group of any installed
+package (``load_plugins``).
 """
 
 from __future__ import annotations
@@ -117,6 +122,8 @@ class Objective(nn.Module):
 
 # --------------------------------------------------------------------------- registry
 _OBJECTIVES: dict[str, type[Objective]] = {}
+ENTRY_POINT_GROUP = "mimaim.objectives"
+_plugins_loaded = False
 
 
 def register_objective(cls: type[Objective]) -> type[Objective]:
@@ -126,13 +133,65 @@ def register_objective(cls: type[Objective]) -> type[Objective]:
     return cls
 
 
+def load_plugins() -> None:
+    """Register objectives from other packages, once: the ``mimaim.objectives`` entry-point group
+    (``[project.entry-points."mimaim.objectives"] name = "pkg.module:ClassName"``) and the modules
+    listed in ``$MIMAIM_PLUGINS`` (comma-separated; importing them registers their objectives)."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    import importlib
+    import os
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = ep.load()
+        except Exception as err:  # noqa: BLE001 - one broken plugin must not hide the others
+            import warnings
+            warnings.warn(f"objective plugin {ep.name!r} ({ep.value}) failed to load: {err}")
+            continue
+        if isinstance(cls, type) and issubclass(cls, Objective):
+            if not cls.name:
+                cls.name = ep.name
+            register_objective(cls)
+    for module in filter(None, (m.strip() for m in os.environ.get("MIMAIM_PLUGINS", "").split(","))):
+        importlib.import_module(module)
+
+
+def _import_objective(spec: str) -> type[Objective]:
+    """``"package.module:ClassName"`` -> the class, imported and registered under its ``name``."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"objective {spec!r}: cannot import {attr!r} from module {module_name!r} ({err}); "
+                         "pass module.path:ClassName of an importable Objective subclass") from None
+    if not (isinstance(cls, type) and issubclass(cls, Objective)):
+        raise ValueError(f"objective {spec!r} is not a subclass of mimaim.objectives.Objective")
+    if not cls.name:
+        cls.name = attr.lower()
+    return cls
+
+
 def list_objectives() -> list[str]:
+    load_plugins()
     return sorted(_OBJECTIVES)
 
 
 def get_objective_class(name: str) -> type[Objective]:
+    """An objective by registered name, or by ``module.path:ClassName`` (a one-file plugin)."""
+    if name in _OBJECTIVES:
+        return _OBJECTIVES[name]
+    if ":" in name:
+        return _import_objective(name)
+    load_plugins()
     if name not in _OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; choose one of: {', '.join(list_objectives())}")
+        raise ValueError(f"unknown objective {name!r}; choose one of: {', '.join(list_objectives())}, "
+                         "or module.path:ClassName")
     return _OBJECTIVES[name]
 
 
