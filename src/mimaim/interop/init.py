@@ -1,0 +1,235 @@
+"""``mimaim pretrain --init SOURCE``: start a new run from existing weights.
+
+``initialize_from(objective, source)`` copies into a freshly built objective whatever
+``source`` holds of it and reports the rest as initialised:
+
+* a mimaim run directory or checkpoint folder of the same objective: everything (encoder,
+  heads, a fitted k-means codebook);
+* a local HuggingFace folder (``config.json`` + weights, e.g. ``facebook/vit-mae-base``
+  saved with ``save_pretrained``): ``vit_mae`` (encoder and decoder: MAE), ``beit`` (encoder,
+  mask token, ``lm_head``: BEiT), ``vit`` / ``swin`` (SimMIM's plain ViT or Swin, with its head
+  when the folder is a ``*ForMaskedImageModeling``);
+* a timm checkpoint: a hub folder (``mimaim export --to timm`` writes one) or a file
+  (``.safetensors``, ``.pth``, ``.pt``, ``.bin``) holding a timm ``VisionTransformer`` /
+  ``Beit`` / ``SwinTransformer`` state dict, optionally under ``"model"`` or ``"state_dict"``
+  (the official MAE checkpoints: their ``decoder_*`` and ``mask_token`` load too).
+
+The encoder must come whole: a missing block, another width, patch or image size, or
+another flavour (e.g. q/v-only bias) is a ValueError naming the source's and the run's
+values. Weights of a head the run does not have (a classifier, another objective's
+decoder) are skipped and listed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["InitReport", "initialize_from", "read_source"]
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
+
+
+@dataclass
+class InitReport:
+    source: str
+    kind: str  # what the source was read as, e.g. "HF vit_mae folder"
+    loaded: list[str] = field(default_factory=list)  # objective state-dict names taken from the source
+    initialised: list[str] = field(default_factory=list)  # names left at their fresh initialisation
+    skipped: list[str] = field(default_factory=list)  # source names the objective has no place for
+
+    def summary(self) -> str:
+        def groups(names):
+            counts: dict[str, int] = {}
+            for n in names:
+                head = n.split(".")[0]
+                counts[head] = counts.get(head, 0) + 1
+            return ", ".join(f"{k} ({v})" for k, v in sorted(counts.items())) or "nothing"
+
+        lines = [f"init from {self.source} ({self.kind}): loaded {len(self.loaded)} tensors: {groups(self.loaded)}",
+                 f"  initialised {len(self.initialised)}: {groups(self.initialised)}"
+                 + (f" [{', '.join(self.initialised[:6])}{', ...' if len(self.initialised) > 6 else ''}]"
+                    if self.initialised else "")]
+        if self.skipped:
+            lines.append(f"  skipped {len(self.skipped)} source tensors with no place in this run: "
+                         f"{', '.join(self.skipped[:6])}{', ...' if len(self.skipped) > 6 else ''}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- reading sources
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    if path.suffix not in (".pth", ".pt", ".bin"):
+        raise ValueError(f"--init {path}: unknown weight file type {path.suffix!r}; pass a .safetensors, .pth, "
+                         ".pt or .bin file, a mimaim run directory, or a HuggingFace/timm folder")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "module"):  # official MAE/BEiT checkpoints, Lightning
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"--init {path}: the file holds no state dict of tensors")
+    return state
+
+
+def _folder_weights(folder: Path) -> dict[str, torch.Tensor]:
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return _read_file(folder / name)
+    shards = sorted(folder.glob("model-*.safetensors"))
+    if shards:
+        out = {}
+        for shard in shards:
+            out.update(_read_file(shard))
+        return out
+    raise ValueError(f"--init {folder}: config.json but no model.safetensors / pytorch_model.bin beside it")
+
+
+def _from_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm ViT/Beit/Swin (and official MAE) names -> our objective's names."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith(("decoder", "mask_token")):  # official MAE's decoder: our MAE's own names
+            out[key] = value
+            continue
+        key = key.replace("patch_embed.norm.", "patch_norm.")  # AIM's patch LayerNorm (Swin: undone below)
+        key = key.replace(".gamma_1", ".ls1.gamma").replace(".gamma_2", ".ls2.gamma")
+        out["encoder." + key] = value
+    return out
+
+
+def _swin_patch_norm_fix(ours: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """timm Swin keeps ``patch_embed.norm``: undo the rename made for ViTs with a patch LayerNorm."""
+    for k in [k for k in ours if k.startswith("encoder.patch_norm.")]:
+        swin_key = k.replace("encoder.patch_norm.", "encoder.patch_embed.norm.")
+        if swin_key in expected and k not in expected:
+            ours[swin_key] = ours.pop(k)
+
+
+def _hf_state(folder: Path, config: dict) -> dict[str, torch.Tensor]:
+    """The folder's weights as its ``transformers`` class holds them (the installed version's key names)."""
+    import transformers
+
+    names = config.get("architectures") or ["AutoModel"]
+    cls = getattr(transformers, names[0], None)
+    if cls is None:
+        raise ValueError(f"--init {folder}: transformers has no class {names[0]!r} (config.json architectures)")
+    return cls.from_pretrained(str(folder), local_files_only=True).state_dict()
+
+
+def _from_hf(folder: Path, config: dict, state: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
+    model_type = config.get("model_type")
+    if model_type == "vit_mae":
+        from .hf_mae import mae_state_dict_from_hf
+        state = {("vit." + k if not k.startswith(("vit.", "decoder.")) else k): v for k, v in state.items()}
+        return f"HF {config.get('architectures', ['ViTMAE'])[0]} folder", mae_state_dict_from_hf(state)
+    if model_type == "beit":
+        from .hf_beit import from_hf_state_dict
+        state = {("beit." + k if not k.startswith(("beit.", "lm_head.", "layernorm.", "classifier.", "pooler."))
+                  else k): v for k, v in state.items()}
+        if "layernorm.weight" not in state and "beit.layernorm.weight" in state:  # BeitModel without mean pooling
+            state["layernorm.weight"], state["layernorm.bias"] = state["beit.layernorm.weight"], state[
+                "beit.layernorm.bias"]
+        optional = {"beit.embeddings.mask_token": None, "lm_head.weight": None, "lm_head.bias": None}
+        present = {k: v for k, v in state.items()}
+        for k in optional:
+            present.setdefault(k, None)
+        ours = from_hf_state_dict(present, int(config["num_hidden_layers"]))
+        return f"HF {config.get('architectures', ['Beit'])[0]} folder", {k: v for k, v in ours.items() if v is not None}
+    if model_type in ("vit", "swin"):
+        from .hf_simmim import simmim_state_dict_from_hf
+        prefix = model_type + "."
+        state = {(prefix + k if not k.startswith((prefix, "decoder.")) else k): v for k, v in state.items()
+                 if not k.startswith(("pooler.", "classifier."))}
+        return f"HF {config.get('architectures', [model_type])[0]} folder", simmim_state_dict_from_hf(state)
+    raise ValueError(f"--init {folder}: HF model_type {model_type!r} is not one mimaim can read; supported: "
+                     "vit_mae (MAE), beit (BEiT), vit and swin (SimMIM)")
+
+
+def read_source(source: str | Path) -> tuple[str, dict[str, torch.Tensor], dict | None]:
+    """-> (kind, weights under our objective's names, mimaim run record or None)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"--init {source}: no such file or folder; pass a mimaim run directory or "
+                                "checkpoint, a local HuggingFace folder, or a timm checkpoint file")
+    if path.is_file():
+        state = _read_file(path)
+        if any(k.startswith(("vit.", "beit.", "swin.")) for k in state):
+            raise ValueError(f"--init {path}: this file holds HuggingFace transformers weights; pass the folder "
+                             "with its config.json instead")
+        return f"timm checkpoint file {path.suffix}", _from_timm(state), None
+    if (path / "config.yaml").is_file() or (path / "checkpoints").is_dir() or (path / "run.json").is_file() or \
+            (path / "state.pt").is_file():
+        from ..engine.runs import read_checkpoint_weights, read_record, resolve_checkpoint
+        ckpt = resolve_checkpoint(path)
+        return f"mimaim checkpoint {ckpt.name}", read_checkpoint_weights(ckpt), read_record(ckpt)
+    if (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        if "architecture" in config:  # timm's hub format
+            return f"timm hub folder ({config['architecture']})", _from_timm(_folder_weights(path)), None
+        try:
+            return (*_from_hf(path, config, _hf_state(path, config)), None)
+        except KeyError as err:  # a key the converters do not know: another architecture
+            raise ValueError(f"--init {path}: the HF weights do not map onto mimaim's model: {err}") from None
+    raise ValueError(f"--init {path}: not a mimaim run (no config.yaml or checkpoints/), nor a HuggingFace/timm "
+                     "folder (no config.json)")
+
+
+# --------------------------------------------------------------------------- matching
+def _describe(objective: nn.Module) -> str:
+    enc = objective.encoder
+    return (f"this run's {objective.name} encoder (width {enc.embed_dim}, {enc.depth} blocks, patch "
+            f"{enc.patch_size}, image {enc.img_size} px)")
+
+
+def _shape_hint(key: str, theirs: tuple, ours: tuple) -> str:
+    if key.endswith("patch_embed.proj.weight"):
+        return (f"width {theirs[0]} and patch {theirs[-1]} in the source vs width {ours[0]} and patch {ours[-1]} "
+                "in this run")
+    if key.endswith("pos_embed"):
+        return f"{theirs[1]} position rows in the source vs {ours[1]} here (another image or patch size)"
+    if not key.startswith("encoder."):
+        return (f"the source's {key.split('.')[0]} has {key} of shape {theirs}, this run's {ours}: another head "
+                "size; give the run the source's objective options (e.g. --recipe paper or --opt decoder_...)")
+    return f"{key}: source {theirs} vs this run {ours}"
+
+
+def initialize_from(objective: nn.Module, source: str | Path) -> InitReport:
+    """Load what ``source`` holds of ``objective`` (in place); see the module docstring."""
+    kind, weights, record = read_source(source)
+    expected = objective.state_dict()
+    if record is not None and record.get("objective") != objective.name:
+        raise ValueError(f"--init {source}: that run was trained with objective {record.get('objective')!r} "
+                         f"({record['backbone']['name']}), this run is {objective.name!r}; start from a "
+                         f"{objective.name} run, or export its encoder (`mimaim export --to timm`) and pass that")
+    _swin_patch_norm_fix(weights, expected)
+    wrong = [(k, tuple(weights[k].shape), tuple(expected[k].shape)) for k in weights
+             if k in expected and weights[k].shape != expected[k].shape]
+    if wrong:
+        k, theirs, ours = next((w for w in wrong if w[0].endswith("patch_embed.proj.weight")), wrong[0])
+        raise ValueError(f"--init {source} ({kind}) does not fit {_describe(objective)}: "
+                         f"{_shape_hint(k, theirs, ours)} ({len(wrong)} tensors of another shape, e.g. {k})")
+    enc_expected = {k for k in expected if k.startswith("encoder.")}
+    enc_missing = sorted(enc_expected - set(weights))
+    enc_extra = sorted(k for k in weights if k.startswith("encoder.") and k not in expected
+                       and not k.endswith(("relative_position_index", "k_bias", "attn_mask")))
+    enc_extra = [k for k in enc_extra if not k.startswith(("encoder.head.", "encoder.fc_norm."))]
+    if enc_missing or enc_extra:
+        detail = []
+        if enc_missing:
+            detail.append(f"the source lacks {len(enc_missing)} encoder tensors (e.g. {', '.join(enc_missing[:3])})")
+        if enc_extra:
+            detail.append(f"it has {len(enc_extra)} this encoder has no place for (e.g. {', '.join(enc_extra[:3])})")
+        raise ValueError(f"--init {source} ({kind}) does not fit {_describe(objective)}: " + "; ".join(detail) +
+                         ". It is probably another depth or ViT flavour (biases, layer scale, cls token, "
+                         "relative position bias); build the run with the source's --model and --objective")
+    take = {k: v.to(expected[k].dtype) for k, v in weights.items() if k in expected}
+    objective.load_state_dict(take, strict=False)
+    return InitReport(source=str(source), kind=kind, loaded=sorted(take),
+                      initialised=sorted(k for k in expected if k not in take),
+                      skipped=sorted(k for k in weights if k not in expected))

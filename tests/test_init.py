@@ -1,0 +1,156 @@
+"""``--init SOURCE``: a new run starts from another run, a local HF folder or a timm checkpoint.
+
+Sources are generated small (vit_micro shapes, 32 px) with random weights; after the init our
+objective must compute what the peer computes with the same weights.
+"""
+
+import pytest
+import torch
+
+from mimaim.config import make_config
+from mimaim.engine.trainer import build_run_objective
+from mimaim.interop.init import initialize_from
+
+from tiny_runs import images, make_run, randomize
+
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
+
+MICRO = dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4)
+
+
+def fresh(objective="mae", **overrides):
+    return build_run_objective(make_config(objective=objective, model="vit_micro", img_size=32, patch_size=4,
+                                           **overrides)).eval()
+
+
+def hf_vitmae(decoder_width=128, decoder_depth=2):
+    config = transformers.ViTMAEConfig(
+        hidden_size=128, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512, image_size=32,
+        patch_size=4, layer_norm_eps=1e-6, decoder_hidden_size=decoder_width, decoder_num_hidden_layers=decoder_depth,
+        decoder_num_attention_heads=4, decoder_intermediate_size=4 * decoder_width, norm_pix_loss=True)
+    return randomize(transformers.ViTMAEForPreTraining(config)).eval()
+
+
+def test_hf_vitmae_folder_gives_encoder_and_decoder(tmp_path):
+    hf = hf_vitmae()
+    hf.save_pretrained(tmp_path / "hf")
+    mae = fresh("mae")
+    report = initialize_from(mae, str(tmp_path / "hf"))
+    assert report.initialised == [] and "decoder_pred.weight" in report.loaded and "mask_token" in report.loaded
+    assert "HF ViTMAEForPreTraining folder" in report.summary()
+    x = images()
+    noise = torch.rand(2, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the peer's loss on the same images and mask
+        torch.testing.assert_close(mae(x, noise).loss, hf(pixel_values=x, noise=noise).loss, rtol=0, atol=1e-5)
+
+
+def test_hf_encoder_only_folder_leaves_the_decoder_initialised(tmp_path):
+    hf = hf_vitmae()
+    hf.vit.save_pretrained(tmp_path / "hf")  # a ViTMAEModel: no decoder
+    mae = fresh("mae")
+    before = mae.decoder_pred.weight.clone()
+    report = initialize_from(mae, tmp_path / "hf")
+    assert "decoder_pred.weight" in report.initialised and "mask_token" in report.initialised
+    assert all(k.startswith("encoder.") for k in report.loaded) and len(report.loaded) == len(mae.encoder.state_dict())
+    assert torch.equal(mae.decoder_pred.weight, before)
+    torch.testing.assert_close(mae.encoder.blocks[5].mlp.fc2.weight, hf.vit.state_dict()[
+        next(k for k in hf.vit.state_dict() if k.endswith("5.mlp.fc2.weight") or k.endswith("5.output.dense.weight"))])
+
+
+def test_hf_decoder_of_another_size_is_a_clear_error(tmp_path):
+    hf_vitmae(decoder_width=64).save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"decoder.*another head size.*--opt decoder_"):
+        initialize_from(fresh("mae"), tmp_path / "hf")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_timm_vit_checkpoint_file_gives_the_encoder(tmp_path, suffix):
+    model = randomize(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10, **MICRO)).eval()
+    path = tmp_path / f"vit{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file(model.state_dict(), str(path))
+    else:
+        torch.save({"model": model.state_dict(), "epoch": 3}, path)  # as the official MAE checkpoints
+    mae = fresh("mae")
+    report = initialize_from(mae, path)
+    assert sorted(report.skipped) == ["encoder.head.bias", "encoder.head.weight"]
+    assert len(report.loaded) == len(mae.encoder.state_dict()) and "mask_token" in report.initialised
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(mae.encoder.forward_features(x), model.forward_features(x), rtol=0, atol=1e-5)
+
+
+def test_timm_beit_checkpoint_file_gives_the_beit_encoder(tmp_path):
+    model = randomize(timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=0, use_abs_pos_emb=False,
+                                        use_rel_pos_bias=False, use_shared_rel_pos_bias=True, init_values=0.1,
+                                        use_fc_norm=False, **MICRO)).eval()
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "beit.safetensors"))
+    beit = fresh("beit")
+    report = initialize_from(beit, tmp_path / "beit.safetensors")
+    assert "encoder.blocks.0.ls1.gamma" in report.loaded and "lm_head.weight" in report.initialised
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(beit.encoder.forward_features(x), model.forward_features(x), rtol=0, atol=1e-5)
+
+
+def test_another_run_of_the_same_objective_gives_everything(tmp_path):
+    run, source = make_run(tmp_path / "run", "aim")
+    aim = fresh("aim")
+    report = initialize_from(aim, run)
+    assert report.initialised == [] and any(k.startswith("head.") for k in report.loaded)
+    for k, v in aim.state_dict().items():
+        assert torch.equal(v, source.state_dict()[k]), k
+
+
+def test_exported_timm_folder_round_trips(tmp_path):
+    from mimaim.interop.timm_export import export_timm
+    run, source = make_run(tmp_path / "run", "aim")
+    export_timm(run, tmp_path / "timm")
+    aim = fresh("aim")
+    report = initialize_from(aim, tmp_path / "timm")
+    assert len(report.loaded) == len(aim.encoder.state_dict())
+    assert report.initialised and all(k.startswith("head.") for k in report.initialised)
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(aim.encoder.forward_features(x), source.encoder.forward_features(x), rtol=0, atol=0)
+
+
+def test_mismatches_name_both_sides(tmp_path):
+    run, _ = make_run(tmp_path / "run", "mae")
+    with pytest.raises(ValueError, match="trained with objective 'mae'.*this run is 'simmim'"):
+        initialize_from(fresh("simmim"), run)
+    from mimaim.interop.timm_export import export_timm
+    export_timm(run, tmp_path / "timm")
+    with pytest.raises(ValueError, match="patch 4 in the source vs width 128 and patch 8 in this run"):
+        initialize_from(build_run_objective(make_config(objective="mae", patch_size=8)), tmp_path / "timm")
+    with pytest.raises(ValueError, match="width 128 and patch 4 in the source vs width 192"):
+        initialize_from(build_run_objective(make_config(objective="mae", model="vit_tiny")), tmp_path / "timm")
+    with pytest.raises(ValueError, match="65 position rows in the source vs 257 here"):
+        initialize_from(build_run_objective(make_config(objective="mae", img_size=64)), tmp_path / "timm")
+    with pytest.raises(ValueError, match="lacks .* encoder tensors .*q_bias|no place for"):
+        initialize_from(fresh("beit"), tmp_path / "timm")  # q/k/v bias vs BEiT's q/v-only bias
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        initialize_from(fresh("mae"), tmp_path / "missing")
+
+
+def test_pretrain_init_end_to_end(tmp_path, capsys):
+    """``mimaim pretrain --init RUN`` prints what it loaded and trains from those weights."""
+    from conftest import make_image_folder
+    from mimaim.cli import main
+    from mimaim.config import FIELDS
+
+    if "init" not in FIELDS:
+        pytest.skip("the trainer has no --init yet (config field `init`)")
+    src, _ = make_run(tmp_path / "src", "mae", img_size=16)
+    data = make_image_folder(tmp_path / "images")
+    rc = main(["pretrain", "--init", str(src), "--img-size", "16", "--data", f"imagefolder:{data}", "--batch-size", "4",
+               "--max-steps", "1", "--epochs", "1", "--lr", "1e-12", "--out", str(tmp_path / "new"), "--no-progress"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert f"init from {src}" in err and "loaded 110 tensors" in err and "initialised 0" in err
+    import mimaim
+    new, old = mimaim.load_backbone(tmp_path / "new"), mimaim.load_backbone(src)
+    torch.testing.assert_close(new.blocks[0].attn.qkv.weight, old.blocks[0].attn.qkv.weight, rtol=0, atol=1e-6)
