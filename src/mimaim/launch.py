@@ -36,15 +36,18 @@ def draw_reconstruction(run_dir: Path, device: str = "auto") -> Path | None:
     try:
         from .engine.runs import load_run
         from .eval.pictures import reconstruction_figure
+        from .objectives import Objective
 
         from .engine.distributed import resolve_device
         device = str(resolve_device(device))
         cfg, objective, _ = load_run(run_dir, device=device)
+        if getattr(type(objective), "reconstruct") is getattr(Objective, "reconstruct"):
+            return None  # this objective draws no picture
         path = reconstruction_figure(objective, cfg, run_dir / "reconstruction.png", device=device)
         print(f"wrote {path}", file=sys.stderr)
         return path
     except Exception as err:  # noqa: BLE001 - a picture must never fail a finished run
-        warnings.warn(f"could not draw the reconstruction picture: {err}")
+        warnings.warn(f"could not draw the reconstruction picture: {type(err).__name__}: {err}")
         return None
 
 
