@@ -102,3 +102,52 @@ def test_probes_mae_and_aim_encoders_through_features():
         scores = probe_encoder(enc, train, val, 2, 16, ["attentive", "knn"], layers=[-2, -1])
         assert set(scores) == {"attentive", "knn"}
         assert all(0.0 <= v <= 100.0 for v in scores.values())
+
+
+# --------------------------------------------------------------------------- the fast fit
+def test_fixed_statistics_are_the_token_statistics_and_standardising_once_is_the_eval_forward():
+    from mimaim.eval.attentive import _Standardized
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 7, 24, generator=g) * torch.linspace(0.5, 3, 24) + torch.linspace(-2, 2, 24)
+    head = AttentionPoolingClassifier(24, 5, num_heads=3, generator=g)
+    head.fix_statistics(x, chunk=16)
+    flat = x.reshape(-1, 24).double()
+    torch.testing.assert_close(head.bn.running_mean, flat.mean(0).float())
+    torch.testing.assert_close(head.bn.running_var, flat.var(0, unbiased=True).float())
+    head.eval()
+    torch.testing.assert_close(_Standardized(head)(head.standardize(x, chunk=16)), head(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def digits_tokens():
+    """Token maps of scikit-learn's digits from AIM's trunk at init, read with AIM's protocol (last 6 blocks)."""
+    from mimaim.config import make_config
+    from mimaim.engine.runs import build_backbone, run_record
+    from mimaim.eval.features import extract_features
+    from mimaim.eval.probe_run import labelled_splits, resolve_protocol
+
+    torch.set_num_threads(1)
+    backbone = build_backbone(run_record(make_config(objective="aim", model="vit_micro", img_size=16, patch_size=4)))
+    train, val, classes = labelled_splits("digits", 0.2)
+    p = resolve_protocol("aim")
+    feats = {name: extract_features(backbone, split, 16, list(p.layers), p.pool, p.norm, keep_tokens=True)
+             for name, split in (("train", train), ("val", val))}
+    return feats, backbone.num_heads, classes
+
+
+def test_fast_fit_agrees_with_the_slow_one_on_digits(digits_tokens, monkeypatch):
+    """Fixed statistics + the FAST schedule vs batch-statistics BatchNorm + the SLOW one: within 4 points
+    (mean of two seeds; the seeds themselves move the slow fit by about 3 points), for a fraction of the work."""
+    import mimaim.eval.attentive as att
+
+    feats, heads, classes = digits_tokens
+    seen = []
+    real = att.fit_head
+    monkeypatch.setattr(att, "fit_head", lambda *a: seen.append(a[5] and a[4] * len(a[2])) or real(*a))
+    slow = [attentive_probe(feats["train"], feats["val"], classes, num_heads=heads, seed=s, fast=False) for s in (0, 1)]
+    fast = [attentive_probe(feats["train"], feats["val"], classes, num_heads=heads, seed=s) for s in (0, 1)]
+    assert sum(slow) / 2 > 50  # the probe learns here (10 classes)
+    assert abs(sum(fast) / 2 - sum(slow) / 2) <= 4.0, (slow, fast)
+    slow_samples, fast_samples = seen[0], seen[2]  # epochs x training images
+    assert fast_samples <= 0.35 * slow_samples
