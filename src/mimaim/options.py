@@ -92,20 +92,25 @@ def parse_assignments(items: Iterable[str] | None, flag: str, example: str = "ke
     return out
 
 
-def flag_name(f: dataclasses.Field, prefix: str = "") -> str:
-    return f.metadata.get("flag") or f"--{prefix}{f.name.replace('_', '-')}"
+def flag_name(f: dataclasses.Field, prefix: str = "", flags: dict | None = None) -> str:
+    name = (flags or {}).get(f.name) or f.metadata.get("flag")
+    if name:
+        return name if not prefix else "--" + prefix + name.lstrip("-")
+    return f"--{prefix}{f.name.replace('_', '-')}"
 
 
 def add_dataclass_arguments(parser, cls, include: Iterable[str] | None = None, exclude: Iterable[str] = (),
                             prefix: str = "", groups: bool = True, default=SUPPRESS,
                             help_defaults: dict | None = None, helps: dict | None = None,
-                            sections: dict | None = None) -> list[str]:
+                            sections: dict | None = None, required: Iterable[str] = (),
+                            flags: dict | None = None) -> list[str]:
     """Add one argument per field of dataclass ``cls``; returns the ``dest`` names added.
 
     ``default=SUPPRESS`` (the default) leaves fields the user did not type out of ``vars(args)``;
     ``include``/``exclude`` pick fields; ``prefix`` ("ft-") namespaces the flags and dests;
     ``help_defaults``/``helps`` replace the default shown / the help text of some fields;
-    ``sections`` maps group titles to argument groups the caller already made.
+    ``sections`` maps group titles to argument groups the caller already made; ``required``
+    names fields the command cannot do without; ``flags`` renames some fields' flags.
     """
     fields = [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)
               and f.name not in set(exclude) and (include is None or f.name in set(include))]
@@ -123,8 +128,8 @@ def add_dataclass_arguments(parser, cls, include: Iterable[str] | None = None, e
         shown = (help_defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else None)
         text = (helps or {}).get(f.name) or f.metadata.get("help", "")
         base = _base_type(f)
-        if base == "bool":
-            flag = flag_name(f, prefix)
+        if base == "bool" and f.default is not None:
+            flag = flag_name(f, prefix, flags)
             # a True default is switched off by its --no-... flag, a False one switched on
             target.add_argument(flag, dest=dest, action="store_false" if f.default else "store_true",
                                 default=default, help=text)
@@ -132,16 +137,29 @@ def add_dataclass_arguments(parser, cls, include: Iterable[str] | None = None, e
             if shown not in (None, "") and "(default" not in text:
                 text = f"{text} (default {_show(shown)})"
             kw: dict[str, Any] = {"dest": dest, "default": default, "help": text}
+            if f.name in set(required):
+                kw.update(required=True, default=None)
             if f.metadata.get("choices"):
                 kw["choices"] = list(f.metadata["choices"])
             if f.metadata.get("metavar"):
                 kw["metavar"] = f.metadata["metavar"]
-            kw["type"] = (lambda v, _f=f: coerce_field(_f, v)) if base in ("int", "float", "tuple", "dict") else str
-            if base in ("int", "float", "tuple"):
-                kw.setdefault("metavar", {"int": "N", "float": "X", "tuple": "A,B"}[base])
-            target.add_argument(flag_name(f, prefix), **kw)
+            typed = base in ("int", "float", "tuple", "dict", "bool")  # bool here: a tri-state, true|false
+            kw["type"] = _converter(f) if typed else str
+            if base in ("int", "float", "tuple", "bool"):
+                kw.setdefault("metavar", {"int": "N", "float": "X", "tuple": "A,B", "bool": "true|false"}[base])
+            target.add_argument(flag_name(f, prefix, flags), **kw)
         dests.append(dest)
     return dests
+
+
+def _converter(f: dataclasses.Field):
+    def convert(value: str):
+        try:
+            return coerce_field(f, value)
+        except OptionError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    convert.__name__ = _base_type(f)
+    return convert
 
 
 def _show(value) -> str:

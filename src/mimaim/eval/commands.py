@@ -1,6 +1,9 @@
 """Sub-commands ``mimaim finetune``, ``mimaim compare`` and ``mimaim scale``: parsing only.
 
-The work lives in ``eval/finetune.py``, ``eval/compare.py`` and ``eval/scale.py``.
+Their flags are generated from the dataclass fields that hold the settings (``FinetuneConfig``
+for fine-tuning, ``PretrainConfig`` for every cell's pre-training) by ``options.py``, as for
+``mimaim pretrain``; ``--set KEY=VALUE`` is the one KEY=VALUE syntax for any other field.
+The work lives in ``eval/finetune.py`` and ``studies/compare.py``, ``studies/scale.py``.
 """
 
 from __future__ import annotations
@@ -9,26 +12,49 @@ import argparse
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
 
+#: help of FinetuneConfig fields (None defaults come from --recipe)
+FINETUNE_HELP = {
+    "recipe": "quick: sized to show learning in minutes on a CPU; paper: MAE's ViT-B recipe (FINETUNE.md)",
+    "epochs": "fine-tuning epochs (default: the recipe's)",
+    "batch_size": "batch (default: the recipe's)",
+    "blr": "base lr, lr = blr x batch/256 (default: the recipe's)",
+    "lr": "absolute lr (overrides the base lr)",
+    "min_lr": "floor of the cosine schedule",
+    "warmup_epochs": "warm-up epochs (default: the recipe's)",
+    "weight_decay": "AdamW weight decay",
+    "layer_decay": "layer-wise lr decay, 1 = off (default: the recipe's)",
+    "drop_path": "stochastic depth (default: the recipe's)",
+    "smoothing": "label smoothing (default: the recipe's)",
+    "mixup": "mixup alpha, 0 = off (default: the recipe's)",
+    "cutmix": "cutmix alpha, 0 = off (default: the recipe's)",
+    "auto_augment": "timm RandAugment spec, 'none' = off (default: the recipe's)",
+    "reprob": "random erasing probability (default: the recipe's)",
+    "crop_scale": "RandomResizedCrop area range LOW,HIGH (default: the recipe's)",
+    "hflip": "random horizontal flip (default: the recipe's)",
+    "img_size": "fine-tuning resolution (default: the pre-training one; position tables are resized)",
+    "data": "labelled data (default: the run's own data)",
+    "init": "pretrained (default) | random: the same trunk at random init (training from scratch)",
+    "seed": "random seed",
+    "device": "cpu | cuda",
+    "num_workers": "DataLoader workers",
+    "max_steps": "stop after N steps (smoke tests)",
+    "progress": "no progress bars",
+}
+#: the fine-tuning recipe's fields, offered to compare as --ft-*
+FINETUNE_RECIPE_FIELDS = ("recipe", "batch_size", "blr", "lr", "min_lr", "warmup_epochs", "weight_decay",
+                          "layer_decay", "drop_path", "smoothing", "mixup", "cutmix", "auto_augment", "reprob",
+                          "crop_scale", "hflip", "img_size")
+#: PretrainConfig fields every cell of a grid shares, offered as flags (others: --set)
+RUN_FIELDS = ("data", "model", "img_size", "patch_size", "epochs", "batch_size", "blr", "warmup_epochs",
+              "val_fraction", "recipe", "seed", "max_steps", "progress")
 
-def _kv(items, flag: str) -> dict:
-    from ..config import ConfigError
 
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} blr=1.5e-4")
-        key, value = item.split("=", 1)
-        out[key.strip().replace("-", "_")] = _literal(value.strip())
-    return out
-
-
-def _literal(value: str):
-    import yaml
-
+def _studies():
     try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError:
-        return value
+        from ..studies import compare, scale
+    except ImportError:  # before the move to mimaim.studies
+        from . import compare, scale
+    return compare, scale
 
 
 def _floats(value: str, flag: str) -> tuple[float, float]:
@@ -44,49 +70,40 @@ def _floats(value: str, flag: str) -> tuple[float, float]:
 
 
 def _add_run_options(p: argparse.ArgumentParser, default_model: str) -> None:
-    """Pre-training settings shared by every cell of a grid."""
+    """Pre-training settings shared by every cell of a grid, generated from ``PretrainConfig``."""
+    from ..config import PretrainConfig
     from ..data import DATA_SPEC_HELP
+    from ..options import add_dataclass_arguments
 
     g = p.add_argument_group("pre-training of every cell")
-    g.add_argument("--data", required=True, help=f"labelled data: {DATA_SPEC_HELP} (class sub-folders)")
     g.add_argument("--config", help="YAML preset of PretrainConfig fields for every cell (flags override it)")
-    g.add_argument("--model", default=None, help=f"backbone for every cell (default {default_model})")
-    g.add_argument("--img-size", type=int, help="input resolution (default 32)")
-    g.add_argument("--patch-size", type=int, help="patch size (default 4)")
-    g.add_argument("--epochs", type=int, help="pre-training epochs per cell (default 20)")
-    g.add_argument("--batch-size", type=int, help="global batch (default 64)")
-    g.add_argument("--blr", type=float, help="base learning rate, lr = blr x batch/256")
-    g.add_argument("--warmup-epochs", type=float, help="linear warm-up epochs")
-    g.add_argument("--val-fraction", type=float, help="held-out share of each class for the probes (default 0.2)")
-    g.add_argument("--recipe", choices=["quick", "paper"], help="objective heads: quick (CPU-sized) or paper")
-    g.add_argument("--seed", type=int, help="seed of every cell (default 0)")
-    g.add_argument("--max-steps", type=int, help="cap every cell's steps (smoke tests; the schedule follows epochs)")
+    add_dataclass_arguments(g, PretrainConfig, include=RUN_FIELDS, groups=False, required=("data",),
+                            helps={"data": f"labelled data: {DATA_SPEC_HELP} (class sub-folders)",
+                                   "model": "backbone for every cell", "epochs": "pre-training epochs per cell",
+                                   "val_fraction": "held-out share of each class for the probes"},
+                            help_defaults={"model": default_model})
     g.add_argument("--set", action="append", metavar="KEY=VALUE", dest="set_fields",
                    help="any other PretrainConfig field for every cell, e.g. --set precision=bf16 (repeatable)")
     g = p.add_argument_group("probes and output")
     g.add_argument("--out", required=True, help="results folder; every cell is a run directory OUT/<cell>/")
     g.add_argument("--probes", help="comma-separated probes (default: linear, attentive if installed, knn)")
-    g.add_argument("--layers", help="blocks averaged for probe features, e.g. -6,-5,-4,-3,-2,-1 (default: last)")
+    g.add_argument("--layers", help="blocks averaged for probe features, e.g. -6,-5,-4,-3,-2,-1 (default: "
+                                    "each objective's probe protocol)")
     g.add_argument("--device", default="cpu", help="device for probes and fine-tuning (pre-training: --set device=)")
     g.add_argument("--dry-run", action="store_true",
                    help="print the grid, FLOPs per cell and a time estimate from timing two steps; train nothing")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _base(args, default_model: str) -> dict:
-    from ..config import load_yaml
+    """PretrainConfig fields of every cell: defaults < --config < flags < --set, checked by the one resolver."""
+    from ..config import load_yaml, resolve_config
+    from ..options import given, parse_assignments
 
-    base = load_yaml(args.config) if args.config else {}
-    base.setdefault("model", default_model)
-    for key in ("data", "model", "img_size", "patch_size", "epochs", "batch_size", "blr", "warmup_epochs",
-                "val_fraction", "recipe", "seed", "max_steps"):
-        value = getattr(args, key)
-        if value is not None:
-            base[key] = value
-    base.update(_kv(args.set_fields, "--set"))
-    if args.no_progress:
-        base["progress"] = False
-    return base
+    preset = load_yaml(args.config) if args.config else {}
+    preset.setdefault("model", default_model)
+    flags = {**given(args, RUN_FIELDS), **parse_assignments(args.set_fields, "--set", "precision=bf16")}
+    resolve_config(preset, flags)  # a bad value stops here, before any cell
+    return {**preset, **flags}
 
 
 def _probe_args(args):
@@ -95,46 +112,12 @@ def _probe_args(args):
     return probes, layers
 
 
-# --------------------------------------------------------------------------- finetune
-def _finetune_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    from .finetune import FinetuneConfig
-
-    d = FinetuneConfig()
-    g = p.add_argument_group("fine-tuning (MAE/BEiT recipe)")
-    g.add_argument(f"--{prefix}batch-size", type=int, default=d.batch_size, help=f"batch (default {d.batch_size})")
-    g.add_argument(f"--{prefix}blr", type=float, default=d.blr,
-                   help=f"base lr, lr = blr x batch/256 (default {d.blr}, MAE ViT-B)")
-    g.add_argument(f"--{prefix}layer-decay", type=float, default=d.layer_decay,
-                   help=f"layer-wise lr decay (default {d.layer_decay}; 1 = off)")
-    g.add_argument(f"--{prefix}drop-path", type=float, default=d.drop_path, help=f"stochastic depth (default {d.drop_path})")
-    g.add_argument(f"--{prefix}smoothing", type=float, default=d.smoothing, help=f"label smoothing (default {d.smoothing})")
-    g.add_argument(f"--{prefix}mixup", type=float, default=d.mixup, help=f"mixup alpha, 0 = off (default {d.mixup})")
-    g.add_argument(f"--{prefix}cutmix", type=float, default=d.cutmix, help=f"cutmix alpha, 0 = off (default {d.cutmix})")
-    g.add_argument(f"--{prefix}warmup-epochs", type=float, default=d.warmup_epochs,
-                   help=f"warm-up epochs (default {d.warmup_epochs})")
-    g.add_argument(f"--{prefix}weight-decay", type=float, default=d.weight_decay,
-                   help=f"AdamW weight decay (default {d.weight_decay})")
-    g.add_argument(f"--{prefix}auto-augment", default=d.auto_augment,
-                   help=f"timm RandAugment spec, 'none' = off (default {d.auto_augment})")
-    g.add_argument(f"--{prefix}reprob", type=float, default=d.reprob, help=f"random erasing probability (default {d.reprob})")
-    g.add_argument(f"--{prefix}img-size", type=int, default=None,
-                   help="fine-tuning resolution (default: the pre-training one; position tables are resized)")
-
-
-def _finetune_kwargs(args, prefix: str = "") -> dict:
-    keys = ("batch_size", "blr", "layer_decay", "drop_path", "smoothing", "mixup", "cutmix", "warmup_epochs",
-            "weight_decay", "auto_augment", "reprob", "img_size")
-    out = {k: getattr(args, prefix.replace("-", "_") + k) for k in keys}
-    if isinstance(out["auto_augment"], str) and out["auto_augment"].lower() in ("none", "off", ""):
-        out["auto_augment"] = None
-    return out
-
-
+# --------------------------------------------------------------------------- commands
 def cmd_finetune(args) -> int:
+    from ..options import given
     from .finetune import FinetuneConfig, finetune
 
-    fcfg = FinetuneConfig(epochs=args.epochs, data=args.data, init=args.init, seed=args.seed, device=args.device,
-                          max_steps=args.max_steps, progress=not args.no_progress, **_finetune_kwargs(args))
+    fcfg = FinetuneConfig(**given(args, args.finetune_fields))
     result = finetune(args.run_dir, fcfg)
     print(f"top-1 {result['top1']:.2f}% on {result['val_images']} held-out images of {result['data']} "
           f"({result['objective']} {result['model']}, {fcfg.init} weights, "
@@ -144,31 +127,35 @@ def cmd_finetune(args) -> int:
 
 def cmd_compare(args) -> int:
     from ..config import ConfigError
-    from .compare import compare
+    from ..options import given
 
-    if args.epochs is not None and args.budget_flops is not None:
+    compare = _studies()[0].compare
+    if hasattr(args, "epochs") and args.budget_flops is not None:
         raise ConfigError("--epochs and --budget-flops set the same budget two ways; pass one of them")
     probes, layers = _probe_args(args)
     compare(args.objectives, args.out, _base(args, "vit_tiny"), budget_flops=args.budget_flops,
             same_augmentation=not args.paper_augmentation, crop_scale=_floats(args.crop_scale, "--crop-scale"),
             probes=probes, layers=layers, random_init=not args.no_random_init, finetune_epochs=args.finetune_epochs,
-            finetune_options=_finetune_kwargs(args, "ft_") if args.finetune_epochs else None, dry_run=args.dry_run,
-            device=args.device, progress=not args.no_progress)
+            finetune_options=given(args, args.finetune_fields, "ft_") if args.finetune_epochs else None,
+            dry_run=args.dry_run, device=args.device, progress=getattr(args, "progress", True))
     return 0
 
 
 def cmd_scale(args) -> int:
-    from .scale import scale
-
+    scale = _studies()[1].scale
     probes, layers = _probe_args(args)
     scale(args.objective, args.models, args.data_fractions, args.out, _base(args, "vit_micro"), probes=probes,
           layers=layers, same_steps=not args.same_epochs, offset=args.fit_offset, dry_run=args.dry_run,
-          device=args.device, progress=not args.no_progress)
+          device=args.device, progress=getattr(args, "progress", True))
     return 0
 
 
 def add_parser(sub) -> None:
-    from .compare import SAME_CROP_SCALE, VARIANTS
+    from ..options import add_dataclass_arguments
+    from .finetune import FinetuneConfig
+
+    compare_module = _studies()[0]
+    SAME_CROP_SCALE, VARIANTS = compare_module.SAME_CROP_SCALE, compare_module.VARIANTS
 
     # ---- finetune
     p = sub.add_parser(
@@ -183,16 +170,8 @@ def add_parser(sub) -> None:
                "  mimaim finetune runs/mae-cifar --epochs 20 --img-size 48     # position tables resized\n"
                "  mimaim finetune runs/mae-cifar --epochs 20 --init random     # the from-scratch baseline")
     p.add_argument("run_dir", help="a `mimaim pretrain` run directory")
-    p.add_argument("--data", help="labelled data (default: the run's own data)")
-    p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (default 10)")
-    p.add_argument("--init", choices=["pretrained", "random"], default="pretrained",
-                   help="pretrained weights (default) or the same trunk at random init (training from scratch)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--max-steps", type=int, help="stop after N steps (smoke tests)")
-    p.add_argument("--no-progress", action="store_true")
-    _finetune_options(p)
-    p.set_defaults(func=cmd_finetune)
+    fields = add_dataclass_arguments(p, FinetuneConfig, helps=FINETUNE_HELP, flags={"progress": "--no-progress"})
+    p.set_defaults(func=cmd_finetune, finetune_fields=fields)
 
     # ---- compare
     variants = "; ".join(f"{k} = {v[0]} with {v[1]}" for k, v in VARIANTS.items())
@@ -229,8 +208,10 @@ def add_parser(sub) -> None:
     p.add_argument("--no-random-init", action="store_true", help="skip the random-initialisation row")
     p.add_argument("--finetune-epochs", type=int, default=0, help="add a fine-tune column (N epochs per cell; 0 = off)")
     _add_run_options(p, "vit_tiny")
-    _finetune_options(p, prefix="ft-")
-    p.set_defaults(func=cmd_compare)
+    g = p.add_argument_group("fine-tuning of every cell (with --finetune-epochs)")
+    fields = add_dataclass_arguments(g, FinetuneConfig, include=FINETUNE_RECIPE_FIELDS, prefix="ft-", groups=False,
+                                     helps=FINETUNE_HELP)
+    p.set_defaults(func=cmd_compare, finetune_fields=fields)
 
     # ---- scale
     p = sub.add_parser(
