@@ -163,3 +163,24 @@ def test_the_local_tar_reader_groups_samples_as_webdataset_does(tmp_path, fmt):
     bad.write_bytes(b"x" * 1024)
     with pytest.raises(ValueError, match="not a valid tar file"):
         list(shard_samples(str(bad)))
+
+
+def test_pretraining_on_shards_resumed_mid_epoch_matches_an_uninterrupted_run(tmp_path, image_folder):
+    from safetensors.torch import load_file
+
+    from mimaim.config import make_config
+    from mimaim.engine.checkpoint import latest_checkpoint
+    from mimaim.engine.trainer import pretrain
+
+    write_shards(build_source(f"imagefolder:{image_folder}", cache="off"), tmp_path / "shards", shard_size=3,
+                 progress=False)
+    tiny = dict(model="vit_micro", img_size=16, patch_size=4, batch_size=4, epochs=2, warmup_epochs=1,
+                objective_options={"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2},
+                num_workers=0, progress=False, log_every=1, val_fraction=0.2, data=f"wds:{tmp_path / 'shards'}")
+    full = pretrain(make_config({**tiny, "out": str(tmp_path / "full")}))
+    part = make_config({**tiny, "out": str(tmp_path / "part"), "max_steps": 3})  # stops inside epoch 2
+    pretrain(part)
+    part.max_steps = None
+    resumed = pretrain(part, resume=True)
+    a, b = (load_file(str(latest_checkpoint(run) / "model.safetensors")) for run in (full, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,4 +1,8 @@
-"""Data: sources (built-in digits, image folders), transforms, and the resumable loader."""
+"""Data: sources (built-in digits, image folders, WebDataset shards), transforms, and the resumable loader.
+
+The engine's entry points (contract C4): ``training_subset``, ``steps_per_epoch`` and
+``make_epoch_loader`` (one process's micro-batches of one epoch, for every kind of source).
+"""
 
 from .loader import GlobalBatchSampler, PretrainDataset, collate, make_epoch_loader, make_loader, steps_per_epoch
 from .sources import (DATA_SPEC_HELP, DataError, Source, build_source, check_bad_fraction, group_by_class,

@@ -1,5 +1,8 @@
 """Deterministic, resumable, data-parallel loading.
 
+``make_epoch_loader`` is what the engine calls; for folders and the digits it is built
+from the two pieces below, for WebDataset shards see :mod:`mimaim.data.shards`.
+
 * ``GlobalBatchSampler`` shuffles the whole split once per epoch from (seed, epoch), cuts
   it into *global* batches of ``batch_size`` images (the optimiser batch), and hands this
   rank its contiguous share of each, as ``accum_steps`` micro-batches. Starting at any

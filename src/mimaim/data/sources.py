@@ -209,6 +209,9 @@ def build_source(spec: str, cache: str = "auto", max_bad_fraction: float = 0.01,
     if kind == "wds":  # streamed from tar shards, never decoded into memory
         from .shards import build_shard_source
 
+        if cache == "on":
+            warnings.warn("--cache on does not apply to wds: shards, which are streamed; for data that fits in "
+                          "memory use --data imagefolder:PATH --cache on")
         return build_shard_source(arg)
     source = scan_image_folder(arg)
     if cache not in ("auto", "on", "off"):
