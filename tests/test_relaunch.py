@@ -133,3 +133,17 @@ def test_fsdp_and_activation_checkpointing_say_what_to_use_until_they_land():
     for kw in ({"strategy": "fsdp"}, {"activation_checkpointing": True}):
         with pytest.raises(NotImplementedError, match="not available"):
             parallelize(torch.nn.Linear(2, 2), make_config(**kw), torch.device("cpu"), DistInfo())
+
+
+def test_init_starts_a_new_run_from_another_run_s_weights(tmp_path, image_folder, capsys):
+    data = ["--data", f"imagefolder:{image_folder}"]
+    assert main(["pretrain", *data, *TINY, "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", *data, *TINY, "--init", str(tmp_path / "a"), "--max-steps", "1",
+                 "--out", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err
+    assert "init from" in err and "loaded" in err
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    # the first step runs at lr 0 (warm-up starts at 0), so b's weights are still a's
+    enc = [k for k in a if k.startswith("encoder.")]
+    assert enc and all(torch.equal(a[k], b[k]) for k in enc)
