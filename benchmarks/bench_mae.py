@@ -9,7 +9,7 @@ median step time over all timed steps after warm-up.
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps; on CPU
 the rise of the resident set size during three steps over the RSS before them (weights,
 batches and the allocator's cache excluded; activations, gradients and AdamW state
-included), sampled each millisecond in a fresh subprocess per implementation.
+included), in a fresh subprocess per implementation (``common.rss_rise``).
 
     OMP_NUM_THREADS=2 python benchmarks/bench_mae.py                 # CPU: ViT-Tiny/4, 32 px, batch 64, fp32 + bf16
     python benchmarks/bench_mae.py --device cuda --compile           # GPU: ViT-B/16, 224 px, bf16, SDPA
@@ -20,16 +20,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
-import statistics
-import subprocess
-import sys
-import threading
-import time
 
 import torch
 
+from common import Runner, interleaved, json_subprocess, machine_line, rss_rise
 from mimaim.interop.hf_mae import mae_to_hf_model
 from mimaim.objectives import build_objective
 
@@ -76,42 +70,14 @@ def build_pair(args, device):
     return ours.to(device).train(), hf.to(device).train()
 
 
-class Runner:
-    """One model + its AdamW; ``step(images, noise)`` is one training step, returns the loss."""
-
-    def __init__(self, name, model, args, device, precision):
-        self.name, self.device = name, device
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
-        self.model = torch.compile(model) if args.compile else model
-        self.dtype = torch.bfloat16 if precision == "bf16" else None
-        self.times: list[float] = []
-
-    def forward(self, images, noise):
-        if self.name == "ours":
-            return self.model(images, masking=noise).loss
-        return self.model(pixel_values=images, noise=noise).loss
-
-    def step(self, images, noise):
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            loss = self.forward(images, noise)
-        loss.backward()
-        self.optimizer.step()
-        return loss
-
-    def timed_steps(self, batches):
-        for images, noise in batches:
-            sync(self.device)
-            t0 = time.perf_counter()
-            self.step(images, noise)
-            sync(self.device)
-            self.times.append(time.perf_counter() - t0)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def runner(name, model, args, device, precision):
+    if name == "ours":
+        def loss_fn(m, batch):
+            return m(batch[0], masking=batch[1]).loss
+    else:
+        def loss_fn(m, batch):
+            return m(pixel_values=batch[0], noise=batch[1]).loss
+    return Runner(name, model, loss_fn, device, precision, args.compile, betas=(0.9, 0.95), fused=True)
 
 
 def make_batches(args, device, n, seed):
@@ -121,100 +87,38 @@ def make_batches(args, device, n, seed):
              torch.rand(args.batch_size, num_patches, generator=g).to(device)) for _ in range(n)]
 
 
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 # --------------------------------------------------------------------------- measurements
 def measure_precision(args, device, precision):
     """Interleaved timing of ours and HF at one precision -> dict name -> (median s, peak bytes, loss0)."""
     ours, hf = build_pair(args, device)
-    runners = {"ours": Runner("ours", ours, args, device, precision),
-               "hf": Runner("hf", hf, args, device, precision)}
-    warm = make_batches(args, device, args.warmup, seed=1)
-    first_loss = {}
-    for name, runner in runners.items():
-        with torch.no_grad(), torch.autocast(device.type, dtype=runner.dtype, enabled=runner.dtype is not None):
-            first_loss[name] = runner.forward(*warm[0]).float().item()  # same weights, same noise
-        for images, noise in warm:
-            runner.step(images, noise)
-    peak = {}
-    for r in range(args.rounds):
-        batches = make_batches(args, device, args.steps, seed=100 + r)
-        order = ["ours", "hf"] if r % 2 == 0 else ["hf", "ours"]
-        for name in order:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            runners[name].timed_steps(batches)
-            if device.type == "cuda":
-                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
-    return {name: (statistics.median(run.times), peak.get(name), first_loss[name]) for name, run in runners.items()}
+    runners = {"ours": runner("ours", ours, args, device, precision), "hf": runner("hf", hf, args, device, precision)}
+    return interleaved(runners, lambda n, seed: make_batches(args, device, n, seed), device, args.warmup,
+                       args.rounds, args.steps)
 
 
 def memory_probe(args):
-    """Subprocess body: the peak RSS over a few steps of one model, less the RSS before them.
-
-    RSS is sampled every millisecond by a thread (torch kernels release the GIL);
-    ``resource.getrusage`` would also count peaks from building and converting the models.
-    """
+    """Subprocess body: the peak RSS over a few steps of one model, less the RSS before them."""
     device = torch.device("cpu")
     ours, hf = build_pair(args, device)
     model = ours if args.only == "ours" else hf
     del ours, hf
     gc.collect()
-    runner = Runner(args.only, model, args, device, args.precision)
+    run = runner(args.only, model, args, device, args.precision)
     batches = make_batches(args, device, 3, seed=1)
-    before = current_rss_bytes()
-    peak, done = [before], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], current_rss_bytes())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    for images, noise in batches:
-        runner.step(images, noise)
-    done.set()
-    sampler.join()
-    print(json.dumps({"peak_rise": peak[0] - before}))
+    print(json.dumps({"peak_rise": rss_rise(lambda: [run.step(b) for b in batches])}))
 
 
 def cpu_peak_memory(args, name, precision):
-    cmd = [sys.executable, __file__, "--memory-probe", "--only", name, "--precision", precision,
+    cmd = ["--memory-probe", "--only", name, "--precision", precision,
            "--device", "cpu", "--model", args.model, "--img-size", str(args.img_size),
            "--patch-size", str(args.patch_size), "--batch-size", str(args.batch_size),
            "--decoder", args.decoder, "--mask-ratio", str(args.mask_ratio)]
     if args.compile:
         cmd.append("--compile")
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_rise"]
+    return json_subprocess(__file__, cmd)["peak_rise"]
 
 
 # --------------------------------------------------------------------------- report
-def machine_line(device):
-    import transformers
-
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = " avx512_bf16" if "avx512_bf16" in f.read() else ""
-    except OSError:
-        pass
-    where = f"CPU {cpu} ({os.cpu_count()} cores{flags}), torch threads {torch.get_num_threads()}"
-    if device.type == "cuda":
-        where = f"GPU {torch.cuda.get_device_name()}; " + where
-    return f"{where}; torch {torch.__version__}, transformers {transformers.__version__}"
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.memory_probe:
@@ -225,7 +129,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    print(machine_line(device))
+    print(machine_line(device, "transformers"))
     print(f"MAE {args.model}/{args.patch_size} at {args.img_size} px, batch {args.batch_size}, decoder "
           f"{args.decoder} (width,depth,heads), mask ratio {args.mask_ratio}, norm_pix_loss, AdamW; "
           f"SDPA attention{', torch.compile' if args.compile else ''}; median of {args.rounds}x{args.steps} "

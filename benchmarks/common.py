@@ -1,0 +1,166 @@
+"""What every benchmark script shares: the timed training step, interleaved rounds, memory, machine line.
+
+* ``Runner``: one model + its AdamW; ``step(batch)`` is forward (under bf16 autocast if
+  asked), backward and an optimiser step; ``timed(batches)`` appends each step's seconds.
+* ``interleaved(runners, make_batches, ...)``: warm-up, then rounds in which every runner
+  times the same batches, the order rotating each round, so that load from other
+  processes on a shared machine hits all alike. -> {name: (median s, CUDA peak bytes or None,
+  loss of the first warm-up batch)}.
+* ``rss_rise(fn)``: the rise of this process's resident set over its size before ``fn``
+  ran (the RSS high-water mark is reset first where Linux allows, else sampled each
+  millisecond); run it in a fresh process (``json_subprocess``) per model.
+* ``machine_line(device, "transformers", ...)``: CPU model, cores, load, library versions.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Runner:
+    """``loss_fn(model, batch) -> scalar loss``; AdamW (lr 1e-4, wd 0.05, ``betas``)."""
+
+    def __init__(self, name: str, model: torch.nn.Module, loss_fn: Callable, device: torch.device,
+                 precision: str = "fp32", compile: bool = False, betas=(0.9, 0.95), fused: bool = False):
+        self.name, self.device, self.loss_fn = name, device, loss_fn
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, betas=betas, weight_decay=0.05,
+                                           **({"fused": True} if fused else {}))
+        self.model = torch.compile(model) if compile else model
+        self.dtype = torch.bfloat16 if precision == "bf16" else None
+        self.times: list[float] = []
+
+    def loss(self, batch) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            return self.loss_fn(self.model, batch)
+
+    def step(self, batch) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(batch)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+    def timed(self, batches) -> None:
+        for batch in batches:
+            sync(self.device)
+            t0 = time.perf_counter()
+            self.step(batch)
+            sync(self.device)
+            self.times.append(time.perf_counter() - t0)
+
+
+def interleaved(runners: dict[str, Runner], make_batches: Callable[[int, int], list], device: torch.device,
+                warmup: int, rounds: int, steps: int) -> dict[str, tuple[float, int | None, float]]:
+    """Warm up, then ``rounds`` x ``steps`` timed steps per runner on the same batches, order rotating."""
+    warm = make_batches(warmup, 1)
+    first = {}
+    for name, runner in runners.items():
+        with torch.no_grad():
+            first[name] = runner.loss(warm[0]).float().item()  # same weights, same batch: should agree
+        for batch in warm:
+            runner.step(batch)
+    names, peak = list(runners), {}
+    for r in range(rounds):
+        batches = make_batches(steps, 100 + r)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            runners[name].timed(batches)
+            if device.type == "cuda":
+                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
+    return {name: (statistics.median(run.times), peak.get(name), first[name]) for name, run in runners.items()}
+
+
+# --------------------------------------------------------------------------- memory
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _hwm_bytes() -> int:
+    """This process's RSS high-water mark (VmHWM). Not ``ru_maxrss``: Linux carries a parent's
+    maximum into a forked child."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def rss_rise(fn: Callable[[], None]) -> int:
+    """Bytes the resident set grew above its size before ``fn`` at its peak while ``fn`` ran."""
+    before = rss_bytes()
+    if _reset_hwm():
+        fn()
+        return max(0, _hwm_bytes() - before)
+    peak, done = [before], threading.Event()
+
+    def sample():  # torch kernels release the GIL
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(0, peak[0] - before)
+
+
+def json_subprocess(script: str, args: list[str]) -> dict:
+    """Run ``python script *args`` in a fresh process; -> the JSON object on its last stdout line."""
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{os.path.basename(script)} {' '.join(args)} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- report
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine_line(device: torch.device, *libraries: str) -> str:
+    """"CPU <model> (<n> cores[, avx512_bf16], load <1-min>), torch threads <t>; python, torch, <libraries>"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = ", avx512_bf16" if "avx512_bf16" in f.read() else ""
+    except OSError:
+        flags = ""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    where = f"CPU {cpu_model()} ({os.cpu_count()} cores{flags}, load {load:.1f}), torch threads {torch.get_num_threads()}"
+    if device.type == "cuda":
+        where = f"GPU {torch.cuda.get_device_name()}; " + where
+    versions = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    versions += [f"{name} {importlib.import_module(name).__version__}" for name in libraries]
+    return f"{where}; {', '.join(versions)}"
