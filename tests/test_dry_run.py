@@ -85,7 +85,7 @@ def test_dry_run_report_for_a_config():
     from mimaim.config import make_config
 
     cfg = make_config(objective="aim", model="vit_micro", img_size=32, patch_size=4, batch_size=64, accum_steps=2)
-    text = dry_run(cfg, world_size=2)
+    text = dry_run(cfg, world_size=2, show=False)
     assert "batch 16 per GPU (global 32)" in text and "global batch 64 = 2 GPU(s) x 2 accumulation x 16" in text
     assert "fsdp" in text and "GFLOP" in text
     big = estimate(build_on_meta(tiny_mae), "ddp", "fp32", batch_per_gpu=8)

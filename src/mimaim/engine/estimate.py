@@ -82,7 +82,7 @@ def build_on_meta(build) -> nn.Module:
 def objective_from_config(cfg) -> nn.Module:
     """The objective a ``PretrainConfig`` describes, on meta."""
     from ..objectives import build_objective
-    from .trainer import resolved_objective_options
+    from .build import resolved_objective_options
 
     return build_on_meta(lambda: build_objective(cfg.objective, cfg.model, cfg.img_size, cfg.patch_size,
                                                  resolved_objective_options(cfg)))
@@ -252,7 +252,8 @@ def estimate(objective_or_cfg, strategy: str = "ddp", precision: str = "bf16", b
     }
     half = 2 if dtype == torch.bfloat16 else 4
     if strategy == "ddp":
-        rows["buffers"] = 4 * trainable  # DDP's gradient buckets (a second copy of the gradients)
+        # DDP's gradient buckets (a second copy of the gradients); one process runs without DDP
+        rows["buffers"] = 4 * trainable if world_size > 1 else 0
         if dtype == torch.bfloat16:
             rows["buffers"] += 2 * params  # autocast's bf16 copies of the weights, cached during forward
     else:
@@ -344,11 +345,13 @@ def format_choices(choices: dict[tuple[str, bool], dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def dry_run(cfg, world_size: int | None = None, gpu_memory_gib: float | None = 80.0) -> str:
+def dry_run(cfg, world_size: int | None = None, gpu_memory_gib: float | None = 80.0, show: bool = True) -> str:
     """The ``--dry-run`` report for a ``PretrainConfig``: its estimate and the alternatives.
 
-    ``world_size``: the number of GPUs planned (default: ``WORLD_SIZE`` when launched by
-    torchrun, else 1). The batch per GPU is ``batch_size / (world_size * accum_steps)``.
+    ``world_size``: the number of GPUs planned (default: ``WORLD_SIZE``, so
+    ``WORLD_SIZE=8 mimaim pretrain ... --dry-run`` plans for 8 GPUs). The batch per GPU is
+    ``batch_size / (world_size * accum_steps)``. Printed (by rank 0 only) when ``show``;
+    returned either way.
     """
     import os
 
@@ -356,6 +359,9 @@ def dry_run(cfg, world_size: int | None = None, gpu_memory_gib: float | None = 8
     per_gpu = max(1, math.ceil(cfg.batch_size / (world_size * cfg.accum_steps)))
     choices = estimate_choices(cfg, cfg.precision, per_gpu, world_size)
     chosen = choices[(getattr(cfg, "strategy", "ddp"), bool(getattr(cfg, "activation_checkpointing", False)))]
-    return "\n".join([f"dry run: {cfg.objective} on {cfg.model}/{cfg.patch_size} at {cfg.img_size}px, global batch "
+    text = "\n".join([f"dry run: {cfg.objective} on {cfg.model}/{cfg.patch_size} at {cfg.img_size}px, global batch "
                       f"{cfg.batch_size} = {world_size} GPU(s) x {cfg.accum_steps} accumulation x {per_gpu}",
                       format_estimate(chosen, gpu_memory_gib), "", format_choices(choices)])
+    if show and os.environ.get("RANK", "0") == "0":
+        print(text, flush=True)
+    return text
