@@ -13,8 +13,8 @@ load from other processes on a shared machine hits all alike; the table reports 
 step time over all timed steps after warm-up, as images/s.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps; on CPU the
-rise of the RSS high-water mark (VmHWM) over the RSS before the first step, in a fresh
-subprocess per model.
+rise of the resident set over the RSS before the first step, in a fresh subprocess per model
+(``common.rss_rise``).
 
     OMP_NUM_THREADS=2 python benchmarks/bench_aim.py                     # CPU: ViT-Tiny/4, 32 px, batch 64
     python benchmarks/bench_aim.py --device cuda --precision bf16 --compile   # GPU: ViT-B/16, 224 px
@@ -24,16 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
-import subprocess
-import sys
-import time
 
 import torch
 from torch import nn
 
+from common import Runner, interleaved, json_subprocess, machine_line, rss_rise
 from mimaim.interop.lightly_aim import aim_loss_from_lightly, build_lightly_aim, lightly_forward, lightly_prefix_mask
 from mimaim.objectives import build_objective
 
@@ -92,46 +87,21 @@ def build(name, args, device):
                                 dict(decoder_embed_dim=w, decoder_depth=d, decoder_num_heads=h))
     else:
         model = build_objective("aim", args.model, args.img_size, args.patch_size,
-                                dict(head_width=width, head_depth=depth, attention_kernel=args.kernel))
+                                dict(head_width=width, head_depth=depth, attention_kernel=args.kernel,
+                                     head_style="lightly"))  # the layout lightly's head can hold
         if name == "aim (lightly)":
             backbone, head = build_lightly_aim(model)
             model = LightlyAIM(backbone, head, args.patch_size)
     return model.to(device).train()
 
 
-class Runner:
-    def __init__(self, name, model, args, device):
-        self.name, self.device = name, device
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-        self.model = torch.compile(model) if args.compile else model
-        self.dtype = torch.bfloat16 if args.precision == "bf16" else None
-        self.times: list[float] = []
-
-    def step(self, batch):
+def runner(name, model, args, device):
+    def loss_fn(m, batch):
         images, prefix_len, noise = batch
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            if self.name == "aim (lightly)":
-                loss = self.model(images, prefix_len)
-            else:
-                loss = self.model(images, noise if self.name.startswith("mae") else prefix_len).loss
-        loss.backward()
-        self.optimizer.step()
-        return loss
-
-    def timed_steps(self, batches):
-        for batch in batches:
-            sync(self.device)
-            t0 = time.perf_counter()
-            self.step(batch)
-            sync(self.device)
-            self.times.append(time.perf_counter() - t0)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        if name == "aim (lightly)":
+            return m(images, prefix_len)
+        return m(images, noise if name.startswith("mae") else prefix_len).loss
+    return Runner(name, model, loss_fn, device, args.precision, args.compile, betas=(0.9, 0.95))
 
 
 def make_batches(args, device, n, seed):
@@ -142,74 +112,28 @@ def make_batches(args, device, n, seed):
              torch.rand(args.batch_size, N, generator=g).to(device)) for _ in range(n)]
 
 
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    """This process's RSS high-water mark (VmHWM). Not ``ru_maxrss``: Linux carries the parent's
-    maximum into a forked child, so a subprocess of a large parent would report the parent's peak."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
 # --------------------------------------------------------------------------- measurements
 def measure(args, device):
-    runners = {name: Runner(name, build(name, args, device), args, device) for name in NAMES}
-    for runner in runners.values():
-        for batch in make_batches(args, device, args.warmup, seed=1):
-            runner.step(batch)
-    peak = {}
-    for r in range(args.rounds):
-        batches = make_batches(args, device, args.steps, seed=100 + r)
-        order = NAMES[r % 3:] + NAMES[:r % 3]
-        for name in order:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            runners[name].timed_steps(batches)
-            if device.type == "cuda":
-                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
-    return {name: (statistics.median(run.times), peak.get(name)) for name, run in runners.items()}
+    runners = {name: runner(name, build(name, args, device), args, device) for name in NAMES}
+    return interleaved(runners, lambda n, seed: make_batches(args, device, n, seed), device, args.warmup,
+                       args.rounds, args.steps)
 
 
 def memory_probe(args):
     device = torch.device("cpu")
-    runner = Runner(args.only, build(args.only, args, device), args, device)
+    run = runner(args.only, build(args.only, args, device), args, device)
     batches = make_batches(args, device, 2, seed=1)
-    before = current_rss_bytes()
-    for batch in batches:
-        runner.step(batch)
-    print(json.dumps({"peak_rise": peak_rss_bytes() - before}))
+    print(json.dumps({"peak_rise": rss_rise(lambda: [run.step(b) for b in batches])}))
 
 
 def cpu_peak_memory(args, name):
-    cmd = [sys.executable, __file__, "--memory-probe", "--only", name, "--device", "cpu", "--model", args.model,
+    cmd = ["--memory-probe", "--only", name, "--device", "cpu", "--model", args.model,
            "--img-size", str(args.img_size), "--patch-size", str(args.patch_size), "--batch-size",
            str(args.batch_size), "--precision", args.precision, "--head", args.head, "--decoder", args.decoder,
            "--kernel", args.kernel]
     if args.compile:
         cmd.append("--compile")
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_rise"]
-
-
-def machine_line(device):
-    import lightly
-    import timm
-
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    where = f"CPU {cpu} ({os.cpu_count()} cores, load {load:.1f}), torch threads {torch.get_num_threads()}"
-    if device.type == "cuda":
-        where = f"GPU {torch.cuda.get_device_name()}; " + where
-    return (f"{where}; python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
-            f"lightly {lightly.__version__}")
+    return json_subprocess(__file__, cmd)["peak_rise"]
 
 
 def main(argv=None):
@@ -221,14 +145,14 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but CUDA is not available")
     results = measure(args, device)
-    print(f"# {machine_line(device)}")
+    print(f"# {machine_line(device, 'timm', 'lightly')}")
     print(f"# {args.model}/{args.patch_size} at {args.img_size}px, batch {args.batch_size}, {args.precision}, "
           f"AIM head {args.head} (width,depth), MAE decoder {args.decoder}, kernel {args.kernel}, "
           f"compile {args.compile}; median of {args.rounds}x{args.steps} steps after {args.warmup} warm-up")
     print("| model | step (ms) | images/s | peak memory (MiB) |")
     print("|---|---|---|---|")
     for name in NAMES:
-        seconds, peak = results[name]
+        seconds, peak, _ = results[name]
         if peak is None and device.type == "cpu" and not args.no_memory:
             peak = cpu_peak_memory(args, name)
         mem = f"{peak / 2**20:.0f}" if peak is not None else "-"

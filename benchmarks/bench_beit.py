@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
+
+from common import json_subprocess, machine_line, rss_rise, sync
 
 NAMES = ("beit (mimaim)", "beit (HF transformers)")
 CPU_DEFAULTS = dict(model="vit_tiny", img_size=32, patch_size=4, batch_size=32, precision="fp32")
@@ -72,14 +72,6 @@ def build(args):
     return obj, to_hf(obj), images, mask, ids, t_fit, t_tok
 
 
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB -> MiB
-    return float("nan")
-
-
 def worker(args) -> dict:
     device = torch.device(args.device)
     obj, hf, images, mask, ids, t_fit, t_tok = build(args)
@@ -108,26 +100,22 @@ def worker(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    rss0 = _status_mib("VmRSS")
-    for _ in range(args.warmup):
-        step()
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = _status_mib("VmHWM") - rss0  # this process's own peak (ru_maxrss would carry the parent's)
+
+    def run():
+        for _ in range(args.warmup):
+            step()
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            step()
+            sync(device)
+            times.append(time.perf_counter() - t)
+
+    rise = rss_rise(run)  # this process's own peak over its RSS before the first step
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else rise / 2**20
     return {"times": times, "peak_mib": peak, "tok_fit_s": t_fit, "tok_s": t_tok}
 
 
@@ -136,24 +124,15 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    import transformers
-
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs visible, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}"
-          + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""))
-    print(f"versions: python {platform.python_version()}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}")
+    print(f"machine: {machine_line(torch.device(args.device), 'transformers')}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}")
     print(f"shape: {args.model}/{args.patch_size} at {args.img_size}px, batch {args.batch_size}, {args.precision}"
           f"{', compiled' if args.compile else ''}, device {args.device}; {args.rounds} rounds x {args.steps} steps")
     results = {n: {"times": [], "peak": [], "tok": []} for n in NAMES}
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
     for r in range(args.rounds):
         for name in (NAMES if r % 2 == 0 else NAMES[::-1]):
-            out = subprocess.run([sys.executable, __file__, *passthrough, "--worker", name],
-                                 capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(f"{name} failed:\n{out.stderr[-2000:]}")
-            res = json.loads(out.stdout.strip().splitlines()[-1])
+            res = json_subprocess(__file__, [*passthrough, "--worker", name])
             results[name]["times"] += res["times"]
             results[name]["peak"].append(res["peak_mib"])
             results[name]["tok"].append((res["tok_fit_s"], res["tok_s"]))

@@ -9,7 +9,8 @@ Timings are interleaved (ours, HF, HF, ours, ...) in rounds so that load from ot
 processes hits both alike; the table gives the median step time after warm-up.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps; on CPU
-the rise of peak RSS over the RSS before the first step, in a fresh subprocess per model.
+the rise of the resident set over the RSS before the first step, in a fresh subprocess per model
+(``common.rss_rise``).
 
     OMP_NUM_THREADS=2 python benchmarks/bench_simmim.py                  # CPU: ViT-Tiny/4 32 px, Swin-T 64 px
     python benchmarks/bench_simmim.py --device cuda --precision bf16 --compile   # GPU: ViT-B/16 224, Swin-B 192
@@ -19,16 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
-import statistics
-import subprocess
-import sys
-import time
 
 import torch
 
+from common import Runner, interleaved, json_subprocess, machine_line, rss_rise
 from mimaim.interop.hf_simmim import simmim_to_hf_model
 from mimaim.objectives import build_objective
 
@@ -77,39 +72,13 @@ def build(args, backbone, impl, device):
     return net.to(device).train(), ours
 
 
-class Runner:
-    def __init__(self, impl, model, args, device):
-        self.impl, self.device = impl, device
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05)
-        self.model = torch.compile(model) if args.compile else model
-        self.dtype = torch.bfloat16 if args.precision == "bf16" else None
-        self.times: list[float] = []
-
-    def forward(self, images, mask):
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            if self.impl == "hf":
-                return self.model(pixel_values=images, bool_masked_pos=mask).loss
-            return self.model(images, mask).loss
-
-    def step(self, images, mask):
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.forward(images, mask)
-        loss.backward()
-        self.optimizer.step()
-        return loss
-
-    def timed(self, batches):
-        for images, mask in batches:
-            sync(self.device)
-            t0 = time.perf_counter()
-            self.step(images, mask)
-            sync(self.device)
-            self.times.append(time.perf_counter() - t0)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def runner(impl, model, args, device):
+    def loss_fn(m, batch):
+        images, mask = batch
+        if impl == "hf":
+            return m(pixel_values=images, bool_masked_pos=mask).loss
+        return m(images, mask).loss
+    return Runner(impl, model, loss_fn, device, args.precision, args.compile, betas=(0.9, 0.999))
 
 
 def make_batches(objective, args, backbone, device, n, seed):
@@ -119,11 +88,6 @@ def make_batches(objective, args, backbone, device, n, seed):
             for _ in range(n)]
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 # --------------------------------------------------------------------------- measurements
 def impls_for(backbone):
     return ["ours", "hf", "beit"] if backbone == "vit" else ["ours", "hf"]
@@ -131,62 +95,27 @@ def impls_for(backbone):
 
 def measure(args, backbone, device):
     """-> {impl: (median step s, peak bytes or None, first loss)}, timings interleaved."""
-    runners, first = {}, {}
+    runners = {}
     for impl in impls_for(backbone):
         model, ours = build(args, backbone, impl, device)
-        runners[impl] = Runner(impl, model, args, device)
-    warm = make_batches(ours, args, backbone, device, args.warmup, seed=1)
-    for impl, runner in runners.items():
-        with torch.no_grad():
-            first[impl] = runner.forward(*warm[0]).float().item()
-        for images, mask in warm:
-            runner.step(images, mask)
-    peak = {}
-    for r in range(args.rounds):
-        batches = make_batches(ours, args, backbone, device, args.steps, seed=100 + r)
-        order = list(runners) if r % 2 == 0 else list(reversed(runners))
-        for impl in order:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            runners[impl].timed(batches)
-            if device.type == "cuda":
-                peak[impl] = max(peak.get(impl, 0), torch.cuda.max_memory_allocated())
-    return {impl: (statistics.median(run.times), peak.get(impl), first[impl]) for impl, run in runners.items()}
+        runners[impl] = runner(impl, model, args, device)
+    return interleaved(runners, lambda n, seed: make_batches(ours, args, backbone, device, n, seed), device,
+                       args.warmup, args.rounds, args.steps)
 
 
 def memory_probe(args, backbone, impl):
     """Run in a fresh process: peak RSS rise over the RSS before the first step."""
     device = torch.device("cpu")
     model, ours = build(args, backbone, impl, device)
-    runner = Runner(impl, model, args, device)
+    run = runner(impl, model, args, device)
     batches = make_batches(ours, args, backbone, device, args.warmup + 1, seed=1)
-    before = rss_bytes()
-    for images, mask in batches:
-        runner.step(images, mask)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_bytes": max(0, peak - before)}))
+    print(json.dumps({"peak_bytes": rss_rise(lambda: [run.step(b) for b in batches])}))
 
 
 def cpu_peak(args, backbone, impl):
-    cmd = [sys.executable, __file__, "--device", "cpu", "--precision", args.precision, "--warmup", str(args.warmup),
+    cmd = ["--device", "cpu", "--precision", args.precision, "--warmup", str(args.warmup),
            "--only", f"{backbone}:{impl}"] + (["--batch-size", str(args.batch_size)] if args.batch_size else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-    return json.loads(out)["peak_bytes"]
-
-
-def machine(device) -> str:
-    import timm
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu}, {torch.get_num_threads()} threads"
-    return (f"{where}; python {platform.python_version()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, timm {timm.__version__}")
+    return json_subprocess(__file__, cmd)["peak_bytes"]
 
 
 def main(argv=None):
@@ -199,7 +128,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    print(f"machine: {machine(device)}")
+    print(f"machine: {machine_line(device, 'transformers', 'timm')}")
     print(f"precision {args.precision}, compile {args.compile}, {args.warmup} warm-up + {args.rounds}x{args.steps} "
           f"timed steps per model (forward + backward + AdamW)\n")
     print("| backbone | shape | implementation | images/s | step (ms) | peak memory (MiB) | first loss |")

@@ -33,7 +33,8 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 def perturbed_aim(**options):
     torch.manual_seed(0)
-    aim = build_objective("aim", "vit_micro", 16, 4, {"head_depth": 2, "head_width": 64, **options}, depth=2)
+    aim = build_objective("aim", "vit_micro", 16, 4,
+                          {"head_depth": 2, "head_width": 64, "head_style": "lightly", **options}, depth=2)
     with torch.no_grad():  # move every trainable weight off its init (LayerNorms, zero biases) to test them all
         for p in aim.parameters():
             if p.requires_grad:
@@ -80,7 +81,8 @@ def test_round_trip_is_lossless_and_loads_lightly_weights():
     # weights made on lightly's side load into a fresh mimaim AIM
     torch.manual_seed(5)
     backbone, head = build_lightly_aim(aim, load_weights=False)
-    fresh = build_objective("aim", "vit_micro", 16, 4, {"head_depth": 2, "head_width": 64}, depth=2)
+    fresh = build_objective("aim", "vit_micro", 16, 4, {"head_depth": 2, "head_width": 64, "head_style": "lightly"},
+                            depth=2)
     fresh.load_state_dict(lightly_to_aim(backbone.state_dict(), head.state_dict()))
     assert torch.equal(fresh.head.pred.weight, head.blocks[-1].weight)
     assert torch.equal(fresh.encoder.patch_norm.weight, backbone.patch_embed.norm.weight)

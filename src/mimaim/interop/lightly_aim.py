@@ -46,6 +46,9 @@ def _head_depth(head_state: dict[str, torch.Tensor], prefix: str) -> int:
 def aim_to_lightly(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """Our ``AIM.state_dict()`` -> {"backbone": ..., "head": ...} for lightly's two modules."""
     backbone, head = {}, {}
+    if any(k.startswith("head.") and k.split(".")[1] not in ("embed", "blocks", "norm", "pred") for k in state):
+        raise ValueError("this AIM has the l3m head (head_style='l3m', the default), which lightly's "
+                         "AIMPredictionHead cannot hold; build it with head_style='lightly' (--opt head_style=lightly)")
     depth = _head_depth(state, "head.")
     for key, value in state.items():
         if key.startswith("encoder."):
