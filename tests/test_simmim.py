@@ -216,3 +216,20 @@ def test_presets_load_and_fit_their_sizes(name):
     if cfg.model.startswith("swin"):
         check_swin_sizes(cfg.img_size, cfg.patch_size, opts.window_size, 4)
         assert (cfg.img_size, opts.window_size, opts.drop_path_rate) == (192, 6, 0.0)
+
+
+def test_multistep_schedule_drives_a_run(tmp_path, image_folder):
+    """SimMIM's schedule through the engine: warm-up, flat peak, x0.1 from the milestone (lr_scheduler.py)."""
+    import csv
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "--objective", "simmim", "--model", "vit_micro", "--img-size", "16", "--patch-size", "4",
+                 "--opt", "mask_patch_size=8", "--data", f"imagefolder:{image_folder}", "--batch-size", "5",
+                 "--epochs", "3", "--warmup-epochs", "1", "--schedule", "multistep", "--milestones", "2",
+                 "--lr", "1e-3", "--log-every", "1", "--out", str(run), "--no-progress"]) == 0
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    lrs = {int(r["step"]): float(r["lr"]) for r in rows}  # 10 training images, batch 5: 2 steps per epoch
+    # the lr logged with step s was set from epoch (s - 1) / 2
+    assert lrs[1] == 0.0 and lrs[2] == pytest.approx(5e-4)  # warm-up over epoch 1
+    assert [lrs[s] for s in (3, 4)] == pytest.approx([1e-3] * 2)  # flat peak, no cosine decay
+    assert [lrs[s] for s in (5, 6)] == pytest.approx([1e-4] * 2)  # x0.1 from epoch 2
