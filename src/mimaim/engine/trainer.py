@@ -1,15 +1,16 @@
 """The pre-training loop: plain PyTorch, readable top to bottom.
 
-    setup:      build the objective, data and AdamW; restore the newest checkpoint when resuming
-    train_step: for each of accum_steps micro-batches: loss = objective(images, masking) under
-                autocast, (loss / accum_steps).backward(); one finiteness check of the step's loss;
-                clip; optimizer.step(); objective.after_optimizer_step()
-    every step: lr from the schedule (per step, on fractional epochs)
-    log_every:  one sync: mean loss, images/s, skipped images -> metrics.csv / TensorBoard
-    save_every / each epoch's end: an atomic checkpoint (weights checked finite first)
+    setup       build the objective, data and AdamW (``--init`` weights for a new run); restore the
+                newest checkpoint when resuming; wrap the model once (``parallelize``)
+    train_step  lr from the schedule; for each of accum_steps micro-batches: loss under autocast,
+                (loss / accum_steps).backward(); ONE sync: is the step's loss finite? then clip,
+                optimizer.step(), objective.after_optimizer_step()
+    log         every log_every steps, one sync: mean loss, images/s, skipped images
+    checkpoint  every save_every steps and at each epoch's end, atomically (weights checked finite)
+    diverged    a non-finite loss stops the run; checkpoints written as it blew up are set aside
 
-Everything objective-specific lives behind ``Objective`` (objectives/base.py); the wrapper
-for several processes behind ``parallelize`` (parallel.py); bookkeeping in meters.py.
+Everything objective-specific lives behind ``Objective`` (objectives/base.py); the multi-process
+wrapper behind ``parallelize`` (parallel.py); data in pipeline.py; bookkeeping in meters.py.
 """
 
 from __future__ import annotations
@@ -103,15 +104,11 @@ def train(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
             batches = iter(epoch_loader(run.train, run.transform, run.objective, cfg, info, epoch, in_epoch,
                                         run.num_workers, device))
             for _ in range(in_epoch, spe):
-                loss = train_step(run, cfg, batches, step, device, info, bad)
-                if not torch.isfinite(loss):  # one sync per step, before the weights change
-                    losses[step - start_step] = loss
-                    raise TrainingDiverged(diverged(run_dir, losses, start_step, step, spe, loss.item()))
+                loss, finite = train_step(run, cfg, batches, step, device, info, bad)
                 losses[step - start_step] = loss
+                if not finite:
+                    raise TrainingDiverged(diverged(run_dir, losses, start_step, step, spe, loss.item()))
                 window.add(loss)
-                run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
-                run.objective.after_optimizer_step(step + 1)
                 step += 1
                 if step % cfg.log_every == 0 or step == max_steps:
                     last_loss = log(logger, window, bad, info, run, cfg, step, progress)
@@ -131,12 +128,13 @@ def train(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
 
 
 def train_step(run: Run, cfg: PretrainConfig, batches, step: int, device: torch.device, info: DistInfo,
-               bad: BadImages) -> torch.Tensor:
-    """Forward and backward of optimiser step ``step`` over ``accum_steps`` micro-batches (lr set,
-    gradients clipped); returns the step's mean loss as an unsynced tensor, summed over processes so
-    that all agree on its finiteness. The caller checks it, then steps the optimiser: a diverging
-    step never reaches the weights or a checkpoint. Under DDP gradients are all-reduced on the last
-    micro-batch only."""
+               bad: BadImages) -> tuple[torch.Tensor, bool]:
+    """Optimiser step ``step`` over ``accum_steps`` micro-batches -> (mean loss tensor, finite).
+
+    lr from the schedule; forward under autocast and backward per micro-batch (under DDP the
+    gradients are all-reduced on the last one only); then ONE sync per step: the finiteness of
+    the loss (averaged over processes, so that all agree). A non-finite step returns before
+    clipping and the optimiser touch the weights, so it never reaches a checkpoint."""
     spe = run.steps_per_epoch
     set_lr(run.optimizer, lr_at(step / spe, cfg.effective_lr(), cfg.min_lr, cfg.warmup_epochs, cfg.epochs,
                                 cfg.schedule, cfg.milestones, cfg.lr_gamma))
@@ -155,9 +153,14 @@ def train_step(run: Run, cfg: PretrainConfig, batches, step: int, device: torch.
     if info.enabled:
         torch.distributed.all_reduce(loss_sum)
         loss_sum /= info.world_size
+    if not torch.isfinite(loss_sum):
+        return loss_sum, False
     if cfg.clip_grad:
         torch.nn.utils.clip_grad_norm_(run.objective.parameters(), cfg.clip_grad)
-    return loss_sum
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.objective.after_optimizer_step(step + 1)
+    return loss_sum, True
 
 
 # --------------------------------------------------------------------------- setup
