@@ -158,7 +158,8 @@ def machine_line(device: torch.device, *libraries: str) -> str:
     except OSError:
         flags = ""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    where = f"CPU {cpu_model()} ({os.cpu_count()} cores{flags}, load {load:.1f}), torch threads {torch.get_num_threads()}"
+    where = (f"CPU {cpu_model()} ({os.cpu_count()} cores{flags}, load {load:.1f}), "
+             f"torch threads {torch.get_num_threads()}")
     if device.type == "cuda":
         where = f"GPU {torch.cuda.get_device_name()}; " + where
     versions = [f"python {platform.python_version()}", f"torch {torch.__version__}"]

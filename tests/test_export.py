@@ -83,7 +83,8 @@ def _hf_features(objective, overrides, out, encoder, x):
         model = transformers.BeitForMaskedImageModeling.from_pretrained(out).eval()
         return model.layernorm(model.beit(pixel_values=x).last_hidden_state)
     if overrides.get("model") == "swin_tiny":
-        return transformers.SwinForMaskedImageModeling.from_pretrained(out).eval().swin(pixel_values=x).last_hidden_state
+        model = transformers.SwinForMaskedImageModeling.from_pretrained(out).eval()
+        return model.swin(pixel_values=x).last_hidden_state
     if overrides:
         return transformers.ViTForMaskedImageModeling.from_pretrained(out).eval().vit(pixel_values=x).last_hidden_state
     model = transformers.AutoModel.from_pretrained(out).eval()
@@ -97,7 +98,8 @@ HF_CASES = {
     "simmim-plain-vit": ("simmim", {"objective_options": {"vit_flavour": "plain"}}),
     "simmim-beit-vit": ("simmim", {}),
     # a window that fits every stage (HF keeps the configured window where timm shrinks it)
-    "simmim-swin": pytest.param("simmim", {"model": "swin_tiny", "img_size": 64, "objective_options": {"window_size": 2}},
+    "simmim-swin": pytest.param("simmim", {"model": "swin_tiny", "img_size": 64,
+                                           "objective_options": {"window_size": 2}},
                                 marks=pytest.mark.slow),
 }
 

@@ -82,7 +82,8 @@ def test_build_backbone_is_the_same_architecture_freshly_initialised(tmp_path):
     _, record, _ = open_backbone(run)
     fresh = build_backbone(record, seed=1)
     assert type(fresh) is type(obj.encoder)
-    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in obj.encoder.state_dict().items()}
+    shapes = {k: v.shape for k, v in obj.encoder.state_dict().items()}
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == shapes
     assert not torch.equal(fresh.blocks[0].attn.qkv.weight, obj.encoder.blocks[0].attn.qkv.weight)
     again = build_backbone(record, seed=1)
     assert torch.equal(fresh.blocks[0].attn.qkv.weight, again.blocks[0].attn.qkv.weight)

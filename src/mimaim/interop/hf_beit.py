@@ -1,6 +1,6 @@
 """Our BEiT objective <-> HuggingFace ``BeitForMaskedImageModeling``, both ways.
 
-The two hold the same weights under other names (METHODS.md section 9):
+The two hold the same weights under other names (docs/methods.md section 9):
 
 ==========================================  ======================================================
 mimaim                                      transformers (5.x names; 4.x names in brackets)

@@ -8,12 +8,11 @@ the converter is public and works both ways:
 * ``from_pretrained(local_dir)`` / ``save_pretrained(objective, dir)`` for checkpoint
   folders (``config.json`` + weights), read with HF's own loader.
 
-The mapping is the one of HF's ``convert_vit_mae_to_pytorch.py`` (METHODS.md section 9):
+The mapping is the one of HF's ``convert_vit_mae_to_pytorch.py`` (docs/methods.md section 9):
 our fused ``attn.qkv`` is split into thirds in q, k, v order; ``norm1``/``norm2`` are
 ``layernorm_before``/``layernorm_after``; both frozen sin-cos tables travel with the
-weights. HF renamed its keys in transformers 5 (``vit.encoder.layer.N.attention.attention.query``
-became ``vit.layers.N.attention.q_proj``); export writes the layout of the installed
-version and import reads either.
+weights. HF renamed its keys in transformers 5 (``interop/hf_vit_names.py``); export writes the
+layout of the installed version and import reads either.
 
 Two settings of ``ViTMAEConfig`` differ from the MAE code and are set explicitly on
 export: ``layer_norm_eps`` (HF default 1e-12, MAE 1e-6) and ``norm_pix_loss`` (HF default
@@ -23,7 +22,6 @@ False, MAE's released pre-training checkpoints True). On import a config with an
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 import warnings
@@ -34,23 +32,13 @@ import torch
 
 from ..objectives import build_objective
 from ..objectives.mae import MAE
+from . import hf_vit_names as names
 
 __all__ = [
     "backbone_spec_from_hf", "from_pretrained", "hf_config_from_mae", "hf_state_dict_from_mae",
     "mae_from_hf", "mae_state_dict_from_hf", "mae_to_hf", "mae_to_hf_model", "save_pretrained",
 ]
 
-# per-block names: ours -> HF, in the transformers >= 5 layout and the older one
-_BLOCK_NEW = {
-    "norm1": "layernorm_before", "norm2": "layernorm_after",
-    "attn.proj": "attention.o_proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
-}
-_QKV_NEW = ("attention.q_proj", "attention.k_proj", "attention.v_proj")
-_BLOCK_OLD = {
-    "norm1": "layernorm_before", "norm2": "layernorm_after",
-    "attn.proj": "attention.output.dense", "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
-}
-_QKV_OLD = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
 _TOP = {  # ours -> HF, outside the blocks (same in both layouts)
     "encoder.cls_token": "vit.embeddings.cls_token",
     "encoder.pos_embed": "vit.embeddings.position_embeddings",
@@ -69,21 +57,8 @@ _TOP = {  # ours -> HF, outside the blocks (same in both layouts)
 }
 
 
-@functools.lru_cache(maxsize=None)
-def _hf_uses_new_layout() -> bool:
-    """True for transformers >= 5 (``vit.layers.N.attention.q_proj``), False for the 4.x keys."""
-    from transformers import ViTMAEConfig, ViTMAEForPreTraining
-
-    tiny = ViTMAEConfig(hidden_size=4, num_hidden_layers=1, num_attention_heads=1, intermediate_size=4,
-                        image_size=2, patch_size=1, num_channels=1, decoder_hidden_size=4,
-                        decoder_num_hidden_layers=0, decoder_num_attention_heads=1, decoder_intermediate_size=4)
-    keys = ViTMAEForPreTraining(tiny).state_dict().keys()
-    return any(k.startswith("vit.layers.") for k in keys)
-
-
-def _block_prefixes(new_layout: bool) -> tuple[str, str]:
-    return ("vit.layers.", "decoder.decoder_layers.") if new_layout else \
-        ("vit.encoder.layer.", "decoder.decoder_layers.")
+def _block_prefixes(layout: int) -> tuple[str, str]:
+    return names.LAYERS[layout], "decoder.decoder_layers."
 
 
 # --------------------------------------------------------------------------- ours -> HF
@@ -130,9 +105,10 @@ def hf_state_dict_from_mae(objective: MAE, new_layout: bool | None = None) -> di
     ``new_layout``: the transformers >= 5 key names; by default those of the installed version.
     """
     if new_layout is None:
-        new_layout = _hf_uses_new_layout()
-    names, qkv_names = (_BLOCK_NEW, _QKV_NEW) if new_layout else (_BLOCK_OLD, _QKV_OLD)
-    enc_prefix, dec_prefix = _block_prefixes(new_layout)
+        new_layout = names.new_layout()
+    layout = names.NEW if new_layout else names.OLD
+    block = names.block_names(layout)
+    enc_prefix, dec_prefix = _block_prefixes(layout)
     out = {}
     for key, value in objective.state_dict().items():
         value = value.detach().clone()
@@ -145,10 +121,9 @@ def hf_state_dict_from_mae(objective: MAE, new_layout: bool | None = None) -> di
         where, layer, name, kind = m.groups()
         prefix = (enc_prefix if where == "encoder.blocks" else dec_prefix) + f"{layer}."
         if name == "attn.qkv":
-            for part, hf_name in zip(value.chunk(3, dim=0), qkv_names):  # q, k, v thirds
-                out[f"{prefix}{hf_name}.{kind}"] = part.clone()
-        elif name in names:
-            out[f"{prefix}{names[name]}.{kind}"] = value
+            names.split_qkv(value, names.QKV[layout], prefix, kind, out)
+        elif name in block:
+            out[f"{prefix}{block[name]}.{kind}"] = value
         else:
             raise KeyError(f"no HF ViTMAE name for {key!r}")
     return out
@@ -188,11 +163,14 @@ def _square(value: Any, what: str) -> int:
     return int(value)
 
 
-# width / depth / heads of the registered ViT shapes (models/registry.py, METHODS.md section 1)
-_REGISTERED_SHAPES = {
-    "vit_micro": (128, 6, 4), "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12),
-    "vit_large": (1024, 24, 16), "vit_huge": (1280, 32, 16), "aim_600m": (1536, 24, 12),
-}
+def _registered_shape(name: str) -> tuple[int, int, int] | None:
+    """(width, depth, heads) a registered ViT name fixes, read from its registry builder."""
+    import inspect
+
+    from ..models import registry
+
+    shape = inspect.getclosurevars(registry._MODELS[name]).nonlocals
+    return (shape["embed_dim"], shape["depth"], shape["num_heads"]) if "embed_dim" in shape else None
 
 
 def _registry_name(embed_dim: int, depth: int, num_heads: int) -> str | None:
@@ -200,7 +178,7 @@ def _registry_name(embed_dim: int, depth: int, num_heads: int) -> str | None:
     from ..models import list_models
 
     for name in list_models("vit"):
-        if _REGISTERED_SHAPES.get(name) == (embed_dim, depth, num_heads):
+        if _registered_shape(name) == (embed_dim, depth, num_heads):
             return name
     return None
 
@@ -251,9 +229,10 @@ def mae_state_dict_from_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
     """HF ``ViTMAEForPreTraining`` keys (either layout) -> our MAE keys (q, k, v fused into qkv)."""
     inverse_top = {v: k for k, v in _TOP.items()}
     out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
-    block_names = {**{v: k for k, v in _BLOCK_NEW.items()}, **{v: k for k, v in _BLOCK_OLD.items()}}
-    qkv_index = {**{n: i for i, n in enumerate(_QKV_NEW)}, **{n: i for i, n in enumerate(_QKV_OLD)}}
+    layout = names.layout_of(state_dict)
+    qkv_names = names.QKV[layout]
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    block_inv = {hf: ours for ours, hf in names.block_names(layout).items()}
     for key, value in state_dict.items():
         if key in inverse_top:
             out[inverse_top[key]] = value
@@ -264,16 +243,14 @@ def mae_state_dict_from_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
             raise KeyError(f"unexpected key {key!r} in a ViTMAEForPreTraining state dict")
         where, layer, name, kind = m.groups()
         prefix = ("decoder_blocks." if where.startswith("decoder") else "encoder.blocks.") + f"{layer}."
-        if name in qkv_index:
-            qkv.setdefault((prefix, kind), {})[qkv_index[name]] = value
-        elif name in block_names:
-            out[f"{prefix}{block_names[name]}.{kind}"] = value
+        if name in qkv_names:
+            qkv.setdefault((prefix, kind), {})[name] = value
+        elif name in block_inv:
+            out[f"{prefix}{block_inv[name]}.{kind}"] = value
         else:
             raise KeyError(f"unexpected key {key!r} in a ViTMAEForPreTraining state dict")
     for (prefix, kind), parts in qkv.items():
-        if sorted(parts) != [0, 1, 2]:
-            raise KeyError(f"{prefix}: HF state dict lacks one of query/key/value {kind}")
-        out[f"{prefix}attn.qkv.{kind}"] = torch.cat([parts[0], parts[1], parts[2]], dim=0)  # (3D, ...)
+        out[f"{prefix}attn.qkv.{kind}"] = names.fuse_qkv(parts, qkv_names, f"{prefix}attn.qkv.{kind}")  # (3D, ...)
     return out
 
 

@@ -9,7 +9,7 @@ pixel shuffle; same masked L1 loss with the mask upsampled from token resolution
 * ``hf_config_from_simmim(objective)``, ``hf_state_dict_from_simmim(objective)``;
 * ``simmim_from_hf(model_or_state_dict, config, options=None) -> SimMIM`` objective.
 
-Mapping (METHODS.md section 9):
+Mapping (docs/methods.md section 9):
 
 * ViT: our fused ``attn.qkv`` is split into thirds (q, k, v); ``norm1``/``norm2`` are
   ``layernorm_before``/``layernorm_after``; the mask token is ``vit.embeddings.mask_token``;
@@ -30,7 +30,6 @@ mask is given; for Swin the stride is ``patch_size x 2^(stages - 1)``.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Any
 
@@ -38,23 +37,13 @@ import torch
 
 from ..objectives import build_objective
 from ..objectives.simmim import SimMIM
+from . import hf_vit_names as names
 
 __all__ = [
     "hf_config_from_simmim", "hf_state_dict_from_simmim", "simmim_from_hf", "simmim_state_dict_from_hf",
     "simmim_to_hf", "simmim_to_hf_model",
 ]
 
-# per-block names, ours -> HF: (transformers >= 5, transformers 4)
-_VIT_BLOCK = {
-    "norm1": ("layernorm_before", "layernorm_before"),
-    "norm2": ("layernorm_after", "layernorm_after"),
-    "attn.proj": ("attention.o_proj", "attention.output.dense"),
-    "mlp.fc1": ("mlp.fc1", "intermediate.dense"),
-    "mlp.fc2": ("mlp.fc2", "output.dense"),
-}
-_VIT_QKV = (("attention.q_proj", "attention.k_proj", "attention.v_proj"),
-            ("attention.attention.query", "attention.attention.key", "attention.attention.value"))
-_VIT_PREFIX = ("vit.layers.", "vit.encoder.layer.")
 _VIT_TOP = {
     "encoder.cls_token": "vit.embeddings.cls_token",
     "mask_token": "vit.embeddings.mask_token",
@@ -67,14 +56,10 @@ _VIT_TOP = {
     "decoder.0.bias": "decoder.0.bias",
 }
 
-_SWIN_BLOCK = {
-    "norm1": ("layernorm_before", "layernorm_before"),
-    "norm2": ("layernorm_after", "layernorm_after"),
-    "attn.proj": ("attention.o_proj", "attention.output.dense"),
+_SWIN_BLOCK = {  # ours -> HF (transformers >= 5, transformers 4): ViT's names plus the bias table
+    **names.BLOCK,
     "attn.relative_position_bias_table": ("attention.relative_position_bias.relative_position_bias_table",
                                           "attention.self.relative_position_bias_table"),
-    "mlp.fc1": ("mlp.fc1", "intermediate.dense"),
-    "mlp.fc2": ("mlp.fc2", "output.dense"),
 }
 _SWIN_QKV = (("attention.q_proj", "attention.k_proj", "attention.v_proj"),
              ("attention.self.query", "attention.self.key", "attention.self.value"))
@@ -89,16 +74,6 @@ _SWIN_TOP = {
     "decoder.0.weight": "decoder.0.weight",
     "decoder.0.bias": "decoder.0.bias",
 }
-
-
-@functools.lru_cache(maxsize=None)
-def _hf_new_layout() -> bool:
-    """True when the installed transformers uses the v5 key names (``attention.q_proj``)."""
-    from transformers import ViTConfig, ViTForMaskedImageModeling
-
-    tiny = ViTConfig(hidden_size=4, num_hidden_layers=1, num_attention_heads=1, intermediate_size=4,
-                     image_size=2, patch_size=1, num_channels=1, encoder_stride=1)
-    return any(".q_proj." in k for k in ViTForMaskedImageModeling(tiny).state_dict())
 
 
 def _is_swin(objective: SimMIM) -> bool:
@@ -147,20 +122,15 @@ def hf_config_from_simmim(objective: SimMIM, **overrides):
     return ViTConfig(**cfg)
 
 
-def _split_qkv(value: torch.Tensor, names: tuple[str, str, str], prefix: str, suffix: str, out: dict) -> None:
-    for name, part in zip(names, value.chunk(3, dim=0)):
-        out[f"{prefix}{name}.{suffix}"] = part.clone()
-
-
 def hf_state_dict_from_simmim(objective: SimMIM, new_layout: bool | None = None) -> dict[str, torch.Tensor]:
     """Our SimMIM state dict under HF's keys (``new_layout``: transformers >= 5 names; default: installed)."""
     if new_layout is None:
-        new_layout = _hf_new_layout()
+        new_layout = names.new_layout()
     v = 0 if new_layout else 1
     swin = _is_swin(objective)
     if not swin:
         _check_plain_vit(objective)
-    top, block, qkv = (_SWIN_TOP, _SWIN_BLOCK, _SWIN_QKV[v]) if swin else (_VIT_TOP, _VIT_BLOCK, _VIT_QKV[v])
+    top, block, qkv = (_SWIN_TOP, _SWIN_BLOCK, _SWIN_QKV[v]) if swin else (_VIT_TOP, names.BLOCK, names.QKV[v])
     out: dict[str, torch.Tensor] = {}
     for key, value in objective.state_dict().items():
         value = value.detach().clone()
@@ -175,13 +145,13 @@ def hf_state_dict_from_simmim(objective: SimMIM, new_layout: bool | None = None)
             prefix = f"swin.encoder.layers.{parts[2]}.blocks.{parts[4]}."
             rest = ".".join(parts[5:])
         elif not swin and parts[1] == "blocks":  # encoder.blocks.n.*
-            prefix = f"{_VIT_PREFIX[v]}{parts[2]}."
+            prefix = f"{names.LAYERS[v]}{parts[2]}."
             rest = ".".join(parts[3:])
         else:
             raise KeyError(f"no HF name for {key!r}")
         name, suffix = rest.rsplit(".", 1)
         if name == "attn.qkv":
-            _split_qkv(value, qkv, prefix, suffix, out)
+            names.split_qkv(value, qkv, prefix, suffix, out)
         elif name in block:
             out[f"{prefix}{block[name][v]}.{suffix}"] = value
         elif rest in block:  # a parameter without a weight/bias suffix (the bias table)
@@ -209,9 +179,8 @@ def simmim_to_hf_model(objective: SimMIM):
 
 # --------------------------------------------------------------------------- HF -> ours
 def _invert(state: dict[str, torch.Tensor], swin: bool, num_stages: int = 0) -> dict[str, torch.Tensor]:
-    new_layout = any(".q_proj." in k for k in state)
-    v = 0 if new_layout else 1
-    top, block, qkv = (_SWIN_TOP, _SWIN_BLOCK, _SWIN_QKV[v]) if swin else (_VIT_TOP, _VIT_BLOCK, _VIT_QKV[v])
+    v = names.layout_of(state)
+    top, block, qkv = (_SWIN_TOP, _SWIN_BLOCK, _SWIN_QKV[v]) if swin else (_VIT_TOP, names.BLOCK, names.QKV[v])
     top_inv = {h: o for o, h in top.items()}
     block_inv = {h[v]: o for o, h in block.items()}
     out: dict[str, torch.Tensor] = {}
@@ -230,7 +199,7 @@ def _invert(state: dict[str, torch.Tensor], swin: bool, num_stages: int = 0) -> 
                 continue
             ours_prefix, rest = f"encoder.layers.{stage}.blocks.{parts[5]}.", ".".join(parts[6:])
         else:
-            prefix = _VIT_PREFIX[v]
+            prefix = names.LAYERS[v]
             if not key.startswith(prefix):
                 raise KeyError(f"unexpected HF key {key!r}")
             n, rest = key[len(prefix):].split(".", 1)
@@ -246,7 +215,7 @@ def _invert(state: dict[str, torch.Tensor], swin: bool, num_stages: int = 0) -> 
         else:
             raise KeyError(f"unexpected HF key {key!r}")
     for key, parts in pending.items():
-        out[key] = torch.cat([parts[n] for n in qkv], dim=0)
+        out[key] = names.fuse_qkv(parts, qkv, key)
     return out
 
 
