@@ -113,17 +113,20 @@ def shard_objective(objective: nn.Module, device: torch.device, precision: str =
                     activation_checkpointing: bool = False, compile: bool = False, mesh=None) -> nn.Module:
     """Apply checkpointing, per-block compile and FSDP2 to ``objective`` in place; returns it.
 
-    Needs an initialised process group (``torchrun``). ``objective`` must already be on
-    ``device``. Afterwards every parameter is a ``DTensor`` sharded on dim 0 across the
-    mesh; build the optimiser from ``objective.parameters()`` after this call.
+    ``objective`` must already be on ``device``. Under torchrun the process group exists;
+    a single process without one joins a one-rank group, so that one GPU runs the very code
+    (and writes the very checkpoints) that N GPUs do. Afterwards every parameter is a
+    ``DTensor`` sharded on dim 0 across the mesh; build the optimiser from
+    ``objective.parameters()`` after this call.
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     if not dist.is_initialized():
-        raise RuntimeError("--strategy fsdp needs a process group: launch with torchrun "
-                           "(e.g. `torchrun --nproc_per_node=2 -m mimaim pretrain --strategy fsdp ...`)")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=device if device.type == "cuda" else None)
     if mesh is None:
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     if activation_checkpointing:
@@ -180,6 +183,20 @@ def clip_grad_norm(parameters, max_norm: float) -> float:
     if hasattr(total, "full_tensor"):
         total = total.full_tensor()
     return float(total)
+
+
+def all_finite(parameters) -> bool:
+    """True when every parameter is finite on every rank (a collective under FSDP: each rank checks its shards)."""
+    import torch.distributed as dist
+
+    params = list(parameters)
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    ok = torch.stack([t.detach().isfinite().all() for t in local]).all() if local else torch.tensor(True)
+    if any(hasattr(p, "to_local") for p in params) and dist.is_initialized():
+        flag = ok.to(torch.int32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = flag[0] > 0
+    return bool(ok)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
