@@ -132,10 +132,11 @@ class PretrainConfig:
                 raise ConfigError(msg)
 
         try:
-            get_objective_class(self.objective)
+            cls = get_objective_class(self.objective)
         except (ValueError, ImportError) as err:
             raise ConfigError(f"objective: unknown value {self.objective!r}; choose one of "
                               f"{', '.join(list_objectives())} or a module.path:ClassName ({err})") from None
+        self.objective_options = _typed_options(cls, self.objective_options)
         need(self.model in list_models(), f"model: unknown value {self.model!r}; choose one of {', '.join(list_models())}")
         for name, allowed in (("recipe", RECIPES), ("precision", PRECISIONS), ("strategy", STRATEGIES),
                               ("schedule", SCHEDULES), ("cache", ("auto", "on", "off"))):
@@ -173,6 +174,26 @@ class PretrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
+
+
+def _typed_options(cls, options: dict) -> dict:
+    """``--opt`` strings as the types of the objective's Options (so config.yaml records 8, not '8');
+    unknown names are left for ``parse_options`` to name with the allowed ones."""
+    from .objectives.base import coerce_like
+
+    if not options or not dataclasses.is_dataclass(getattr(cls, "Options", None)):
+        return dict(options or {})
+    defaults = {f.name: f for f in dataclasses.fields(cls.Options)}
+    out = {}
+    for key, value in options.items():
+        f = defaults.get(key)
+        if f is not None and f.default is not dataclasses.MISSING:
+            try:
+                value = coerce_like(f.default, value, f"{cls.name}.{key}")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
 
 #: settings a resumed run may change: the optimiser's step size and clipping, the schedule's
 #: length, and engine switches that do not change what is computed. Everything else is the run's.
