@@ -55,6 +55,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .loader import collate, prepare_sample, steps_per_epoch
 from .sources import IMAGE_EXTENSIONS, DataError, Source
 
 INDEX_NAME = "index.json"
@@ -113,8 +114,6 @@ class ShardSource(Source):
 
     def epoch_loader(self, transform, masking_fn, *, seed, epoch, start_step, batch_size, accum_steps, rank,
                      world_size, num_workers, pin_memory):
-        from .loader import steps_per_epoch
-
         steps = steps_per_epoch(len(self), batch_size, accum_steps, world_size)
         workers = max(d for d in (1, 2, 4, 8) if d <= max(1, num_workers) and STREAMS_PER_RANK % d == 0)
         dataset = ShardEpoch(self, transform, masking_fn, seed=seed, epoch=epoch, start_step=start_step,
@@ -213,7 +212,7 @@ class ShardEpoch(IterableDataset):
                 start = self.rank_start + self.stream_start[k] + q * self.micro
                 end = self.rank_start + self.stream_start[k + 1]
                 streams[k] = self._stream(order, cum, int(start), int(end))
-            yield _collate([next(streams[k]) for _ in range(self.micro)])
+            yield collate([next(streams[k]) for _ in range(self.micro)])
 
     def _stream(self, order: np.ndarray, cum: np.ndarray, start: int, end: int):
         """The prepared samples at positions [start, end) of ``C``, reading each shard once."""
@@ -237,8 +236,6 @@ class ShardEpoch(IterableDataset):
 
     def _prepare(self, shard: int, samples: dict, permuted: np.ndarray, n: int) -> dict:
         """Sample ``n`` of the shard's epoch order; a broken one is replaced by the next readable one."""
-        from .loader import prepare_sample
-
         sample_id = int(self.source.offsets[shard] + permuted[n])
         bad = []
         for attempt in range(min(self.max_retries, len(permuted))):
@@ -334,12 +331,6 @@ def _header_name(header: bytes) -> str:
         if prefix:
             name = f"{prefix}/{name}"
     return name
-
-
-def _collate(samples: list[dict]) -> dict:
-    from .loader import collate
-
-    return collate(samples)
 
 
 def expand_shards(pattern: str) -> list[str]:
