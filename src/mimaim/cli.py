@@ -12,6 +12,10 @@ EPILOG = """examples:
   mimaim pretrain --data imagefolder:~/cifar10/train --epochs 100 --precision bf16
   mimaim pretrain --config configs/mae_vit_base.yaml --data imagefolder:/data/imagenet/train
   mimaim pretrain --resume runs/mae-digits
+  mimaim pretrain --resume runs/mae-digits --lr 1e-4 --clip-grad 1.0  # after a NaN stop: new optimiser settings
+  mimaim pretrain --config PRESET --out runs/x --resume auto        # one command a scheduler re-issues after a kill
+  mimaim pretrain --init runs/mae-digits --data imagefolder:~/mydomain   # a new run from another run's weights
+  mimaim pretrain --objective mypackage.objective:MyObjective       # a fifth objective, one file, no package edit
   torchrun --nproc_per_node=8 -m mimaim pretrain --config configs/mae_vit_base.yaml --data imagefolder:PATH
   mimaim probe runs/mae-digits
   mimaim reconstruct runs/mae-digits --images a.jpg b.jpg
@@ -103,19 +107,10 @@ def cmd_reconstruct(args) -> int:
 
 
 def cmd_list(args) -> int:
-    import dataclasses
-
     from .models import list_models
-    from .objectives import get_objective_class, list_objectives
+    from .objectives.base import describe_objectives
 
-    print("objectives and their options (paper defaults):")
-    for name in list_objectives():
-        cls = get_objective_class(name)
-        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Options))
-        quick = getattr(cls, "quick_options", {})
-        print(f"  {name}: {opts}")
-        if quick:
-            print(f"      recipe 'quick' uses: {quick}")
+    print(describe_objectives())
     print("models: " + ", ".join(list_models()))
     return 0
 

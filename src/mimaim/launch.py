@@ -27,9 +27,16 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, picture: bool = True) ->
     from .engine.trainer import pretrain as train
 
     run_dir = train(cfg, resume=resume)
-    if picture and int(os.environ.get("RANK", "0")) == 0 and not (run_dir / "reconstruction.png").exists():
+    if picture and int(os.environ.get("RANK", "0")) == 0 and _picture_is_stale(run_dir):
         draw_reconstruction(run_dir, cfg.device)
     return run_dir
+
+
+def _picture_is_stale(run_dir: Path) -> bool:
+    from .engine.checkpoint import latest_checkpoint
+
+    pic, ckpt = run_dir / "reconstruction.png", latest_checkpoint(run_dir)
+    return ckpt is not None and (not pic.exists() or pic.stat().st_mtime < ckpt.stat().st_mtime)
 
 
 def draw_reconstruction(run_dir: Path, device: str = "auto") -> Path | None:

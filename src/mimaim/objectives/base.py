@@ -195,6 +195,19 @@ def get_objective_class(name: str) -> type[Objective]:
     return _OBJECTIVES[name]
 
 
+def describe_objectives() -> str:
+    """Every registered objective (plugins included) with its options and paper defaults."""
+    lines = ["objectives and their options (paper defaults):"]
+    for name in list_objectives():
+        cls = get_objective_class(name)
+        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Options))
+        lines.append(f"  {name}: {opts}")
+        quick = getattr(cls, "quick_options", {})
+        if quick:
+            lines.append(f"      recipe 'quick' uses: {quick}")
+    return "\n".join(lines)
+
+
 def parse_options(cls: type[Objective], values: dict[str, Any] | None):
     """Build ``cls.Options`` from a dict, naming any unknown key and the allowed ones."""
     values = dict(values or {})
