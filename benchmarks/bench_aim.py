@@ -28,7 +28,7 @@ import json
 import torch
 from torch import nn
 
-from common import Runner, interleaved, json_subprocess, machine_line, rss_rise
+from common import Runner, interleaved, json_subprocess, machine_line, rss_rise, shape_arguments
 from mimaim.interop.lightly_aim import aim_loss_from_lightly, build_lightly_aim, lightly_forward, lightly_prefix_mask
 from mimaim.objectives import build_objective
 
@@ -40,12 +40,8 @@ CUDA_DEFAULTS = dict(model="vit_base", img_size=224, patch_size=16, batch_size=1
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--model", help="mimaim model name (cpu: vit_tiny, cuda: vit_base)")
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--patch-size", type=int)
-    p.add_argument("--batch-size", type=int)
+    p = shape_arguments(argparse.ArgumentParser(description=__doc__,
+                                                formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("--precision", choices=["fp32", "bf16"], help="cpu: fp32, cuda: bf16")
     p.add_argument("--head", help="AIM head width,depth (cpu: 256,2 = recipe quick; cuda: 2048,12 = paper)")
     p.add_argument("--decoder", help="MAE decoder width,depth,heads (cpu: 128,2,4 = quick; cuda: 512,8,16 = paper)")

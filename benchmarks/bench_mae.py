@@ -23,7 +23,7 @@ import json
 
 import torch
 
-from common import Runner, interleaved, json_subprocess, machine_line, rss_rise
+from common import Runner, interleaved, json_subprocess, machine_line, rss_rise, shape_arguments
 from mimaim.interop.hf_mae import mae_to_hf_model
 from mimaim.objectives import build_objective
 
@@ -34,12 +34,8 @@ CUDA_DEFAULTS = dict(model="vit_base", img_size=224, patch_size=16, batch_size=1
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--model", help="mimaim model name (cpu: vit_tiny, cuda: vit_base)")
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--patch-size", type=int)
-    p.add_argument("--batch-size", type=int)
+    p = shape_arguments(argparse.ArgumentParser(description=__doc__,
+                                                formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("--precision", help="comma list of fp32,bf16 (cpu: fp32,bf16; cuda: bf16)")
     p.add_argument("--decoder", help="decoder width,depth,heads (cpu: 128,2,4 = recipe quick; cuda: 512,8,16 = paper)")
     p.add_argument("--mask-ratio", type=float, default=0.75)

@@ -33,6 +33,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def shape_arguments(parser):
+    """--device, --model, --img-size, --patch-size, --batch-size (None: the script's CPU/CUDA default)."""
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", help="mimaim model name (cpu: vit_tiny, cuda: vit_base)")
+    parser.add_argument("--img-size", type=int)
+    parser.add_argument("--patch-size", type=int)
+    parser.add_argument("--batch-size", type=int)
+    return parser
+
+
 class Runner:
     """``loss_fn(model, batch) -> scalar loss``; AdamW (lr 1e-4, wd 0.05, ``betas``)."""
 

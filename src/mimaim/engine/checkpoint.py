@@ -60,22 +60,33 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model: torch.nn.Module, sta
     tmp.mkdir()
     save_file(state_dict_for_saving(model), str(tmp / "model.safetensors"), metadata=metadata or {})
     torch.save(state, tmp / "state.pt")
-    if record is not None:
-        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_dir)
+    write_record(tmp, record)
+    publish(tmp, final)
     for old in list_checkpoints(ckpt_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in ckpt_dir.glob(".tmp-*"):  # left by a process killed mid-save
         if stale != tmp:
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def write_record(folder: Path, record: dict | None) -> None:
+    """``run.json`` (the run record, ``runs.run_record``) into a checkpoint folder being written."""
+    if record is not None:
+        (folder / RECORD_FILE).write_text(json.dumps(record, indent=2))
+
+
+def publish(tmp: Path, final: Path, files=None) -> None:
+    """Flush ``files`` of ``tmp`` (default: all) to disk, then rename ``tmp`` to ``final`` in one atomic step."""
+    for f in (tmp / name for name in files) if files is not None else tmp.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
 
 
 def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
