@@ -257,3 +257,56 @@ def test_sharded_checkpoint_is_whole_or_absent_and_refuses_foreign_pickles(tmp_p
     (path / ".metadata").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(CheckpointError, match="refusing to load"):
         consolidated_weights(path)
+
+
+# --------------------------------------------------------------------------- kill -9 and resume, through the trainer
+def _fsdp_in_trainer() -> bool:
+    import inspect
+
+    from mimaim.engine import parallel
+    return "shard_objective" in inspect.getsource(parallel)
+
+
+@pytest.mark.slow  # three torchrun launches of 2 processes (~60 s on 2 idle cores)
+@pytest.mark.skipif(not _fsdp_in_trainer(), reason="the trainer does not route --strategy fsdp to engine/fsdp.py yet")
+def test_kill_during_an_fsdp_run_then_resume_ends_like_an_uninterrupted_run(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import make_image_folder
+
+    from mimaim.engine.checkpoint import latest_checkpoint
+    from mimaim.engine.dcp import consolidated_weights
+
+    data = make_image_folder(tmp_path / "images", per_class=16, size=16)  # 25 training images: 3 steps/epoch
+
+    def command(out, resume=False):
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  "-m", "mimaim", "pretrain"]
+        if resume:
+            return launch + ["--resume", str(out), "--no-progress"]
+        return launch + ["--objective", "mae", "--strategy", "fsdp", "--data", f"imagefolder:{data}", "--model",
+                         "vit_micro", "--img-size", "16", "--patch-size", "4", "--batch-size", "8", "--epochs", "2",
+                         "--save-every", "1", "--num-workers", "0", "--device", "cpu", "--precision", "fp32",
+                         "--no-progress", "--out", str(out)]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command(tmp_path / "whole"), check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step-00000002").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, wherever they are (maybe mid-save)
+    proc.wait()
+    assert latest_checkpoint(killed) is not None and int(latest_checkpoint(killed).name[5:]) < 6
+    subprocess.run(command(killed, resume=True), check=True, env=env, capture_output=True)
+
+    a, b = latest_checkpoint(tmp_path / "whole"), latest_checkpoint(killed)
+    assert a.name == b.name == "step-00000006"
+    wa, wb = consolidated_weights(a), consolidated_weights(b)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
