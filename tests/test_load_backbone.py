@@ -118,3 +118,23 @@ def test_newer_record_format_is_refused(tmp_path):
     path.write_text(json.dumps({**json.loads(path.read_text()), "format": 99}))
     with pytest.raises(CheckpointError, match="newer"):
         mimaim.load_backbone(run)
+
+
+def test_sharded_fsdp_checkpoint_loads_like_a_plain_one(tmp_path):
+    """A ``torch.distributed.checkpoint`` folder (engine/dcp.py) is consolidated in one process."""
+    dcp = pytest.importorskip("mimaim.engine.dcp")
+    from mimaim.config import make_config, save_config
+    from mimaim.engine.trainer import build_run_objective
+
+    cfg = make_config(objective="mae", model="vit_micro", img_size=32, patch_size=4, out=str(tmp_path / "run"))
+    obj = randomize(build_run_objective(cfg)).eval()
+    (tmp_path / "run").mkdir()
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    optimizer = torch.optim.AdamW(obj.parameters())
+    dcp.save_sharded_checkpoint(tmp_path / "run" / "checkpoints", 4, obj, optimizer, {"step": 4},
+                                record=run_record(cfg))
+    encoder, record, ckpt = open_backbone(tmp_path / "run")
+    assert ckpt.name == "step-00000004" and record["objective"] == "mae"
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), obj.encoder(x), rtol=0, atol=0)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 PREFIX = "step-"
 RECORD_FILE = "run.json"
+SHARDED_INDEX = ".metadata"  # a sharded (FSDP, torch.distributed.checkpoint) checkpoint: see dcp.py
 
 
 class CheckpointError(RuntimeError):
@@ -93,8 +94,8 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.exists():
         return []
-    done = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-            and (p / "model.safetensors").exists() and (p / "state.pt").exists()]
+    done = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.pt").exists()
+            and ((p / "model.safetensors").exists() or (p / SHARDED_INDEX).exists())]
     return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
 
 

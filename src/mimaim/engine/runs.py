@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..config import PretrainConfig, load_run_config, make_config
-from .checkpoint import (RECORD_FILE, CheckpointError, check_weights_fit, latest_checkpoint, list_checkpoints,
+from .checkpoint import (RECORD_FILE, SHARDED_INDEX, CheckpointError, check_weights_fit, latest_checkpoint, list_checkpoints,
                          load_weights)
 
 RECORD_FORMAT = 1
@@ -110,7 +110,7 @@ def resolve_checkpoint(path: str | Path, checkpoint: str | Path | None = None) -
             raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} not found (nor in {path / 'checkpoints'}); "
                                     f"available: {[p.name for p in available_checkpoints(path)]}")
         return ckpt
-    if (path / "model.safetensors").exists() or (path / RECORD_FILE).exists():
+    if (path / "model.safetensors").exists() or (path / RECORD_FILE).exists() or (path / SHARDED_INDEX).exists():
         return path  # a checkpoint folder itself
     ckpt = latest_checkpoint(path)
     if ckpt is None:
@@ -121,9 +121,15 @@ def resolve_checkpoint(path: str | Path, checkpoint: str | Path | None = None) -
 
 # --------------------------------------------------------------------------- weights
 def read_checkpoint_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
-    """All weights of checkpoint folder ``ckpt`` (the objective's names: ``encoder.*``, heads), on CPU."""
+    """All weights of checkpoint folder ``ckpt`` (the objective's names: ``encoder.*``, heads), on CPU.
+
+    A sharded FSDP checkpoint (``engine/dcp.py``) is consolidated in this one process.
+    """
     from safetensors.torch import load_file
 
+    if (Path(ckpt) / SHARDED_INDEX).is_file():
+        from .dcp import consolidated_weights
+        return consolidated_weights(ckpt)
     path = Path(ckpt) / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"checkpoint {ckpt} has no model.safetensors; is it a mimaim checkpoint folder "
