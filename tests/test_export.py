@@ -138,3 +138,10 @@ def test_aim_to_hf_names_the_gap(tmp_path, capsys):
     run, _ = make_run(tmp_path / "run", "aim")
     assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 2
     assert "no HuggingFace transformers model" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # swin_tiny: 28M parameters
+def test_hf_export_of_a_swin_whose_window_shrinks_names_the_fix(tmp_path, capsys):
+    run, _ = make_run(tmp_path / "run", "simmim", model="swin_tiny", img_size=64)  # window 4, last stage 2x2
+    assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 2
+    assert "window_size" in capsys.readouterr().err

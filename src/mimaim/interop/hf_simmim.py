@@ -100,6 +100,12 @@ def hf_config_from_simmim(objective: SimMIM, **overrides):
     if _is_swin(objective):
         from transformers import SwinConfig
 
+        grids = [enc.grid_size[0] // 2 ** i for i in range(len(enc.depths))]
+        if min(grids) < enc.window_size:
+            raise ValueError(f"this Swin's last stages have {grids} tokens per side, fewer than its window "
+                             f"{enc.window_size}: timm shrinks the window there, HF Swin keeps it, so the weights do "
+                             f"not fit; train with a window of at most {min(grids)} (--opt window_size=...) or a "
+                             f"larger --img-size ({enc.window_size * enc.output_stride} px) to convert to HF")
         first = enc.layers[0].blocks[0]
         cfg = dict(image_size=enc.img_size, patch_size=enc.patch_size, num_channels=enc.in_chans,
                    embed_dim=enc.embed_dim, depths=list(enc.depths),
