@@ -91,7 +91,8 @@ def train(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
 
     def checkpoint(at: int) -> None:
         if not finite_weights(run.objective):
-            raise TrainingDiverged(diverged(run_dir, losses, start_step, at, spe, "non-finite weights"))
+            raise TrainingDiverged(diverged(run_dir, losses, start_step, at, spe, "non-finite weights",
+                                            info.is_main))
         if info.is_main:
             save(cfg, ckpt_dir, at, run, device)
 
@@ -107,7 +108,8 @@ def train(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
                 loss, finite = train_step(run, cfg, batches, step, device, info, bad)
                 losses[step - start_step] = loss
                 if not finite:
-                    raise TrainingDiverged(diverged(run_dir, losses, start_step, step, spe, loss.item()))
+                    raise TrainingDiverged(diverged(run_dir, losses, start_step, step, spe, loss.item(),
+                                                    info.is_main))
                 window.add(loss)
                 step += 1
                 if step % cfg.log_every == 0 or step == max_steps:
@@ -268,7 +270,8 @@ def finite_weights(objective: torch.nn.Module) -> bool:
 SPIKE = 10.0
 
 
-def diverged(run_dir: Path, losses: torch.Tensor, start_step: int, step: int, spe: int, what) -> str:
+def diverged(run_dir: Path, losses: torch.Tensor, start_step: int, step: int, spe: int, what,
+             is_main: bool = True) -> str:
     """Set aside the checkpoints written after the blow-up began; explain how to continue.
 
     A checkpoint at step s holds the weights that step s's forward pass used; it is kept only if
@@ -285,7 +288,8 @@ def diverged(run_dir: Path, losses: torch.Tensor, start_step: int, step: int, sp
         at = history[s - start_step]
         if s <= step and math.isfinite(at) and (not before or at <= SPIKE * statistics.median(before)):
             break
-        ckpt.rename(ckpt.with_name(f"diverged-{ckpt.name}"))
+        if is_main:  # the one writer of the run directory
+            ckpt.rename(ckpt.with_name(f"diverged-{ckpt.name}"))
         set_aside.append(f"{ckpt.name} (its first step's loss was {at:.3g})")
     last = latest_checkpoint(run_dir)
     aside = f"Set aside, written as it blew up: {', '.join(set_aside)}. " if set_aside else ""
