@@ -309,4 +309,6 @@ def test_kill_during_an_fsdp_run_then_resume_ends_like_an_uninterrupted_run(tmp_
     a, b = latest_checkpoint(tmp_path / "whole"), latest_checkpoint(killed)
     assert a.name == b.name == "step-00000006"
     wa, wb = consolidated_weights(a), consolidated_weights(b)
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+    diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    print(f"kill -9 + resume vs uninterrupted (FSDP2, 2 processes, 6 steps): max |dw| = {diff:.1e}")
+    assert diff <= 1e-6
