@@ -28,7 +28,8 @@ import json
 import torch
 from torch import nn
 
-from common import Runner, interleaved, json_subprocess, machine_line, rss_rise, shape_arguments
+from common import (Runner, interleaved, json_subprocess, machine_line, repeat_arguments, rss_rise,
+                    shape_arguments)
 from mimaim.interop.lightly_aim import aim_loss_from_lightly, build_lightly_aim, lightly_forward, lightly_prefix_mask
 from mimaim.objectives import build_objective
 
@@ -123,12 +124,8 @@ def memory_probe(args):
 
 
 def cpu_peak_memory(args, name):
-    cmd = ["--memory-probe", "--only", name, "--device", "cpu", "--model", args.model,
-           "--img-size", str(args.img_size), "--patch-size", str(args.patch_size), "--batch-size",
-           str(args.batch_size), "--precision", args.precision, "--head", args.head, "--decoder", args.decoder,
-           "--kernel", args.kernel]
-    if args.compile:
-        cmd.append("--compile")
+    cmd = ["--memory-probe", "--only", name, *repeat_arguments(args, "model", "img_size", "patch_size", "batch_size",
+                                                                 "precision", "head", "decoder", "kernel")]
     return json_subprocess(__file__, cmd)["peak_rise"]
 
 

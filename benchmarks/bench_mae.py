@@ -23,7 +23,8 @@ import json
 
 import torch
 
-from common import Runner, interleaved, json_subprocess, machine_line, rss_rise, shape_arguments
+from common import (Runner, interleaved, json_subprocess, machine_line, repeat_arguments, rss_rise,
+                    shape_arguments)
 from mimaim.interop.hf_mae import mae_to_hf_model
 from mimaim.objectives import build_objective
 
@@ -106,11 +107,7 @@ def memory_probe(args):
 
 def cpu_peak_memory(args, name, precision):
     cmd = ["--memory-probe", "--only", name, "--precision", precision,
-           "--device", "cpu", "--model", args.model, "--img-size", str(args.img_size),
-           "--patch-size", str(args.patch_size), "--batch-size", str(args.batch_size),
-           "--decoder", args.decoder, "--mask-ratio", str(args.mask_ratio)]
-    if args.compile:
-        cmd.append("--compile")
+           *repeat_arguments(args, "model", "img_size", "patch_size", "batch_size", "decoder", "mask_ratio")]
     return json_subprocess(__file__, cmd)["peak_rise"]
 
 

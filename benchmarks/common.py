@@ -43,6 +43,14 @@ def shape_arguments(parser):
     return parser
 
 
+def repeat_arguments(args, *names: str) -> list[str]:
+    """``--device cpu``, ``--name value`` for each of ``names`` and ``--compile``: a memory subprocess's argv."""
+    out = ["--device", "cpu"]
+    for name in names:
+        out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return out + (["--compile"] if getattr(args, "compile", False) else [])
+
+
 class Runner:
     """``loss_fn(model, batch) -> scalar loss``; AdamW (lr 1e-4, wd 0.05, ``betas``)."""
 
