@@ -184,3 +184,19 @@ def test_pretraining_on_shards_resumed_mid_epoch_matches_an_uninterrupted_run(tm
     resumed = pretrain(part, resume=True)
     a, b = (load_file(str(latest_checkpoint(run) / "model.safetensors")) for run in (full, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_split_and_a_data_fraction_of_shards_stream_exactly_their_samples(shards):
+    import dataclasses
+
+    from mimaim.data import training_subset
+
+    sample_of = dict(zip(shards.items, shards.labels))  # global id -> the `cls` stored in the tar
+    two_classes = dataclasses.replace(shards, labels=[label % 2 for label in shards.labels], classes=["even", "odd"])
+    train, val = two_classes.split("train", 0.25), two_classes.split("val", 0.25)
+    assert (len(train), len(val)) == (30, 10) and sorted(val.labels) == [0] * 5 + [1] * 5
+    part = training_subset(train, 0.5, seed=0)
+    assert len(part) == 16 and set(part.items) < set(train.items)  # round(7.5) = 8 of each class
+    for source, batch_size in ((val, 5), (part, 8)):
+        batches = epoch(source, world_size=1, batch_size=batch_size, accum_steps=1, num_workers=2)
+        assert sorted(ids(batches)) == sorted(sample_of[i] for i in source.items)
