@@ -199,7 +199,8 @@ def setup(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
     if resume:
         _say(info, f"resuming {run_dir} from step {step} ({ckpt.name})" if ckpt is not None else
              f"{run_dir} has no checkpoint to continue from: starting it from step 0 with its recorded config")
-    in_memory = not getattr(train, "items", None) or not isinstance(train.items[0], str)
+    items = getattr(train, "items", None)  # None: a streaming source (shards), read from disk
+    in_memory = items is not None and (not items or not isinstance(items[0], str))
     run = Run(objective, parallelize(objective, cfg, device, info), optimizer, source, train,
               build_transform(objective, cfg), default_num_workers(cfg, in_memory), spe, step)
     _describe(cfg, run, info, device)
