@@ -159,3 +159,23 @@ def test_pretrain_init_end_to_end(tmp_path, capsys):
     import mimaim
     new, old = mimaim.load_backbone(tmp_path / "new"), mimaim.load_backbone(src)
     torch.testing.assert_close(new.blocks[0].attn.qkv.weight, old.blocks[0].attn.qkv.weight, rtol=0, atol=1e-6)
+
+
+def test_hf_beit_folder_gives_encoder_mask_token_and_lm_head(tmp_path):
+    beit = fresh("beit")
+    config = transformers.BeitConfig(
+        image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
+        intermediate_size=512, vocab_size=beit.lm_head.out_features, layer_norm_eps=1e-6, use_mask_token=True,
+        use_absolute_position_embeddings=False, use_relative_position_bias=False,
+        use_shared_relative_position_bias=True, layer_scale_init_value=0.1)
+    hf = randomize(transformers.BeitForMaskedImageModeling(config)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    report = initialize_from(beit, tmp_path / "hf")
+    assert "lm_head.weight" in report.loaded and "mask_token" in report.loaded
+    assert all(k.startswith("tokenizer.") for k in report.initialised)  # the run fits its own codebook
+    x = images()
+    with torch.no_grad():
+        theirs = hf.layernorm(hf.beit(pixel_values=x).last_hidden_state)
+        torch.testing.assert_close(beit.encoder.forward_features(x), theirs, rtol=0, atol=1e-5)
+        torch.testing.assert_close(beit.lm_head(beit.encoder.forward_features(x)), hf.lm_head(theirs), rtol=0,
+                                   atol=1e-5)
