@@ -13,8 +13,6 @@ from mimaim.eval.probe_run import describe_protocol, format_table, probe_run, re
 
 EVAL_DIR = Path(mimaim.__file__).parent / "eval"
 CONCRETE_OBJECTIVES = ("mae", "beit", "simmim", "aim")
-#: modules kept only as re-exports of mimaim.studies until eval/commands.py imports from there
-SHIMS = {"compare.py", "scale.py"}
 
 
 def imported_modules(path: Path) -> list[str]:
@@ -38,7 +36,7 @@ def test_eval_modules_do_not_reach_into_the_trainer_or_a_concrete_objective(modu
     bad = [n for n in names if any(n == f or n.startswith(f + ".") for f in forbidden)]
     # load_run rebuilds the whole objective (through the trainer): evaluation opens backbones instead
     bad += [n for n in names if n.endswith((".load_run", ".build_run_objective", ".resolved_objective_options"))]
-    if module not in SHIMS and module != "commands.py":  # studies sit above eval; only the CLI glue may call them
+    if module != "commands.py":  # studies sit above eval; only the CLI glue may call them
         bad += [n for n in names if n.startswith("mimaim.studies")]
     assert not bad, f"eval/{module} imports {bad}; go through mimaim.engine.runs.open_backbone/build_backbone"
 
