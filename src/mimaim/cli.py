@@ -85,11 +85,11 @@ def cmd_probe(args) -> int:
 
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     rows = probe_run(args.run_dir, data=args.data, probes=args.probes.split(","), layers=layers, pool=args.pool,
-                     random_init=not args.no_random_init, device=args.device, progress=not args.no_progress)
+                     norm=args.norm, random_init=not args.no_random_init, device=args.device,
+                     progress=not args.no_progress)
     r = rows[0]
     print(f"\nprobes on {r['data']}: {r['train_images']} train / {r['val_images']} held-out images "
-          f"(checkpoint {r['checkpoint']}; features from "
-          f"{'blocks ' + args.layers + ' averaged' if layers else 'the last block'}, trunk run bidirectionally)")
+          f"(checkpoint {r['checkpoint']}; trunk run bidirectionally, no masking)")
     print(format_table(rows))
     return 0
 
@@ -136,9 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="labelled data to probe on (default: the run's own data)")
     p.add_argument("--probes", default="linear,attentive,knn", help="comma-separated probes")
     p.add_argument("--layers", help="comma-separated block indices to average (e.g. -6,-5,-4,-3,-2,-1); "
-                                    "default: the last block after the final norm")
+                                    "default: the objective's declared protocol (printed above the table)")
     p.add_argument("--pool", default="auto", choices=["auto", "cls", "mean"],
-                   help="auto: cls token when the backbone has one, else mean of patch tokens")
+                   help="auto: the objective's declared protocol (printed above the table); cls: the cls token; "
+                        "mean: the mean of patch tokens")
+    p.add_argument("--norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply the final LayerNorm to the blocks read (default: the objective's protocol)")
     p.add_argument("--no-random-init", action="store_true", help="skip the random-initialisation row")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")

@@ -29,10 +29,7 @@ def build_transform(objective, cfg):
     aug = objective.augmentation
     if cfg.augmentation:  # e.g. one crop scale for every objective in a comparison
         aug = replace(aug, **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.augmentation.items()})
-    try:
-        transform = pretrain_transform(cfg.img_size, aug)  # the Augmentation signature
-    except (TypeError, AttributeError):
-        transform = pretrain_transform(cfg.img_size, aug.crop_scale, aug.crop_ratio, aug.hflip, aug.color_jitter)
+    transform = pretrain_transform(cfg.img_size, aug)
     views = int(getattr(objective, "num_views", 1))
     return MultiView(transform, views) if views > 1 else transform
 

@@ -72,7 +72,9 @@ class BEiT(Objective):
     augmentation = Augmentation(crop_scale=(0.08, 1.0), color_jitter=0.4)
     #: the cls output never enters BEiT's loss; the paper probes mean-pooled patch tokens
     probe_protocol = ProbeProtocol(pool="mean", layers=None, norm=True,
-                                   source="BEiT paper sec. 3.2 linear probing (mean of patch tokens)")
+                                   source="BEiT paper, linear probing on mean-pooled patch tokens (the official "
+                                          "run_linear_eval.py concatenates cls and mean per block and reports the "
+                                          "best block: not reproduced, docs/methods.md section 7)")
     #: ``recipe: quick``: see the README's timing note; the paper's values otherwise
     quick_options: dict = {}
 

@@ -81,9 +81,10 @@ class SimMIM(Objective):
     # data/data_simmim.py: RandomResizedCrop(scale (0.67, 1), ratio (3/4, 4/3)) + flip, no jitter
     augmentation = Augmentation(crop_scale=(0.67, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True, color_jitter=0.0,
                                 interpolation="bilinear")  # data_simmim.py: torchvision's default interpolation
-    #: the cls output never enters SimMIM's loss; mean of patch tokens (SimMIM paper sec. 4.4 linear probe)
+    #: the cls output never enters SimMIM's loss; SimMIM ships no linear-probe script, so the mean of patch tokens
     probe_protocol = ProbeProtocol(pool="mean", layers=None, norm=True,
-                                   source="SimMIM paper sec. 4.4 (mean-pooled patch tokens)")
+                                   source="mean of patch tokens (SimMIM ships no linear-probe script; its cls output "
+                                          "gets no gradient from the loss)")
     #: ``recipe: quick``: mask cells that tile the built-in 32-px images (4x4 cells of 8 px),
     #: a Swin window that fits them, and no drop path for a short run
     quick_options = {"mask_patch_size": 8, "window_size": 4, "drop_path_rate": 0.0}

@@ -400,7 +400,8 @@ def compare(objectives: str | Sequence[str], out: str | Path, base: dict | None 
     base = dict(base or {})
     base.setdefault("progress", progress)
     if same_augmentation:
-        base["augmentation"] = {"crop_scale": list(crop_scale), "color_jitter": 0.0, "hflip": True}
+        base["augmentation"] = {"crop_scale": list(crop_scale), "color_jitter": 0.0, "hflip": True,
+                                "interpolation": "bicubic"}
     if budget_flops is not None and budget_flops <= 0:
         raise ConfigError(f"--budget-flops must be positive, got {budget_flops}")
     probes = list(probes) if probes else default_probes()
