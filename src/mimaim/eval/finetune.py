@@ -8,7 +8,7 @@ Two recipes (``FinetuneConfig(recipe=...)``; a flag set explicitly wins over the
   m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8 / cutmix 1.0, label smoothing 0.1.
 * ``quick`` (the default) — the same model, optimiser and layer-wise decay, sized for small
   data and a few hundred steps: an affine-free BatchNorm in front of the head (the head of
-  MAE's own linear probe, ``main_linprobe.py``), blr 5e-3, 10 epochs with 1 of warm-up,
+  MAE's own linear probe, ``main_linprobe.py``), blr 1e-2, 10 epochs with 1 of warm-up,
   smoothing 0.1, a milder crop (0.5, 1) without flips, no mixup / cutmix / RandAugment /
   erasing.
 
@@ -79,7 +79,7 @@ INITS = ("pretrained", "random")
 
 #: Recipe values; a ``FinetuneConfig`` field left at None takes its recipe's value.
 RECIPES: dict[str, dict] = {
-    "quick": dict(epochs=10, batch_size=64, blr=5e-3, warmup_epochs=1.0, layer_decay=0.75, drop_path=0.1,
+    "quick": dict(epochs=10, batch_size=64, blr=1e-2, warmup_epochs=1.0, layer_decay=0.75, drop_path=0.1,
                   smoothing=0.1, mixup=0.0, cutmix=0.0, auto_augment="none", reprob=0.0, crop_scale=(0.5, 1.0),
                   hflip=False, head_bn=True),
     # MAE FINETUNE.md / Table 9 (ViT-B; the repo's command uses layer decay 0.65)
