@@ -126,13 +126,26 @@ def test_bf16_warning_is_printed_before_the_first_step(tmp_path, image_folder, m
     assert "20x slower" in err and err.index("20x slower") < err.index("done:")
 
 
-def test_fsdp_and_activation_checkpointing_say_what_to_use_until_they_land():
-    from mimaim.engine.distributed import DistInfo
-    from mimaim.engine.parallel import parallelize
+def test_fsdp_with_activation_checkpointing_in_one_process_trains_like_ddp_and_loads(tmp_path, image_folder,
+                                                                                     capsys):
+    """--strategy fsdp on one process writes sharded (DCP) checkpoints; same weights as a plain run;
+    load_backbone and load_run read them; a DDP checkpoint is not resumed under FSDP."""
+    import mimaim
+    from mimaim.engine.runs import load_run
 
-    for kw in ({"strategy": "fsdp"}, {"activation_checkpointing": True}):
-        with pytest.raises(NotImplementedError, match="not available"):
-            parallelize(torch.nn.Linear(2, 2), make_config(**kw), torch.device("cpu"), DistInfo())
+    args = ["pretrain", "--data", f"imagefolder:{image_folder}", *TINY, "--max-steps", "2", "--clip-grad", "0.5",
+            "--precision", "fp32", "--device", "cpu"]
+    assert main(args + ["--out", str(tmp_path / "ddp")]) == 0
+    assert main(args + ["--strategy", "fsdp", "--activation-checkpointing", "--out", str(tmp_path / "fsdp")]) == 0
+    ckpt = latest_checkpoint(tmp_path / "fsdp")
+    assert (ckpt / ".metadata").is_file() and not (ckpt / "model.safetensors").exists()
+    a, b = mimaim.load_backbone(tmp_path / "ddp").state_dict(), mimaim.load_backbone(tmp_path / "fsdp").state_dict()
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert load_run(tmp_path / "fsdp")[2] == ckpt  # the whole objective too (reconstruction pictures)
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(tmp_path / "ddp"), "--strategy", "fsdp", "--max-steps", "3",
+                 "--no-progress"]) == 2
+    assert "resume it with --strategy ddp" in capsys.readouterr().err
 
 
 def test_init_starts_a_new_run_from_another_run_s_weights(tmp_path, image_folder, capsys):

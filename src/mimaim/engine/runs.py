@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from ..config import PretrainConfig, load_run_config, make_config
-from .checkpoint import (RECORD_FILE, SHARDED_INDEX, CheckpointError, check_weights_fit, latest_checkpoint, list_checkpoints,
-                         load_weights)
+from .checkpoint import (RECORD_FILE, SHARDED_INDEX, CheckpointError, check_weights_fit, latest_checkpoint,
+                         list_checkpoints)
 
 RECORD_FORMAT = 1
 ENCODER_PREFIX = "encoder."
@@ -193,7 +193,9 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
     cfg: PretrainConfig = load_run_config(run_dir)
     ckpt = resolve_checkpoint(run_dir, checkpoint)
     objective = build_run_objective(cfg)
-    load_weights(objective, ckpt, what=f"checkpoint of run {run_dir}")
+    weights = read_checkpoint_weights(ckpt)  # model.safetensors (ddp) or consolidated shards (fsdp)
+    check_weights_fit(objective.state_dict(), weights, f"checkpoint {ckpt} of run {run_dir}")
+    objective.load_state_dict(weights)
     return cfg, objective.to(device).eval(), ckpt
 
 

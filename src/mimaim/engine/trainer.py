@@ -1,12 +1,14 @@
 """The pre-training loop: plain PyTorch, readable top to bottom.
 
-    setup       build the objective, data and AdamW (``--init`` weights for a new run); restore the
-                newest checkpoint when resuming; wrap the model once (``parallelize``)
+    setup       build the objective (``--init`` weights for a new run) and data; wrap the model once
+                (``parallelize``; FSDP shards it in place), then AdamW; restore the newest checkpoint
+                when resuming (safetensors, or sharded under FSDP)
     train_step  lr from the schedule; for each of accum_steps micro-batches: loss under autocast,
                 (loss / accum_steps).backward(); ONE sync: is the step's loss finite? then clip,
                 optimizer.step(), objective.after_optimizer_step()
     log         every log_every steps, one sync: mean loss, images/s, skipped images
-    checkpoint  every save_every steps and at each epoch's end, atomically (weights checked finite)
+    checkpoint  every save_every steps and at each epoch's end, atomically (weights checked finite);
+                rank 0 writes it, or every rank its shard when the model is sharded (dcp.py)
     diverged    a non-finite loss stops the run; checkpoints written as it blew up are set aside
 
 Everything objective-specific lives behind ``Objective`` (objectives/base.py); the multi-process
@@ -31,11 +33,13 @@ from ..data import build_source, check_bad_fraction, steps_per_epoch, training_s
 from ..objectives import Objective
 from .build import build_run_objective, resolved_objective_options  # noqa: F401 (contract C7)
 from .checkpoint import latest_checkpoint, list_checkpoints, load_state, load_weights, save_checkpoint
+from .dcp import is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
 from .distributed import DistInfo, cleanup, init_distributed, resolve_device
+from .fsdp import all_finite
 from .logging import MetricsLogger, read_metrics
 from .meters import BadImages, LogWindow, Progress
 from .optim import build_optimizer, set_lr
-from .parallel import grad_sync, parallelize
+from .parallel import grad_sync, is_sharded, parallelize
 from .pipeline import build_transform, default_num_workers, epoch_loader
 from .precision import autocast_context, slow_bf16_warning  # noqa: F401 (autocast_context: re-export)
 
@@ -93,7 +97,7 @@ def train(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
         if not finite_weights(run.objective):
             raise TrainingDiverged(diverged(run_dir, losses, start_step, at, spe, "non-finite weights",
                                             info.is_main))
-        if info.is_main:
+        if info.is_main or is_sharded(run.model):  # sharded: every rank writes its shard
             save(cfg, ckpt_dir, at, run, device)
 
     t_start, last_loss = time.perf_counter(), float("nan")
@@ -190,6 +194,7 @@ def setup(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
     source = build_source(cfg.data, cfg.cache, cfg.max_bad_fraction, progress=cfg.progress and info.is_main)
     train = training_subset(source.split("train", cfg.val_fraction), cfg.data_fraction, cfg.seed)
     spe = steps_per_epoch(len(train), cfg.batch_size, cfg.accum_steps, info.world_size)
+    model = parallelize(objective, cfg, device, info)  # FSDP replaces the parameters: the optimiser comes after
     optimizer = build_optimizer(objective, cfg.effective_lr(), cfg.weight_decay, cfg.betas,
                                 objective.no_weight_decay())
     if info.is_main:
@@ -201,7 +206,7 @@ def setup(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
              f"{run_dir} has no checkpoint to continue from: starting it from step 0 with its recorded config")
     items = getattr(train, "items", None)  # None: a streaming source (shards), read from disk
     in_memory = items is not None and (not items or not isinstance(items[0], str))
-    run = Run(objective, parallelize(objective, cfg, device, info), optimizer, source, train,
+    run = Run(objective, model, optimizer, source, train,
               build_transform(objective, cfg), default_num_workers(cfg, in_memory), spe, step)
     _describe(cfg, run, info, device)
     return run
@@ -209,13 +214,21 @@ def setup(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
 
 def restore(ckpt: Path, objective: Objective, optimizer, cfg: PretrainConfig, device: torch.device) -> int:
     """Weights, optimiser moments, RNG state; returns the step. The optimiser's hyper-parameters
-    (lr, weight decay) come from ``cfg``, so a resumed run may change them."""
-    load_weights(objective, ckpt, what="checkpoint")
-    state = load_state(ckpt)
+    (lr, weight decay) come from ``cfg``, so a resumed run may change them. A sharded checkpoint
+    (``--strategy fsdp``) loads into any number of processes, sharded or not."""
+    if is_sharded_checkpoint(ckpt):
+        state = load_sharded_checkpoint(ckpt, objective, optimizer)  # a collective under FSDP
+    elif is_sharded(objective):
+        raise ValueError(f"checkpoint {ckpt} was written under --strategy ddp (one whole model.safetensors); "
+                         "resume it with --strategy ddp: its sharded checkpoints start with a --strategy fsdp run")
+    else:
+        load_weights(objective, ckpt, what="checkpoint")
+        state = load_state(ckpt)
     if state.get("objective") not in (None, cfg.objective):
         raise ValueError(f"checkpoint {ckpt} was trained with objective {state['objective']!r}, "
                          f"not {cfg.objective!r}; resume with the run's own objective")
-    optimizer.load_state_dict(state["optimizer"])
+    if "optimizer" in state:  # sharded checkpoints hold the AdamW moments in their shards
+        optimizer.load_state_dict(state["optimizer"])
     for group in optimizer.param_groups:
         group["weight_decay"] = cfg.weight_decay if group["weight_decay"] else 0.0
     set_rng_state(state["rng"], device)
@@ -223,8 +236,14 @@ def restore(ckpt: Path, objective: Objective, optimizer, cfg: PretrainConfig, de
 
 
 def save(cfg: PretrainConfig, ckpt_dir: Path, step: int, run: Run, device: torch.device) -> Path:
-    state = {"optimizer": run.optimizer.state_dict(), "rng": rng_state(device), "step": step,
-             "epoch": step / run.steps_per_epoch, "objective": cfg.objective, "model": cfg.model}
+    """Under DDP (rank 0): model.safetensors + state.pt; sharded (every rank): DCP shards + state.pt."""
+    state = {"rng": rng_state(device), "step": step, "epoch": step / run.steps_per_epoch,
+             "objective": cfg.objective, "model": cfg.model}
+    if is_sharded(run.model):
+        from .runs import run_record
+        return save_sharded_checkpoint(ckpt_dir, step, run.objective, run.optimizer, state,
+                                       keep_last=cfg.keep_last, record=run_record(cfg))
+    state["optimizer"] = run.optimizer.state_dict()
     kw = {}
     if "record" in inspect.signature(save_checkpoint).parameters:  # contract C1
         from .runs import run_record
@@ -263,7 +282,8 @@ def log(logger, window: LogWindow, bad: BadImages, info: DistInfo, run: Run, cfg
 
 
 def finite_weights(objective: torch.nn.Module) -> bool:
-    return bool(torch.stack([p.detach().isfinite().all() for p in objective.parameters()]).all())
+    """Every weight finite, on every rank (each checks its own shards under FSDP)."""
+    return all_finite(objective.parameters())
 
 
 #: a checkpoint whose first step's loss exceeds this multiple of the median loss before it was
