@@ -90,3 +90,14 @@ def test_dry_run_report_for_a_config():
     assert "fsdp" in text and "GFLOP" in text
     big = estimate(build_on_meta(tiny_mae), "ddp", "fp32", batch_per_gpu=8)
     assert "warning" in format_estimate(big, gpu_memory_gib=big["total_bytes"] / GiB)
+
+
+def test_gpus_plans_the_dry_run_for_that_many_gpus_and_needs_dry_run(capsys):
+    from mimaim.cli import main
+
+    args = ["pretrain", "--objective", "aim", "--model", "vit_micro", "--img-size", "32", "--patch-size", "4",
+            "--batch-size", "64", "--strategy", "fsdp", "--out", "unused"]
+    assert main(args + ["--dry-run", "--gpus", "4"]) == 0
+    assert "global batch 64 = 4 GPU(s) x 1 accumulation x 16" in capsys.readouterr().out
+    assert main(args + ["--gpus", "4"]) == 2  # training on N GPUs is torchrun's job
+    assert "torchrun --nproc_per_node=N" in capsys.readouterr().err

@@ -60,6 +60,8 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
                         + ", ".join(sorted(RESUME_MUTABLE - {"out"})))
     g.add_argument("--dry-run", action="store_true", default=S,
                    help="print parameters, expected memory and FLOPs; train nothing")
+    g.add_argument("--gpus", type=int, metavar="N", default=S,
+                   help="with --dry-run: the number of GPUs to plan for (default: WORLD_SIZE, else 1)")
     add_dataclass_arguments(p, PretrainConfig, helps={"data": DATA_SPEC_HELP}, sections={"what to train": g})
     return p
 
@@ -69,14 +71,15 @@ def cmd_pretrain(args) -> int:
     from .options import parse_assignments
 
     flags = {k: v for k, v in vars(args).items()
-             if k not in ("command", "func", "config", "resume", "opt", "set_fields", "dry_run", *OBJECTIVE_FLAGS)}
+             if k not in ("command", "func", "config", "resume", "opt", "set_fields", "dry_run", "gpus",
+                          *OBJECTIVE_FLAGS)}
     flags.update(parse_assignments(getattr(args, "set_fields", None), "--set", "precision=bf16"))
     options = parse_assignments(getattr(args, "opt", None), "--opt", "decoder_depth=8")
     options.update({k: getattr(args, k) for k in OBJECTIVE_FLAGS if hasattr(args, k)})
     if options:
         flags["objective_options"] = {**(flags.get("objective_options") or {}), **options}
     pretrain_command(flags, preset=getattr(args, "config", None), resume=getattr(args, "resume", None),
-                     dry_run=getattr(args, "dry_run", False))
+                     dry_run=getattr(args, "dry_run", False), gpus=getattr(args, "gpus", None))
     return 0
 
 

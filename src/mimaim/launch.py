@@ -101,11 +101,15 @@ def default_out(objective: str, data: str) -> str:
 
 
 def pretrain_command(flags: dict, preset: str | None = None, resume: str | None = None,
-                     dry_run: bool = False) -> Path | None:
-    """What ``mimaim pretrain`` does with its parsed flags (``PretrainConfig`` field -> value)."""
+                     dry_run: bool = False, gpus: int | None = None) -> Path | None:
+    """What ``mimaim pretrain`` does with its parsed flags (``PretrainConfig`` field -> value).
+    ``gpus``: with ``dry_run``, the number of GPUs to plan for (default ``WORLD_SIZE``)."""
     from .engine.build import resolved_objective_options
     from .objectives.base import get_objective_class, parse_options
 
+    if gpus is not None and (not dry_run or gpus < 1):
+        raise ConfigError(f"--gpus {gpus}: --gpus N (N >= 1) plans a --dry-run for N GPUs; to train on N GPUs "
+                          "launch N processes: `torchrun --nproc_per_node=N -m mimaim pretrain ...`")
     cfg, cont = resolve_pretrain(flags, preset, resume)
     parse_options(get_objective_class(cfg.objective), resolved_objective_options(cfg))  # fail before any work
     if dry_run:
@@ -113,7 +117,7 @@ def pretrain_command(flags: dict, preset: str | None = None, resume: str | None 
             from .engine.estimate import dry_run as estimate
         except ImportError:
             raise ConfigError("--dry-run is not available in this version yet") from None
-        estimate(cfg)
+        estimate(cfg, world_size=gpus)
         return None
     return pretrain(cfg, resume=cont)
 
