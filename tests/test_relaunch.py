@@ -146,6 +146,7 @@ def test_fsdp_with_activation_checkpointing_in_one_process_trains_like_ddp_and_l
     assert main(["pretrain", "--resume", str(tmp_path / "ddp"), "--strategy", "fsdp", "--max-steps", "3",
                  "--no-progress"]) == 2
     assert "resume it with --strategy ddp" in capsys.readouterr().err
+    assert "strategy: ddp" in (tmp_path / "ddp" / "config.yaml").read_text()  # the refused resume changed nothing
 
 
 def test_init_starts_a_new_run_from_another_run_s_weights(tmp_path, image_folder, capsys):

@@ -197,10 +197,10 @@ def setup(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
     model = parallelize(objective, cfg, device, info)  # FSDP replaces the parameters: the optimiser comes after
     optimizer = build_optimizer(objective, cfg.effective_lr(), cfg.weight_decay, cfg.betas,
                                 objective.no_weight_decay())
-    if info.is_main:
+    step = restore(ckpt, objective, optimizer, cfg, device) if ckpt is not None else 0
+    if info.is_main:  # after restore: a resume refused (e.g. another strategy) leaves the record as it was
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    step = restore(ckpt, objective, optimizer, cfg, device) if ckpt is not None else 0
     if resume:
         _say(info, f"resuming {run_dir} from step {step} ({ckpt.name})" if ckpt is not None else
              f"{run_dir} has no checkpoint to continue from: starting it from step 0 with its recorded config")
