@@ -25,5 +25,14 @@ def make_image_folder(root: Path, classes=("a", "b"), per_class: int = 6, size: 
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (tiny models: no thread hand-offs on a shared CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "images")

@@ -13,12 +13,8 @@ from mimaim.objectives.aim import AIM, prefix_causal_block_mask, prefix_causal_m
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread beats two on a shared CPU (no thread hand-offs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread):
+    """These models are tiny: one thread beats two on a shared CPU (conftest.one_torch_thread)."""
 
 
 N = 16  # 16 px images, patch 4

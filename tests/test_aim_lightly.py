@@ -20,12 +20,8 @@ from mimaim.objectives import build_objective  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread beats two on a shared CPU (no thread hand-offs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread):
+    """These models are tiny: one thread beats two on a shared CPU (conftest.one_torch_thread)."""
 
 
 TOL = dict(atol=1e-5, rtol=1e-5)

@@ -13,12 +13,8 @@ from mimaim.eval.probes import get_probe
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread beats two on a shared CPU (no thread hand-offs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread):
+    """These models are tiny: one thread beats two on a shared CPU (conftest.one_torch_thread)."""
 
 
 def reference_pool(head: AttentionPoolingClassifier, x: torch.Tensor) -> torch.Tensor:

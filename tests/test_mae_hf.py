@@ -1,6 +1,6 @@
 """Our MAE against HuggingFace ``ViTMAEForPreTraining`` holding the same weights.
 
-Weights go ours -> HF (HF's fresh init has all-zero sin-cos tables, METHODS.md section 9),
+Weights go ours -> HF (HF's fresh init has all-zero sin-cos tables, docs/methods.md section 9),
 both see the same images and the same noise, so both draw the same mask. Loss, per-patch
 predictions and mask must agree to float32 tolerance: ATOL = RTOL = 1e-5 (in practice the
 two run the same kernels and agree bit for bit).

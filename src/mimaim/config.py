@@ -78,7 +78,7 @@ class PretrainConfig:
     augmentation: dict = opt(help="overrides of the objective's Augmentation, e.g. {crop_scale: [0.2, 1.0]}",
                              factory=dict, cli=False)
     # optimisation (MAE recipe)
-    epochs: int = opt(20, "epochs (may grow on --resume)", OPTIM)
+    epochs: int = opt(20, "epochs (may grow on --resume); recipe quick: the objective's quick_epochs when not given", OPTIM)
     batch_size: int = opt(64, "global batch per optimiser step (split across processes and --accum-steps)", OPTIM)
     accum_steps: int = opt(1, "gradient accumulation micro-steps", OPTIM)
     blr: float = opt(1e-3, "base learning rate, lr = blr x batch/256 (official MAE code default; the paper's "
@@ -249,13 +249,18 @@ def resolve_config(preset: dict[str, Any] | None = None, flags: dict[str, Any] |
                    recorded: dict[str, Any] | None = None) -> PretrainConfig:
     """The one merge of every command: defaults < ``preset`` < ``flags`` < ``recorded`` (a resumed run).
 
+    A new run on ``recipe: quick`` without ``epochs`` takes the objective's ``quick_epochs``.
     For a resumed run the recorded config wins, except ``RESUME_MUTABLE`` settings given in
     the preset or flags; any other given value that differs from the record is an error
     (that would be another run), naming the setting and both values.
     """
     given = {k.replace("-", "_"): v for k, v in {**(preset or {}), **(flags or {})}.items()}
     if recorded is None:
-        return make_config(preset, **(flags or {}))
+        cfg = make_config(preset, **(flags or {}))
+        if cfg.recipe == "quick" and given.get("epochs") is None:
+            from .objectives import get_objective_class
+            cfg.epochs = getattr(get_objective_class(cfg.objective), "quick_epochs", None) or cfg.epochs
+        return cfg
     old = make_config(recorded)
     new = make_config(recorded, **given)  # validates the given values
     clash = [k for k in given if k not in RESUME_MUTABLE and k not in NEW_RUN_ONLY

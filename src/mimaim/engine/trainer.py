@@ -38,18 +38,10 @@ from .distributed import DistInfo, cleanup, init_distributed, resolve_device
 from .fsdp import all_finite
 from .logging import MetricsLogger, read_metrics
 from .meters import BadImages, LogWindow, Progress
-from .optim import build_optimizer, set_lr
+from .optim import build_optimizer, lr_at, set_lr
 from .parallel import grad_sync, is_sharded, parallelize
 from .pipeline import build_transform, default_num_workers, epoch_loader
 from .precision import autocast_context, slow_bf16_warning  # noqa: F401 (autocast_context: re-export)
-
-try:  # contract C3
-    from .optim import lr_at
-except ImportError:  # pragma: no cover - older optim.py
-    from .optim import cosine_lr
-
-    def lr_at(epoch, lr, min_lr, warmup_epochs, epochs, schedule="cosine", milestones=(), gamma=0.1):
-        return cosine_lr(epoch, lr, min_lr, warmup_epochs, epochs)
 
 
 class TrainingDiverged(RuntimeError):

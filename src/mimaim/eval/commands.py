@@ -29,6 +29,7 @@ FINETUNE_HELP = {
     "cutmix": "cutmix alpha, 0 = off (default: the recipe's)",
     "auto_augment": "timm RandAugment spec, 'none' = off (default: the recipe's)",
     "reprob": "random erasing probability (default: the recipe's)",
+    "head_bn": "affine-free BatchNorm before the head, as MAE's linear probe (default: the recipe's)",
     "crop_scale": "RandomResizedCrop area range LOW,HIGH (default: the recipe's)",
     "hflip": "random horizontal flip (default: the recipe's)",
     "img_size": "fine-tuning resolution (default: the pre-training one; position tables are resized)",
@@ -161,9 +162,11 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "finetune", help="fine-tune a run's encoder end to end (MAE/BEiT recipe) and report held-out top-1",
         formatter_class=FORMATTER,
-        description="Fine-tune the pre-trained encoder of RUN_DIR end to end with the MAE/BEiT recipe: layer-wise "
-                    "lr decay, drop path, label smoothing, mixup/cutmix and RandAugment (timm), AdamW (0.9, 0.999), "
-                    "cosine schedule with warm-up; mean-pooled patch tokens -> fc_norm -> head. Reports top-1 on "
+        description="Fine-tune the pre-trained encoder of RUN_DIR end to end as MAE's main_finetune.py: layer-wise "
+                    "lr decay (timm groups), drop path, trainable position table, AdamW (0.9, 0.999), cosine "
+                    "schedule with warm-up; mean-pooled patch tokens -> fc_norm -> head. --recipe quick (default) "
+                    "is sized for small data (BatchNorm before the head, blr 1e-2, 10 epochs, no mixup/cutmix/"
+                    "RandAugment); --recipe paper is MAE's ImageNet recipe. Reports top-1 on "
                     "the held-out split (the last --val-fraction of each class, as `mimaim probe`) and writes "
                     "RUN_DIR/finetune[-<size>px][-random].json.",
         epilog="examples:\n  mimaim finetune runs/mae-cifar --data imagefolder:/tmp/cifar/train --epochs 20\n"

@@ -57,8 +57,10 @@ def block_outputs(backbone, images: torch.Tensor, indices: Sequence[int], norm: 
     timm's (``output_fmt="NLC"``, ``intermediates_only=True``, prefix tokens returned apart with
     ``return_prefix_tokens=True``), which the backbone may follow.
     """
-    fn = backbone.forward_intermediates
     indices = list(indices)
+    if hasattr(backbone, "block_outputs"):  # mimaim's backbones: blocks, also for Swin (timm counts stages)
+        return list(backbone.block_outputs(images, indices, norm=norm))
+    fn = backbone.forward_intermediates
     if _accepts(fn, "intermediates_only"):  # timm's contract
         kwargs = {"indices": indices, "norm": norm, "intermediates_only": True}
         if _accepts(fn, "output_fmt"):

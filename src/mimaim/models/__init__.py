@@ -3,7 +3,8 @@
 Every backbone honours one contract so that objectives and probes never care which
 one they hold: attributes ``embed_dim``, ``num_patches``, ``grid_size``, ``patch_size``,
 ``num_prefix_tokens``, ``depth``, ``num_heads``; methods ``embed``, ``forward_tokens``,
-``forward_features`` and ``forward_intermediates`` (see ``vit.py``).
+``forward_features``, ``block_outputs`` (token maps of chosen blocks, for probes) and
+``forward_intermediates`` (timm's contract; see ``vit.py``).
 """
 
 from .layers import Attention, Block, normalized_pixel_targets, patchify, sincos_2d, unpatchify

@@ -52,7 +52,7 @@ def _vit(embed_dim: int, depth: int, num_heads: int, **defaults):
     return build
 
 
-# Shapes: width / depth / heads (METHODS.md section 1). vit_micro is ours: a shape for
+# Shapes: width / depth / heads (docs/methods.md section 1). vit_micro is ours: a shape for
 # scaling studies on CPU, below DeiT's Tiny.
 register_model("vit_micro")(_vit(128, 6, 4))
 register_model("vit_tiny")(_vit(192, 12, 3))

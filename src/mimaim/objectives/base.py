@@ -73,6 +73,10 @@ class Objective(nn.Module):
     #: augmented views per image: 1 -> ``images`` is (B, 3, H, W); k > 1 -> (B, k, 3, H, W), k draws of
     #: ``augmentation`` from the same image (two-view objectives such as data2vec/I-JEPA-style targets)
     num_views: ClassVar[int] = 1
+    #: ``recipe: quick``: head options (``quick_options``) and epochs (``quick_epochs``, when
+    #: ``--epochs`` is not given) sized so the built-in run takes minutes on a laptop CPU
+    quick_options: ClassVar[dict] = {}
+    quick_epochs: ClassVar[int | None] = None
 
     def __init__(self, encoder: nn.Module, options):
         super().__init__()
@@ -205,6 +209,8 @@ def describe_objectives() -> str:
         quick = getattr(cls, "quick_options", {})
         if quick:
             lines.append(f"      recipe 'quick' uses: {quick}")
+        if getattr(cls, "quick_epochs", None):
+            lines.append(f"      recipe 'quick' trains {cls.quick_epochs} epochs unless --epochs is given")
     return "\n".join(lines)
 
 
