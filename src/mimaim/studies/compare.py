@@ -45,6 +45,7 @@ import torch
 
 from ..config import ConfigError, PretrainConfig, load_yaml, make_config
 from ..engine.trainer import pretrain
+from ..options import OptionError, parse_assignments
 
 #: the AIM paper's ablations (Table 3d, Table 5) as named variants: name -> (objective, options)
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -83,12 +84,10 @@ def parse_objective_spec(spec: str) -> tuple[str, dict]:
         options = dict(options)
     else:
         objective, *pairs = spec.split("@")
-        options = {}
-        for pair in pairs:
-            if "=" not in pair:
-                raise ConfigError(f"--objectives {spec!r}: expected objective@key=value, got {pair!r}")
-            key, value = pair.split("=", 1)
-            options[key.strip()] = value.strip()
+        try:  # the one KEY=VALUE syntax of every command (--opt, --set)
+            options = parse_assignments(pairs, "--objectives", f"{objective}@mask_ratio=0.5")
+        except OptionError as err:
+            raise ConfigError(f"{err} (in {spec!r}: objective@key=value@key=value)") from None
     if objective not in list_objectives():
         raise ConfigError(f"--objectives: unknown objective {objective!r} (in {spec!r}); registered objectives: "
                           f"{', '.join(list_objectives())}; variants: {', '.join(VARIANTS)}; or write "
