@@ -113,10 +113,7 @@ def pretrain_command(flags: dict, preset: str | None = None, resume: str | None 
     cfg, cont = resolve_pretrain(flags, preset, resume)
     parse_options(get_objective_class(cfg.objective), resolved_objective_options(cfg))  # fail before any work
     if dry_run:
-        try:
-            from .engine.estimate import dry_run as estimate
-        except ImportError:
-            raise ConfigError("--dry-run is not available in this version yet") from None
+        from .engine.estimate import dry_run as estimate
         estimate(cfg, world_size=gpus)
         return None
     return pretrain(cfg, resume=cont)

@@ -55,7 +55,7 @@ def run_record(cfg: PretrainConfig) -> dict:
     from .. import __version__
     from ..models import model_family
     from ..objectives import get_objective_class, parse_options
-    from .trainer import resolved_objective_options
+    from .build import resolved_objective_options
 
     cls = get_objective_class(cfg.objective)
     options = parse_options(cls, resolved_objective_options(cfg))
@@ -184,7 +184,7 @@ def load_backbone(path: str | Path, device: str | torch.device = "cpu",
 # --------------------------------------------------------------------------- whole objective
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: str | torch.device = "cpu"):
     """-> (config, objective in eval mode, checkpoint path), heads and tokenizer included."""
-    from .trainer import build_run_objective
+    from .build import build_run_objective
 
     run_dir = Path(run_dir)
     if not run_dir.exists():

@@ -17,7 +17,6 @@ wrapper behind ``parallelize`` (parallel.py); data in pipeline.py; bookkeeping i
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import statistics
@@ -41,6 +40,7 @@ from .meters import BadImages, LogWindow, Progress
 from .optim import build_optimizer, lr_at, set_lr
 from .parallel import grad_sync, is_sharded, parallelize
 from .pipeline import build_transform, default_num_workers, epoch_loader
+from .runs import run_record
 from .precision import autocast_context, slow_bf16_warning  # noqa: F401 (autocast_context: re-export)
 
 
@@ -196,10 +196,8 @@ def setup(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
     if resume:
         _say(info, f"resuming {run_dir} from step {step} ({ckpt.name})" if ckpt is not None else
              f"{run_dir} has no checkpoint to continue from: starting it from step 0 with its recorded config")
-    items = getattr(train, "items", None)  # None: a streaming source (shards), read from disk
-    in_memory = items is not None and (not items or not isinstance(items[0], str))
     run = Run(objective, model, optimizer, source, train,
-              build_transform(objective, cfg), default_num_workers(cfg, in_memory), spe, step)
+              build_transform(objective, cfg), default_num_workers(cfg, train.in_memory), spe, step)
     _describe(cfg, run, info, device)
     return run
 
@@ -231,17 +229,14 @@ def save(cfg: PretrainConfig, ckpt_dir: Path, step: int, run: Run, device: torch
     """Under DDP (rank 0): model.safetensors + state.pt; sharded (every rank): DCP shards + state.pt."""
     state = {"rng": rng_state(device), "step": step, "epoch": step / run.steps_per_epoch,
              "objective": cfg.objective, "model": cfg.model}
+    record = run_record(cfg)
     if is_sharded(run.model):
-        from .runs import run_record
         return save_sharded_checkpoint(ckpt_dir, step, run.objective, run.optimizer, state,
-                                       keep_last=cfg.keep_last, record=run_record(cfg))
+                                       keep_last=cfg.keep_last, record=record)
     state["optimizer"] = run.optimizer.state_dict()
-    kw = {}
-    if "record" in inspect.signature(save_checkpoint).parameters:  # contract C1
-        from .runs import run_record
-        kw["record"] = run_record(cfg)
     return save_checkpoint(ckpt_dir, step, run.objective, state, keep_last=cfg.keep_last,
-                           metadata={"objective": cfg.objective, "model": cfg.model, "step": str(step)}, **kw)
+                           metadata={"objective": cfg.objective, "model": cfg.model, "step": str(step)},
+                           record=record)
 
 
 def rng_state(device: torch.device) -> dict:

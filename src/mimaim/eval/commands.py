@@ -51,10 +51,7 @@ RUN_FIELDS = ("data", "model", "img_size", "patch_size", "epochs", "batch_size",
 
 
 def _studies():
-    try:
-        from ..studies import compare, scale
-    except ImportError:  # before the move to mimaim.studies
-        from . import compare, scale
+    from ..studies import compare, scale
     return compare, scale
 
 

@@ -51,25 +51,25 @@ def _accepts(fn, name: str) -> bool:
 
 
 def block_outputs(backbone, images: torch.Tensor, indices: Sequence[int], norm: bool) -> list[torch.Tensor]:
-    """Outputs of blocks ``indices`` as (B, prefix + N, D) token maps, through ``forward_intermediates``.
+    """Outputs of blocks ``indices`` as (B, prefix + N, D) token maps.
 
-    Works with both forms of that method: mimaim's original one (a list of token maps) and
-    timm's (``output_fmt="NLC"``, ``intermediates_only=True``, prefix tokens returned apart with
-    ``return_prefix_tokens=True``), which the backbone may follow.
+    mimaim's backbones give them through ``block_outputs`` (blocks, also for Swin); any other
+    backbone through timm's ``forward_intermediates`` contract (``output_fmt="NLC"``,
+    ``intermediates_only=True``, prefix tokens returned apart with ``return_prefix_tokens=True``).
     """
     indices = list(indices)
     if hasattr(backbone, "block_outputs"):  # mimaim's backbones: blocks, also for Swin (timm counts stages)
         return list(backbone.block_outputs(images, indices, norm=norm))
     fn = backbone.forward_intermediates
-    if _accepts(fn, "intermediates_only"):  # timm's contract
-        kwargs = {"indices": indices, "norm": norm, "intermediates_only": True}
-        if _accepts(fn, "output_fmt"):
-            kwargs["output_fmt"] = "NLC"
-        if getattr(backbone, "num_prefix_tokens", 0) and _accepts(fn, "return_prefix_tokens"):
-            kwargs["return_prefix_tokens"] = True
-        out = fn(images, **kwargs)
-    else:
-        out = fn(images, indices, norm=norm)
+    if not _accepts(fn, "intermediates_only"):
+        raise TypeError(f"{type(backbone).__name__}.forward_intermediates does not follow timm's contract "
+                        "(no intermediates_only); give the backbone a block_outputs(images, indices, norm) method")
+    kwargs = {"indices": indices, "norm": norm, "intermediates_only": True}
+    if _accepts(fn, "output_fmt"):
+        kwargs["output_fmt"] = "NLC"
+    if getattr(backbone, "num_prefix_tokens", 0) and _accepts(fn, "return_prefix_tokens"):
+        kwargs["return_prefix_tokens"] = True
+    out = fn(images, **kwargs)
     maps = []
     for t in out:
         if isinstance(t, (tuple, list)):  # (spatial, prefix) as timm returns them

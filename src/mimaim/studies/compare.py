@@ -76,7 +76,7 @@ class Cell:
 def parse_objective_spec(spec: str) -> tuple[str, dict]:
     """``mae`` | a ``VARIANTS`` name | ``objective@key=value@key=value`` -> (objective, options)."""
     from ..objectives import get_objective_class, list_objectives, parse_options
-    from ..engine.trainer import resolved_objective_options
+    from ..engine.build import resolved_objective_options
 
     spec = spec.strip()
     if spec in VARIANTS:
@@ -122,7 +122,7 @@ def count_training_flops(cfg: PretrainConfig, batch: int = 2) -> float:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ..engine.trainer import build_run_objective
+    from ..engine.build import build_run_objective
 
     objective = build_run_objective(cfg).train()
     g = torch.Generator().manual_seed(cfg.seed)
@@ -139,7 +139,7 @@ def count_training_flops(cfg: PretrainConfig, batch: int = 2) -> float:
 def time_training_steps(cfg: PretrainConfig, steps: int = 2) -> float:
     """Seconds per optimiser step on random images (one warm-up step first); no data loading."""
     from ..engine.optim import build_optimizer
-    from ..engine.trainer import build_run_objective
+    from ..engine.build import build_run_objective
 
     objective = build_run_objective(cfg).train()
     opt = build_optimizer(objective, 1e-4, cfg.weight_decay, cfg.betas)
@@ -234,10 +234,7 @@ def final_loss(run_dir: Path) -> float:
 def default_probes() -> list[str]:
     from ..eval.probes import list_probes
 
-    try:  # the attentive probe registers itself when its module exists
-        from ..eval import attentive  # noqa: F401
-    except ImportError:
-        pass
+    from ..eval import attentive  # noqa: F401  (registers the attentive probe)
     available = list_probes()
     return [p for p in ("linear", "attentive", "knn") if p in available]
 

@@ -201,6 +201,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, ax, path: Path) -> None:
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_loss_vs_params(path: Path, rows: list[dict], fits: list[dict], objective: str) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
@@ -221,10 +228,7 @@ def plot_loss_vs_params(path: Path, rows: list[dict], fits: list[dict], objectiv
     ax.set_xlabel("encoder parameters")
     ax.set_ylabel("final pre-training loss")
     ax.set_title(f"{objective}: loss vs model size (fit L = a N^-alpha)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, ax, path)
 
 
 def plot_accuracy_vs_loss(path: Path, rows: list[dict], acc: str, objective: str) -> None:
@@ -238,10 +242,7 @@ def plot_accuracy_vs_loss(path: Path, rows: list[dict], acc: str, objective: str
     ax.set_xlabel("final pre-training loss")
     ax.set_ylabel(f"{acc.replace('_top1', '')} probe top-1 (%)")
     ax.set_title(f"{objective}: downstream accuracy vs pre-training loss")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, ax, path)
 
 
 def plot_accuracy_vs_data(path: Path, rows: list[dict], acc: str, objective: str) -> None:
@@ -254,7 +255,4 @@ def plot_accuracy_vs_data(path: Path, rows: list[dict], acc: str, objective: str
     ax.set_xlabel("fraction of the training split")
     ax.set_ylabel(f"{acc.replace('_top1', '')} probe top-1 (%)")
     ax.set_title(f"{objective}: accuracy vs data")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, ax, path)
