@@ -12,35 +12,6 @@ import argparse
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
 
-#: help of FinetuneConfig fields (None defaults come from --recipe)
-FINETUNE_HELP = {
-    "recipe": "quick: sized to show learning in minutes on a CPU; paper: MAE's ViT-B recipe (FINETUNE.md)",
-    "epochs": "fine-tuning epochs (default: the recipe's)",
-    "batch_size": "batch (default: the recipe's)",
-    "blr": "base lr, lr = blr x batch/256 (default: the recipe's)",
-    "lr": "absolute lr (overrides the base lr)",
-    "min_lr": "floor of the cosine schedule",
-    "warmup_epochs": "warm-up epochs (default: the recipe's)",
-    "weight_decay": "AdamW weight decay",
-    "layer_decay": "layer-wise lr decay, 1 = off (default: the recipe's)",
-    "drop_path": "stochastic depth (default: the recipe's)",
-    "smoothing": "label smoothing (default: the recipe's)",
-    "mixup": "mixup alpha, 0 = off (default: the recipe's)",
-    "cutmix": "cutmix alpha, 0 = off (default: the recipe's)",
-    "auto_augment": "timm RandAugment spec, 'none' = off (default: the recipe's)",
-    "reprob": "random erasing probability (default: the recipe's)",
-    "head_bn": "affine-free BatchNorm before the head, as MAE's linear probe (default: the recipe's)",
-    "crop_scale": "RandomResizedCrop area range LOW,HIGH (default: the recipe's)",
-    "hflip": "random horizontal flip (default: the recipe's)",
-    "img_size": "fine-tuning resolution (default: the pre-training one; position tables are resized)",
-    "data": "labelled data (default: the run's own data)",
-    "init": "pretrained (default) | random: the same trunk at random init (training from scratch)",
-    "seed": "random seed",
-    "device": "cpu | cuda",
-    "num_workers": "DataLoader workers",
-    "max_steps": "stop after N steps (smoke tests)",
-    "progress": "no progress bars",
-}
 #: the fine-tuning recipe's fields, offered to compare as --ft-*
 FINETUNE_RECIPE_FIELDS = ("recipe", "batch_size", "blr", "lr", "min_lr", "warmup_epochs", "weight_decay",
                           "layer_decay", "drop_path", "smoothing", "mixup", "cutmix", "auto_augment", "reprob",
@@ -170,7 +141,7 @@ def add_parser(sub) -> None:
                "  mimaim finetune runs/mae-cifar --epochs 20 --img-size 48     # position tables resized\n"
                "  mimaim finetune runs/mae-cifar --epochs 20 --init random     # the from-scratch baseline")
     p.add_argument("run_dir", help="a `mimaim pretrain` run directory")
-    fields = add_dataclass_arguments(p, FinetuneConfig, helps=FINETUNE_HELP, flags={"progress": "--no-progress"})
+    fields = add_dataclass_arguments(p, FinetuneConfig, flags={"progress": "--no-progress"})
     p.set_defaults(func=cmd_finetune, finetune_fields=fields)
 
     # ---- compare
@@ -209,8 +180,7 @@ def add_parser(sub) -> None:
     p.add_argument("--finetune-epochs", type=int, default=0, help="add a fine-tune column (N epochs per cell; 0 = off)")
     _add_run_options(p, "vit_tiny")
     g = p.add_argument_group("fine-tuning of every cell (with --finetune-epochs)")
-    fields = add_dataclass_arguments(g, FinetuneConfig, include=FINETUNE_RECIPE_FIELDS, prefix="ft-", groups=False,
-                                     helps=FINETUNE_HELP)
+    fields = add_dataclass_arguments(g, FinetuneConfig, include=FINETUNE_RECIPE_FIELDS, prefix="ft-", groups=False)
     p.set_defaults(func=cmd_compare, finetune_fields=fields)
 
     # ---- scale

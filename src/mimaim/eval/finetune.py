@@ -71,7 +71,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, opt
 from ..data import IMAGENET_MEAN, IMAGENET_STD, Source, eval_transform
 from ..engine.optim import lr_at, set_lr
 from ..engine.precision import autocast_context
@@ -93,32 +93,36 @@ RECIPES: dict[str, dict] = {
 
 @dataclass
 class FinetuneConfig:
-    recipe: str = "quick"  # quick | paper (see the module docstring)
-    epochs: int | None = None
-    batch_size: int | None = None
-    blr: float | None = None  # lr = blr x batch / 256
-    lr: float | None = None  # absolute lr (overrides blr)
-    min_lr: float = 1e-6
-    warmup_epochs: float | None = None
-    weight_decay: float = 0.05
-    layer_decay: float | None = None
-    drop_path: float | None = None
-    smoothing: float | None = None
-    mixup: float | None = None
-    cutmix: float | None = None
-    auto_augment: str | None = None  # timm RandAugment spec, "none" = off; None: the recipe's
-    reprob: float | None = None
-    crop_scale: tuple | None = None  # RandomResizedCrop area range
-    hflip: bool | None = None
-    head_bn: bool | None = None  # affine-free BatchNorm before the head (MAE's linear-probe head)
-    img_size: int | None = None  # None: the pre-training resolution
-    data: str | None = None  # None: the run's own data
-    init: str = "pretrained"  # pretrained | random (the "from scratch" baseline)
-    seed: int = 0
-    device: str = "cpu"
-    num_workers: int = 0
-    max_steps: int | None = None  # stop early (tests); the schedule still follows epochs
-    progress: bool = True
+    recipe: str = opt("quick", "quick: sized to show learning in minutes on a CPU; "
+                               "paper: MAE's ViT-B recipe (FINETUNE.md)", choices=tuple(RECIPES))
+    epochs: int | None = opt(None, "fine-tuning epochs (default: the recipe's)")
+    batch_size: int | None = opt(None, "batch (default: the recipe's)")
+    blr: float | None = opt(None, "base lr, lr = blr x batch/256 (default: the recipe's)")
+    lr: float | None = opt(None, 'absolute lr (overrides the base lr)')
+    min_lr: float = opt(1e-6, 'floor of the cosine schedule')
+    warmup_epochs: float | None = opt(None, "warm-up epochs (default: the recipe's)")
+    weight_decay: float = opt(0.05, 'AdamW weight decay')
+    layer_decay: float | None = opt(None, "layer-wise lr decay, 1 = off (default: the recipe's)")
+    drop_path: float | None = opt(None, "stochastic depth (default: the recipe's)")
+    smoothing: float | None = opt(None, "label smoothing (default: the recipe's)")
+    mixup: float | None = opt(None, "mixup alpha, 0 = off (default: the recipe's)")
+    cutmix: float | None = opt(None, "cutmix alpha, 0 = off (default: the recipe's)")
+    auto_augment: str | None = opt(None, "timm RandAugment spec, 'none' = off (default: the recipe's)")
+    reprob: float | None = opt(None, "random erasing probability (default: the recipe's)")
+    crop_scale: tuple | None = opt(None, "RandomResizedCrop area range LOW,HIGH (default: the recipe's)")
+    hflip: bool | None = opt(None, "random horizontal flip (default: the recipe's)")
+    head_bn: bool | None = opt(None, "affine-free BatchNorm before the head, as MAE's linear probe "
+                                     "(default: the recipe's)")
+    img_size: int | None = opt(None, "fine-tuning resolution (default: the pre-training one; "
+                                     "position tables are resized)")
+    data: str | None = opt(None, "labelled data (default: the run's own data)")
+    init: str = opt("pretrained", "pretrained (default) | random: the same trunk at random init "
+                                  "(training from scratch)", choices=INITS)
+    seed: int = opt(0, 'random seed')
+    device: str = opt("cpu", 'cpu | cuda')
+    num_workers: int = opt(0, 'DataLoader workers')
+    max_steps: int | None = opt(None, 'stop after N steps (smoke tests; the schedule still follows epochs)')
+    progress: bool = opt(True, 'no progress bars')
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
