@@ -89,3 +89,14 @@ def test_probe_and_resume_refuse_what_does_not_fit(tmp_path, image_folder):
         record.write_text(record.read_text().replace('"vit_micro"', '"vit_tiny"'))
     result = run_cli("probe", str(run))
     assert result.returncode == 2 and "does not fit this model" in result.stderr
+
+
+@pytest.mark.parametrize("argv, norm", [([], None), (["--norm"], True), (["--no-norm"], False)])
+def test_probe_norm_flag_is_the_protocol_unless_given(argv, norm, capsys):
+    from mimaim.cli import build_parser
+    args = build_parser().parse_args(["probe", "RUN", *argv])
+    assert getattr(args, "norm", None) is norm
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["probe", "--help"])
+    help_text = capsys.readouterr().out
+    assert "(default: None)" not in help_text and "--no-norm" in help_text

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from .options import DefaultsHelpFormatter
+
 EPILOG = """examples:
   mimaim pretrain                                   # MAE, ViT-Micro/4, built-in digits, ~2 minutes on a CPU
   mimaim pretrain --data imagefolder:~/cifar10/train --epochs 100 --precision bf16
@@ -88,7 +90,7 @@ def cmd_probe(args) -> int:
 
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     rows = probe_run(args.run_dir, data=args.data, probes=args.probes.split(","), layers=layers, pool=args.pool,
-                     norm=args.norm, random_init=not args.no_random_init, device=args.device,
+                     norm=getattr(args, "norm", None), random_init=not args.no_random_init, device=args.device,
                      progress=not args.no_progress)
     r = rows[0]
     print(f"\nprobes on {r['data']}: {r['train_images']} train / {r['val_images']} held-out images "
@@ -134,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Freeze the encoder of RUN_DIR, extract features once (cached in "
                                    "RUN_DIR/features), and report top-1 accuracy on the held-out split for each "
                                    "probe, beside the same architecture at random initialisation.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("run_dir", help="a `mimaim pretrain` run directory")
     p.add_argument("--data", help="labelled data to probe on (default: the run's own data)")
     p.add_argument("--probes", default="linear,attentive,knn", help="comma-separated probes")
@@ -143,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", default="auto", choices=["auto", "cls", "mean"],
                    help="auto: the objective's declared protocol (printed above the table); cls: the cls token; "
                         "mean: the mean of patch tokens")
-    p.add_argument("--norm", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--norm", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                    help="apply the final LayerNorm to the blocks read (default: the objective's protocol)")
     p.add_argument("--no-random-init", action="store_true", help="skip the random-initialisation row")
     p.add_argument("--device", default="cpu")
@@ -153,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reconstruct", help="draw the objective's reconstruction picture for a run",
                        description="Write a PNG grid: for MAE the original, the masked input, the reconstruction, "
                                    "and the reconstruction with the visible patches pasted back.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("run_dir", help="a `mimaim pretrain` run directory")
     p.add_argument("--images", nargs="+", help="image files (default: held-out images of the run's data)")
     p.add_argument("--out", help="PNG path (default RUN_DIR/reconstruction-<checkpoint>.png)")

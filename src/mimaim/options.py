@@ -29,6 +29,16 @@ class OptionError(ValueError):
     """A malformed option on the command line; the message names it and the fix."""
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults formatter, minus the "(default: None)" of options whose help already says what
+    an absent value means."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _base_type(f: dataclasses.Field) -> str:
     """``'float | None'`` -> ``'float'`` (annotations are strings under ``from __future__ import annotations``)."""
     t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))

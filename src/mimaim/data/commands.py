@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..options import DefaultsHelpFormatter
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -12,7 +14,7 @@ def add_parser(sub) -> None:
                     "shard's sample count and labels). Images are copied byte for byte in an order shuffled once "
                     "from --seed; a class sub-folder becomes the sample's `cls` label (for probes). Train from "
                     "them with `mimaim pretrain --data wds:OUT` or `--data wds:OUT/train-{000000..000127}.tar`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     p.add_argument("source", help="imagefolder:PATH (or digits)")
     p.add_argument("out", help="output folder (new, or without an index.json)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")

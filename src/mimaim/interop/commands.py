@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..options import DefaultsHelpFormatter
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -15,7 +17,7 @@ def add_parser(sub) -> None:
                     "--to hf: a transformers folder (MAE: ViTMAEForPreTraining, BEiT: BeitForMaskedImageModeling, "
                     "SimMIM: ViT/SwinForMaskedImageModeling, or BeitModel for its BEiT-style ViT); load it with "
                     "from_pretrained(DIR).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     p.add_argument("run_dir", help="a `mimaim pretrain` run directory or one of its checkpoints/step-N folders")
     p.add_argument("--to", choices=["timm", "hf"], default="timm", help="target library")
     p.add_argument("--out", required=True, help="output folder")

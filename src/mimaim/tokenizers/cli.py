@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..options import DefaultsHelpFormatter
+
 
 def add_parser(sub) -> None:
     from ..data import DATA_SPEC_HELP
@@ -20,7 +22,7 @@ def add_parser(sub) -> None:
                     "and OUT/reconstruction.png. Use it with `mimaim pretrain --objective beit --tokenizer OUT`. "
                     "Its input is the model's patch grid x --downsample pixels: for 32-px images and 4-px patches "
                     "(an 8x8 grid) train at --img-size 32 with --downsample 4.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     t.add_argument("--data", default="digits", help=DATA_SPEC_HELP)
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--img-size", type=int, default=32, help="training resolution in pixels")
