@@ -25,8 +25,11 @@ regression: 65%) with the BatchNorm in front. On top of that, the ImageNet regul
 erasing) and ``5e-4 x 64/256`` with 0.75-per-layer decay slow the little training there is.
 Measured with the quick recipe on the default digits MAE run (``mimaim finetune RUN_DIR``,
 220 steps): 95.8% top-1 vs 88.7% for the linear probe of the same frozen encoder, but 96.6%
-from random init (``--init random``): on this easy task it does not yet beat its own random
-init (``tests/test_finetune.py`` fails if fine-tuning does not beat the probe).
+from random init (``--init random``): 20 epochs on the same 1,442 digits lift the linear probe
+only 0.8 points over random init, so there is little to inherit (``tests/test_finetune.py``
+fails if fine-tuning does not beat the probe). On CIFAR-10 (45k images, ViT-Micro/4, one
+fine-tuning epoch at lr 5e-3 with flips; README) it beats the same trunk at random init by
+4.1 points after one epoch of AIM, 3.3 after SimMIM and 6.3 after five epochs of MAE.
 
 Common to both, as ``main_finetune.py`` / ``models_vit.py`` / ``lr_decay.py`` have them:
 
