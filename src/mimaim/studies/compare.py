@@ -570,7 +570,7 @@ def plot_probe_accuracy(path: Path, rows: list[dict], columns: Sequence[str]) ->
         ax.bar_label(bars, fmt="%.1f", fontsize=6)
     ax.set_xticks(range(len(rows)), [r["cell"] for r in rows], rotation=20, fontsize=8)
     ax.set_ylabel("held-out top-1 (%)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
     ax.set_title("probe accuracy")
     fig.tight_layout()
     fig.savefig(path)
