@@ -259,7 +259,7 @@ def resolve_config(preset: dict[str, Any] | None = None, flags: dict[str, Any] |
         cfg = make_config(preset, **(flags or {}))
         if cfg.recipe == "quick" and given.get("epochs") is None:
             from .objectives import get_objective_class
-            cfg.epochs = getattr(get_objective_class(cfg.objective), "quick_epochs", None) or cfg.epochs
+            cfg.epochs = get_objective_class(cfg.objective).quick_epochs or cfg.epochs
         return cfg
     old = make_config(recorded)
     new = make_config(recorded, **given)  # validates the given values

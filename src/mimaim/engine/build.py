@@ -11,7 +11,7 @@ from ..objectives import Objective, build_objective, get_objective_class
 def resolved_objective_options(cfg: PretrainConfig) -> dict:
     """The user's options over the objective's quick defaults (``recipe: quick``) or the paper's."""
     cls = get_objective_class(cfg.objective)
-    quick = getattr(cls, "quick_options", {}) if cfg.recipe == "quick" else {}
+    quick = cls.quick_options if cfg.recipe == "quick" else {}
     return {**quick, **cfg.objective_options}
 
 

@@ -206,10 +206,9 @@ def describe_objectives() -> str:
         cls = get_objective_class(name)
         opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Options))
         lines.append(f"  {name}: {opts}")
-        quick = getattr(cls, "quick_options", {})
-        if quick:
-            lines.append(f"      recipe 'quick' uses: {quick}")
-        if getattr(cls, "quick_epochs", None):
+        if cls.quick_options:
+            lines.append(f"      recipe 'quick' uses: {cls.quick_options}")
+        if cls.quick_epochs:
             lines.append(f"      recipe 'quick' trains {cls.quick_epochs} epochs unless --epochs is given")
     return "\n".join(lines)
 
