@@ -78,7 +78,8 @@ class PretrainConfig:
     augmentation: dict = opt(help="overrides of the objective's Augmentation, e.g. {crop_scale: [0.2, 1.0]}",
                              factory=dict, cli=False)
     # optimisation (MAE recipe)
-    epochs: int = opt(20, "epochs (may grow on --resume); recipe quick: the objective's quick_epochs when not given", OPTIM)
+    epochs: int = opt(20, "epochs (may grow on --resume); recipe quick: the objective's quick_epochs when not "
+                          "given", OPTIM)
     batch_size: int = opt(64, "global batch per optimiser step (split across processes and --accum-steps)", OPTIM)
     accum_steps: int = opt(1, "gradient accumulation micro-steps", OPTIM)
     blr: float = opt(1e-3, "base learning rate, lr = blr x batch/256 (official MAE code default; the paper's "

@@ -101,10 +101,10 @@ class FinetuneConfig:
     epochs: int | None = opt(None, "fine-tuning epochs (default: the recipe's)")
     batch_size: int | None = opt(None, "batch (default: the recipe's)")
     blr: float | None = opt(None, "base lr, lr = blr x batch/256 (default: the recipe's)")
-    lr: float | None = opt(None, 'absolute lr (overrides the base lr)')
-    min_lr: float = opt(1e-6, 'floor of the cosine schedule')
+    lr: float | None = opt(None, "absolute lr (overrides the base lr)")
+    min_lr: float = opt(1e-6, "floor of the cosine schedule")
     warmup_epochs: float | None = opt(None, "warm-up epochs (default: the recipe's)")
-    weight_decay: float = opt(0.05, 'AdamW weight decay')
+    weight_decay: float = opt(0.05, "AdamW weight decay")
     layer_decay: float | None = opt(None, "layer-wise lr decay, 1 = off (default: the recipe's)")
     drop_path: float | None = opt(None, "stochastic depth (default: the recipe's)")
     smoothing: float | None = opt(None, "label smoothing (default: the recipe's)")
@@ -121,11 +121,11 @@ class FinetuneConfig:
     data: str | None = opt(None, "labelled data (default: the run's own data)")
     init: str = opt("pretrained", "pretrained (default) | random: the same trunk at random init "
                                   "(training from scratch)", choices=INITS)
-    seed: int = opt(0, 'random seed')
-    device: str = opt("cpu", 'cpu | cuda')
-    num_workers: int = opt(0, 'DataLoader workers')
-    max_steps: int | None = opt(None, 'stop after N steps (smoke tests; the schedule still follows epochs)')
-    progress: bool = opt(True, 'no progress bars')
+    seed: int = opt(0, "random seed")
+    device: str = opt("cpu", "cpu | cuda")
+    num_workers: int = opt(0, "DataLoader workers")
+    max_steps: int | None = opt(None, "stop after N steps (smoke tests; the schedule still follows epochs)")
+    progress: bool = opt(True, "no progress bars")
 
     def __post_init__(self):
         if self.recipe not in RECIPES:

@@ -227,7 +227,8 @@ class AIM(Objective):
     #: ``recipe: quick``: a small head so the built-in run takes minutes on a CPU; width 128 takes 0.76x
     #: the step time of width 256 (benchmarks/bench_quick_options.py)
     quick_options = {"head_depth": 2, "head_width": 128}
-    #: the built-in run in under 3 minutes on a 2-core CPU without AVX512: AIM runs the trunk over all 64 tokens and a head (MAE over 16)
+    #: the built-in run in under 3 minutes on a 2-core CPU without AVX512: AIM runs the trunk over all
+    #: 64 tokens and a head (MAE over 16)
     quick_epochs = 8
 
     @classmethod

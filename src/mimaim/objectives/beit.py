@@ -77,7 +77,8 @@ class BEiT(Objective):
                                           "best block: not reproduced, docs/methods.md section 7)")
     #: ``recipe: quick``: see the README's timing note; the paper's values otherwise
     quick_options: dict = {}
-    #: the built-in run in under 3 minutes on a 2-core CPU without AVX512: BEiT runs the trunk over all 64 tokens and a k-means fit (MAE over 16)
+    #: the built-in run in under 3 minutes on a 2-core CPU without AVX512: BEiT runs the trunk over all
+    #: 64 tokens and a k-means fit (MAE over 16)
     quick_epochs = 8
 
     @classmethod

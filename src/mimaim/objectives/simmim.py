@@ -88,7 +88,8 @@ class SimMIM(Objective):
     #: ``recipe: quick``: mask cells that tile the built-in 32-px images (4x4 cells of 8 px),
     #: a Swin window that fits them, and no drop path for a short run
     quick_options = {"mask_patch_size": 8, "window_size": 4, "drop_path_rate": 0.0}
-    #: the built-in run in under 3 minutes on a 2-core CPU without AVX512: SimMIM and BEiT run the trunk over all 64 tokens (MAE over 16)
+    #: the built-in run in under 3 minutes on a 2-core CPU without AVX512: SimMIM and BEiT run the trunk
+    #: over all 64 tokens (MAE over 16)
     quick_epochs = 10
 
     @classmethod
