@@ -8,7 +8,8 @@ import pytest
 from mimaim.cli import main
 
 TINY = ["--model", "vit_micro", "--img-size", "16", "--patch-size", "4", "--batch-size", "4", "--epochs", "1",
-        "--opt", "decoder_embed_dim=32", "--opt", "decoder_depth=1", "--opt", "decoder_num_heads=2", "--no-progress"]
+        "--set", "objective.decoder_embed_dim=32", "--set", "objective.decoder_depth=1",
+        "--set", "objective.decoder_num_heads=2", "--no-progress"]
 
 
 def run_cli(*args):
@@ -46,7 +47,7 @@ def test_bad_values_stop_before_any_work_with_a_message(tmp_path, image_folder):
     assert result.returncode == 2 and "unknown value 'mea'" in result.stderr and "mae" in result.stderr
     result = run_cli("pretrain", "--data", f"imagefolder:{tmp_path / 'missing'}", "--out", str(tmp_path / "y"))
     assert result.returncode == 2 and "does not exist" in result.stderr
-    result = run_cli("pretrain", "--opt", "decoder_width=3", "--out", str(tmp_path / "z"))
+    result = run_cli("pretrain", "--set", "objective.decoder_width=3", "--out", str(tmp_path / "z"))
     assert result.returncode == 2 and "decoder_width" in result.stderr and "allowed" in result.stderr
     result = run_cli("pretrain", "--mask-ratio", "1.5", "--out", str(tmp_path / "w"))
     assert result.returncode == 2 and "mask_ratio must be in [0, 1)" in result.stderr

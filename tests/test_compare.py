@@ -29,9 +29,9 @@ def counted_pretrain(monkeypatch):
     calls = []
     real = compare_mod.pretrain
 
-    def wrapped(cfg, resume=False):
+    def wrapped(cfg, resume=False, init=None):
         calls.append((cfg.out, resume))
-        return real(cfg, resume=resume)
+        return real(cfg, resume=resume, init=init)
     monkeypatch.setattr(compare_mod, "pretrain", wrapped)
     return calls
 
@@ -43,7 +43,7 @@ def test_tiny_compare_same_budget_protocol_per_cell_random_row_per_flavour_and_r
     from mimaim.eval.probe_run import describe_protocol, labelled_splits, probe_encoder, resolve_protocol
 
     out = tmp_path / "cmp"
-    specs = "mae,mae@mask_ratio=0.5,aim"
+    specs = "mae,mae@objective.mask_ratio=0.5,aim"
     rows = compare(specs, out, base_for(images), probes=PROBES, progress=False)
     by_cell = {r["cell"]: r for r in rows}
     # one random-init row per trunk flavour: MAE's ViT (shared by both MAE cells) and AIM's trunk
@@ -112,13 +112,13 @@ def test_trunk_flavours_group_cells_by_architecture(tmp_path, monkeypatch):
     from mimaim.config import make_config
 
     records = {}
-    for spec in ("mae", "mae@mask_ratio=0.5", "beit", "simmim", "aim"):
-        objective, options = compare_mod.parse_objective_spec(spec)
-        records[spec] = runs.run_record(make_config(objective=objective, objective_options=options, model="vit_micro",
-                                                    img_size=16, patch_size=4))
+    for spec in ("mae", "mae@objective.mask_ratio=0.5", "beit", "simmim", "aim"):
+        objective, settings = compare_mod.parse_objective_spec(spec)
+        records[spec] = runs.run_record(make_config(settings, objective=objective, model="vit_micro", img_size=16,
+                                                    patch_size=4))
     monkeypatch.setattr(runs, "open_backbone", lambda path, *a, **k: (None, records[Path(path).name], None))
     keys = {spec: compare_mod.trunk_flavour(Path(spec))[0] for spec in records}
-    assert keys["mae"] == keys["mae@mask_ratio=0.5"]
+    assert keys["mae"] == keys["mae@objective.mask_ratio=0.5"]
     assert keys["beit"] == keys["simmim"]
     assert len({keys["mae"], keys["beit"], keys["aim"]}) == 3
     assert "no cls token" in compare_mod.trunk_flavour(Path("aim"))[1]
@@ -133,7 +133,7 @@ def test_dry_run_prints_flops_and_estimate_and_trains_nothing(images, tmp_path, 
 
 
 def test_flops_budget_gives_each_cell_whole_epochs(images, tmp_path, counted_pretrain):
-    cells = compare_mod.plan_cells(["mae", "mae@mask_ratio=0.5"], tmp_path, base_for(images), budget_flops=1e10)
+    cells = compare_mod.plan_cells(["mae", "mae@objective.mask_ratio=0.5"], tmp_path, base_for(images), budget_flops=1e10)
     per_epoch = [c.flops_per_image * 2 * 4 for c in cells]  # 10 training images, batch 4: 2 steps per epoch
     assert [c.cfg.epochs for c in cells] == [round(1e10 / p) for p in per_epoch]
     assert cells[0].cfg.epochs > cells[1].cfg.epochs  # the cheaper objective gets more epochs
@@ -142,8 +142,8 @@ def test_flops_budget_gives_each_cell_whole_epochs(images, tmp_path, counted_pre
 
 
 @pytest.mark.parametrize("specs, message", [
-    ("mae,nosuch", "unknown objective 'nosuch'"),
-    ("mae@no_such_option=1", "no_such_option"),
+    ("mae,nosuch", "objective: unknown value 'nosuch'"),
+    ("mae@objective.no_such_option=1", "no_such_option"),
     ("mae,mae", "twice"),
 ])
 def test_bad_objectives_stop_before_training(images, tmp_path, counted_pretrain, specs, message):
@@ -172,14 +172,17 @@ def test_bad_model_data_and_budget_stop_before_training(images, tmp_path, counte
 def test_variants_map_to_aim_options_or_fail_clearly():
     from mimaim.objectives import list_objectives
     if "aim" not in list_objectives():
-        with pytest.raises(ConfigError, match="unknown objective 'aim'"):
+        with pytest.raises(ConfigError, match="unknown value 'aim'"):
             parse_objective_spec("aim-causal")
         return
     for name, (objective, options) in VARIANTS.items():
-        assert parse_objective_spec(name) == (objective, options)
-    assert parse_objective_spec("aim@attention=causal") == ("aim", {"attention": "causal"})
+        assert parse_objective_spec(name) == (objective, {"objective_options": options})
+    assert parse_objective_spec("aim@objective.attention=causal") == ("aim", {"objective_options": {"attention": "causal"}})
+    assert parse_objective_spec("aim@epochs=3") == ("aim", {"epochs": "3"})  # any setting of one cell
     with pytest.raises(ConfigError, match="attention"):
-        parse_objective_spec("aim@attention=sideways")
+        parse_objective_spec("aim@objective.attention=sideways")
+    with pytest.raises(ConfigError, match="unknown config key 'attention'.*objective.KEY"):
+        parse_objective_spec("aim@attention=causal")
 
 
 def test_cli_compare_dry_run(images, tmp_path, capsys):

@@ -49,7 +49,7 @@ class TinyEMA(Objective):
 
 def test_an_objective_defined_in_a_test_file_trains_end_to_end_through_the_cli(tmp_path, image_folder):
     run = tmp_path / "run"
-    args = ["pretrain", "--objective", f"{__name__}:TinyEMA", "--opt", "momentum=0.9", "--data",
+    args = ["pretrain", "--objective", f"{__name__}:TinyEMA", "--set", "objective.momentum=0.9", "--data",
             f"imagefolder:{image_folder}", "--model", "vit_micro", "--img-size", "16", "--patch-size", "4",
             "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "1", "--blr", "0.05", "--num-workers", "0",
             "--no-progress", "--log-every", "1", "--out", str(run)]

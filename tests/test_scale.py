@@ -42,7 +42,8 @@ def test_tiny_scale_grid_writes_plots_and_csv(tmp_path, monkeypatch, capsys):
     images = make_image_folder(tmp_path / "images", per_class=10)
     calls = []
     real = compare_mod.pretrain
-    monkeypatch.setattr(compare_mod, "pretrain", lambda cfg, resume=False: calls.append(cfg.out) or real(cfg, resume))
+    monkeypatch.setattr(compare_mod, "pretrain", lambda cfg, resume=False, init=None: calls.append(cfg.out) or
+                        real(cfg, resume, init))
     base = dict(data=f"imagefolder:{images}", img_size=16, patch_size=4, batch_size=4, epochs=1, max_steps=2,
                 log_every=1, progress=False)
     out = tmp_path / "scale"

@@ -1,11 +1,11 @@
-"""A config -> the objective it describes (contract C7: re-exported by ``engine.trainer``)."""
+"""A config -> the objective it describes; where the objective's part of a config is checked."""
 
 from __future__ import annotations
 
 import torch
 
-from ..config import PretrainConfig
-from ..objectives import Objective, build_objective, get_objective_class
+from ..config import ConfigError, PretrainConfig
+from ..objectives import Objective, build_objective, get_objective_class, parse_options
 
 
 def resolved_objective_options(cfg: PretrainConfig) -> dict:
@@ -13,6 +13,14 @@ def resolved_objective_options(cfg: PretrainConfig) -> dict:
     cls = get_objective_class(cfg.objective)
     quick = cls.quick_options if cfg.recipe == "quick" else {}
     return {**quick, **cfg.objective_options}
+
+
+def check_objective(cfg: PretrainConfig):
+    """The objective's name and options (over its recipe's), checked before any work -> its ``Options``."""
+    try:
+        return parse_options(get_objective_class(cfg.objective), resolved_objective_options(cfg))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def build_run_objective(cfg: PretrainConfig) -> Objective:

@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -62,20 +63,22 @@ class Run:
     step: int  # optimiser steps already taken (restored when resuming)
 
 
-def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
+def pretrain(cfg: PretrainConfig, resume: bool = False, init: Callable[[Objective], str] | None = None) -> Path:
     """Pre-train ``cfg.objective``; returns the run directory. ``resume`` continues ``cfg.out``
-    from its newest checkpoint, or starts it from step 0 when it has none yet."""
+    from its newest checkpoint, or starts it from step 0 when it has none yet. ``init`` loads
+    ``cfg.init``'s weights into a new run's objective and returns its report (the caller that
+    assembles the run passes it: ``cli/pretrain.py``)."""
     device = resolve_device(cfg.device)
     info = init_distributed(device)
     try:
-        return train(cfg, resume, device, info)
+        return train(cfg, resume, device, info, init)
     finally:
         cleanup()
 
 
-def train(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInfo) -> Path:
+def train(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInfo, init=None) -> Path:
     run_dir, ckpt_dir = Path(cfg.out), Path(cfg.out) / "checkpoints"
-    run = setup(cfg, resume, device, info)
+    run = setup(cfg, resume, device, info, init)
     spe, step, start_step = run.steps_per_epoch, run.step, run.step
     total_steps = spe * cfg.epochs
     max_steps = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
@@ -162,7 +165,7 @@ def train_step(run: Run, cfg: PretrainConfig, batches, step: int, device: torch.
 
 
 # --------------------------------------------------------------------------- setup
-def setup(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInfo) -> Run:
+def setup(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInfo, init=None) -> Run:
     """Objective, data and optimiser (a bad value stops here, before the run directory exists),
     then the newest checkpoint when resuming."""
     run_dir = Path(cfg.out)
@@ -179,9 +182,10 @@ def setup(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
     objective = build_run_objective(cfg)
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is None and cfg.init:
-        from ..interop.init import initialize_from  # contract C2
-        report = initialize_from(objective, cfg.init)
-        _say(info, report.summary())
+        if init is None:
+            raise ValueError(f"init {cfg.init!r}: pass the weights loader as pretrain(cfg, init=...) "
+                             "(mimaim.cli.pretrain.pretrain does), or leave init unset")
+        _say(info, init(objective))
     objective = objective.to(device)
     source = build_source(cfg.data, cfg.cache, cfg.max_bad_fraction, progress=cfg.progress and info.is_main)
     train = training_subset(source.split("train", cfg.val_fraction), cfg.data_fraction, cfg.seed)

@@ -1,1 +1,1 @@
-from . import attentive  # noqa: F401  (registers the "attentive" probe)
+"""Evaluation of a trained run: features, linear / attentive / k-NN probes, fine-tuning, pictures."""

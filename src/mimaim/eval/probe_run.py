@@ -18,6 +18,7 @@ from ..data import DataError, build_source
 from ..engine.runs import build_backbone, open_backbone
 from ..objectives.base import ProbeProtocol
 from .features import POOLS, cached_features, extract_features
+from . import attentive  # noqa: F401  (registers the "attentive" probe)
 from .probes import get_probe
 
 DEFAULT_PROBES = ("linear", "attentive", "knn")

@@ -233,3 +233,9 @@ def initialize_from(objective: nn.Module, source: str | Path) -> InitReport:
     return InitReport(source=str(source), kind=kind, loaded=sorted(take),
                       initialised=sorted(k for k in expected if k not in take),
                       skipped=sorted(k for k in weights if k not in expected))
+
+
+def initializer(source: str | None):
+    """What the trainer calls on a new run's objective for ``--init SOURCE`` (None without one): it loads
+    the weights and returns the report the run prints."""
+    return (lambda objective: initialize_from(objective, source).summary()) if source else None

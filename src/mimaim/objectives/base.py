@@ -4,7 +4,7 @@ The engine knows an objective only as an ``Objective``:
 
 * ``Objective.Options``: a dataclass of the objective's own settings with the paper's
   defaults (e.g. MAE's mask ratio and decoder size). Users set them with
-  ``--opt name=value`` or an ``objective_options:`` block in a YAML preset; unknown
+  ``--set objective.name=value`` or an ``objective_options:`` block in a YAML preset; unknown
   names are rejected with the list of allowed ones.
 * ``Objective.backbone_kwargs(options)``: the backbone flavour the paper uses
   (``family_backbone_kwargs(options, family)`` when it depends on the backbone family).
@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..config import convert
 from ..data.transforms import Augmentation  # noqa: F401  (re-exported: objectives declare theirs)
 
 
@@ -194,7 +195,7 @@ def get_objective_class(name: str) -> type[Objective]:
         return _import_objective(name)
     load_plugins()
     if name not in _OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; choose one of: {', '.join(list_objectives())}, "
+        raise ValueError(f"objective: unknown value {name!r}; choose one of {', '.join(list_objectives())}, "
                          "or module.path:ClassName")
     return _OBJECTIVES[name]
 
@@ -223,39 +224,12 @@ def parse_options(cls: type[Objective], values: dict[str, Any] | None):
                          f"allowed: {', '.join(sorted(allowed))}")
     converted = {}
     for key, value in values.items():
-        default = getattr(cls.Options(), key)
-        converted[key] = coerce_like(default, value, f"{cls.name}.{key}")
+        converted[key] = convert(value, getattr(cls.Options(), key), f"{cls.name}.{key}")
     options = cls.Options(**converted)
     validate = getattr(options, "validate", None)
     if validate is not None:
         validate()
     return options
-
-
-def coerce_like(default: Any, value: Any, name: str) -> Any:
-    """Convert a string from the command line to the type of ``default``."""
-    if not isinstance(value, str) or isinstance(default, str) or default is None:
-        if isinstance(default, tuple) and isinstance(value, list):
-            return tuple(value)
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        return value
-    try:
-        if isinstance(default, bool):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if isinstance(default, int):
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-        if isinstance(default, tuple):
-            return tuple(type(default[0])(v) for v in value.split(","))
-    except ValueError:
-        raise ValueError(f"{name}: cannot read {value!r} as {type(default).__name__}") from None
-    return value
 
 
 def build_objective(name: str, model: str, img_size: int, patch_size: int, options: dict | None = None,

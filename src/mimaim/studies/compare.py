@@ -26,7 +26,8 @@ probe`` and, optionally, fine-tuned by the same ``finetune`` as ``mimaim finetun
   the same protocol as the first cell of that flavour.
 
 Objective names come from ``list_objectives()``; a few named variants are the AIM paper's
-ablations (``VARIANTS``), and ``objective@key=value@key=value`` sets any options.
+ablations (``config.VARIANTS``), and ``objective@key=value@...`` sets any setting of one cell
+with the keys of ``--set`` (``mae@objective.mask_ratio=0.5``).
 """
 
 from __future__ import annotations
@@ -43,21 +44,12 @@ from typing import Sequence
 
 import torch
 
-from ..config import ConfigError, PretrainConfig, load_yaml, make_config
+from ..config import (ENGINE_ONLY, SAME_CROP_SCALE, VARIANTS, ConfigError, PretrainConfig, load_yaml, make_config,
+                      parse_overrides, typed)
+from ..engine.build import build_run_objective, check_objective
 from ..engine.trainer import pretrain
-from ..options import OptionError, parse_assignments
-
-#: the AIM paper's ablations (Table 3d, Table 5) as named variants: name -> (objective, options)
-VARIANTS: dict[str, tuple[str, dict]] = {
-    "aim-causal": ("aim", {"attention": "causal"}),
-    "aim-masked50": ("aim", {"mode": "masked", "mask_ratio": 0.5}),
-}
-#: the augmentation every cell shares unless ``same_augmentation=False``
-SAME_CROP_SCALE = (0.2, 1.0)
-#: config fields that may differ between a finished cell and a re-run of the comparison
-_RUNTIME_FIELDS = {"out", "progress", "num_workers", "device", "cache", "log_every", "save_every", "keep_last",
-                   "compile", "precision", "max_bad_fraction"}
-
+from ..eval.recipes import FinetuneConfig
+from ..interop.init import initializer
 
 @dataclass
 class Cell:
@@ -74,36 +66,23 @@ class Cell:
 
 # --------------------------------------------------------------------------- parsing
 def parse_objective_spec(spec: str) -> tuple[str, dict]:
-    """``mae`` | a ``VARIANTS`` name | ``objective@key=value@key=value`` -> (objective, options)."""
-    from ..objectives import get_objective_class, list_objectives, parse_options
-    from ..engine.build import resolved_objective_options
-
-    spec = spec.strip()
+    """``mae`` | a ``VARIANTS`` name | ``objective@key=value@...`` (the keys of ``--set``) -> (objective,
+    settings of the cell), checked: the objective's options over its recipe's, and every other key."""
+    objective, *pairs = spec.strip().split("@")
+    settings = parse_overrides(pairs, f"--objectives {spec!r}:")
     if spec in VARIANTS:
-        objective, options = VARIANTS[spec]
-        options = dict(options)
-    else:
-        objective, *pairs = spec.split("@")
-        try:  # the one KEY=VALUE syntax of every command (--opt, --set)
-            options = parse_assignments(pairs, "--objectives", f"{objective}@mask_ratio=0.5")
-        except OptionError as err:
-            raise ConfigError(f"{err} (in {spec!r}: objective@key=value@key=value)") from None
-    if objective not in list_objectives():
-        raise ConfigError(f"--objectives: unknown objective {objective!r} (in {spec!r}); registered objectives: "
-                          f"{', '.join(list_objectives())}; variants: {', '.join(VARIANTS)}; or write "
-                          "objective@key=value")
-    cls = get_objective_class(objective)
-    try:  # the options as the run will see them (quick recipe defaults underneath)
-        parse_options(cls, resolved_objective_options(PretrainConfig(objective=objective, objective_options=options)))
+        objective, settings = VARIANTS[spec][0], {"objective_options": dict(VARIANTS[spec][1])}
+    try:
+        check_objective(make_config(settings, objective=objective))
     except ValueError as err:
-        hint = (f" The variant {spec!r} maps to {objective} with {options}; this {objective} does not accept "
-                "them — check `mimaim list` for its options." if spec in VARIANTS else "")
+        hint = (f" The variant {spec!r} maps to {objective} with {settings}; check `mimaim list` for the options "
+                "this objective accepts." if spec in VARIANTS else "")
         raise ConfigError(f"--objectives {spec!r}: {err}.{hint}") from None
-    return objective, options
+    return objective, settings
 
 
 def cell_name(spec: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", spec.replace("=", "")).strip("-")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", spec.replace("objective.", "").replace("=", "")).strip("-")
 
 
 def parse_list(value: str | Sequence[str]) -> list[str]:
@@ -122,8 +101,6 @@ def count_training_flops(cfg: PretrainConfig, batch: int = 2) -> float:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ..engine.build import build_run_objective
-
     objective = build_run_objective(cfg).train()
     g = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():  # one untimed full batch first: objectives with lazy state (BEiT's k-means) set it up
@@ -139,7 +116,6 @@ def count_training_flops(cfg: PretrainConfig, batch: int = 2) -> float:
 def time_training_steps(cfg: PretrainConfig, steps: int = 2) -> float:
     """Seconds per optimiser step on random images (one warm-up step first); no data loading."""
     from ..engine.optim import build_optimizer
-    from ..engine.build import build_run_objective
 
     objective = build_run_objective(cfg).train()
     opt = build_optimizer(objective, 1e-4, cfg.weight_decay, cfg.betas)
@@ -199,7 +175,7 @@ def check_cell_config(run_dir: Path, cfg: PretrainConfig) -> None:
         return
     saved = make_config(load_yaml(path)).to_dict()
     wanted = cfg.to_dict()
-    diff = {k: (saved.get(k), v) for k, v in wanted.items() if k not in _RUNTIME_FIELDS and saved.get(k) != v}
+    diff = {k: (saved.get(k), v) for k, v in wanted.items() if k not in ENGINE_ONLY and saved.get(k) != v}
     if diff:
         detail = "; ".join(f"{k}: on disk {a!r}, asked {b!r}" for k, (a, b) in sorted(diff.items()))
         raise ConfigError(f"{run_dir} was started with a different recipe ({detail}); use a new --out, or delete "
@@ -215,7 +191,7 @@ def run_cell(cfg: PretrainConfig) -> str:
     if (run_dir / "summary.json").exists():
         return "finished"
     resume = latest_checkpoint(run_dir) is not None
-    pretrain(cfg, resume=resume)
+    pretrain(cfg, resume=resume, init=initializer(cfg.init))
     return "resumed" if resume else "trained"
 
 
@@ -315,11 +291,10 @@ def plan_cells(specs: Sequence[str], out: Path, base: dict, budget_flops: float 
         raise ConfigError(f"--objectives lists a name twice: {', '.join(specs)}")
     cells = []
     for spec in specs:
-        objective, options = parse_objective_spec(spec)
+        objective, settings = parse_objective_spec(spec)
         name = cell_name(spec)
-        opts = {**(base.get("objective_options") or {}), **options}
-        cfg = make_config(base, objective=objective, objective_options=opts, out=str(out / name))
-        cells.append(Cell(name, spec, objective, options, cfg))
+        cfg = make_config(base, **settings, objective=objective, out=str(out / name))
+        cells.append(Cell(name, spec, objective, settings.get("objective_options", {}), cfg))
     train_images, val_images, labelled = split_sizes(cells[0].cfg)
     check_probe_data(cells[0].cfg, train_images, val_images, labelled)
     for cell in cells:
@@ -408,9 +383,8 @@ def compare(objectives: str | Sequence[str], out: str | Path, base: dict | None 
             raise ConfigError(f"--probes: {err}") from None
     ft = None
     if finetune_epochs:
-        from ..eval.finetune import FinetuneConfig
-        ft = FinetuneConfig(epochs=finetune_epochs, device=device, progress=progress,
-                            **(finetune_options or {})).validate()
+        ft = FinetuneConfig(**typed(FinetuneConfig, {**(finetune_options or {}), "epochs": finetune_epochs,
+                                                     "device": device, "progress": progress}, "finetune.")).validate()
 
     cells = plan_cells(objectives, out, base, budget_flops)
     _, val_images, _ = split_sizes(cells[0].cfg)

@@ -85,7 +85,7 @@ def plan_scale(objective_spec: str, models: Sequence[str], fractions: Sequence[f
     from ..data import steps_per_epoch as count_steps
     from ..models import list_models
 
-    objective, options = parse_objective_spec(objective_spec)
+    objective, settings = parse_objective_spec(objective_spec)
     models = parse_list(models)
     if not models:
         raise ConfigError("--models is empty; pass e.g. vit_micro,vit_tiny,vit_small")
@@ -96,12 +96,12 @@ def plan_scale(objective_spec: str, models: Sequence[str], fractions: Sequence[f
     for model in models:
         for f in fractions:
             name = f"{model}-f{f:g}"
-            opts = {**(base.get("objective_options") or {}), **options}
-            cfg = make_config(base, objective=objective, objective_options=opts, model=model, data_fraction=f,
+            cfg = make_config(base, **settings, objective=objective, model=model, data_fraction=f,
                               out=str(out / name))
             if same_steps and f < 1:
                 cfg.epochs = max(1, round(cfg.epochs / f))
-            cells.append(Cell(name, objective_spec, objective, options, cfg, extras={"data_fraction": f}))
+            cells.append(Cell(name, objective_spec, objective, settings.get("objective_options", {}), cfg,
+                              extras={"data_fraction": f}))
     sizes, flops = {}, {}
     for cell in cells:
         f = cell.cfg.data_fraction

@@ -1,17 +1,29 @@
-"""``mimaim tokenizer train``: fit a discrete VAE tokenizer on your images for BEiT (``--tokenizer DIR``)."""
+"""``mimaim shards``, ``mimaim tokenizer train`` and ``mimaim list``."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from pathlib import Path
 
-from ..options import DefaultsHelpFormatter
+from ..config import DATA_HELP
+from .options import DefaultsHelpFormatter
 
 
 def add_parser(sub) -> None:
-    from ..data import DATA_SPEC_HELP
+    p = sub.add_parser(
+        "shards", help="write WebDataset tar shards from an image folder, for data larger than memory",
+        description="Write SOURCE as WebDataset shards OUT/<prefix>-000000.tar, ... and OUT/index.json (each "
+                    "shard's sample count and labels). Images are copied byte for byte in an order shuffled once "
+                    "from --seed; a class sub-folder becomes the sample's `cls` label (for probes). Train from "
+                    "them with `mimaim pretrain --data wds:OUT` or `--data wds:OUT/train-{000000..000127}.tar`.",
+        formatter_class=DefaultsHelpFormatter)
+    p.add_argument("source", help="imagefolder:PATH (or digits)")
+    p.add_argument("out", help="output folder (new, or without an index.json)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--prefix", default="train", help="shard file name prefix")
+    p.add_argument("--seed", type=int, default=0, help="seed of the write order")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=cmd_shards)
 
     p = sub.add_parser("tokenizer", help="train a visual tokenizer for BEiT (`mimaim tokenizer train`)")
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION")
@@ -23,7 +35,7 @@ def add_parser(sub) -> None:
                     "Its input is the model's patch grid x --downsample pixels: for 32-px images and 4-px patches "
                     "(an 8x8 grid) train at --img-size 32 with --downsample 4.",
         formatter_class=DefaultsHelpFormatter)
-    t.add_argument("--data", default="digits", help=DATA_SPEC_HELP)
+    t.add_argument("--data", default="digits", help=DATA_HELP)
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--img-size", type=int, default=32, help="training resolution in pixels")
     t.add_argument("--vocab-size", type=int, default=512, help="number of token ids")
@@ -41,13 +53,33 @@ def add_parser(sub) -> None:
     t.set_defaults(func=cmd_tokenizer_train)
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
 
+    sub.add_parser("list", help="list objectives with their options, and models").set_defaults(func=cmd_list)
+
+
+def cmd_shards(args) -> int:
+    from ..data import DataError, build_source, parse_data_spec
+    from ..data.shards import write_shards
+
+    if parse_data_spec(args.source)[0] == "wds":
+        raise DataError(f"{args.source!r} already is a shard set; pass imagefolder:PATH")
+    source = build_source(args.source, cache="off", progress=args.progress)
+    index = write_shards(source, args.out, args.shard_size, args.prefix, args.seed, args.progress)
+    shards = index["shards"]
+    first, last = shards[0]["name"], shards[-1]["name"]
+    digits = len(first) - len(args.prefix) - len("-.tar")
+    pattern = f"{args.out}/{args.prefix}-{{{0:0{digits}d}..{len(shards) - 1:0{digits}d}}}.tar"
+    print(f"wrote {index['num_samples']} images ({len(index['classes'])} classes) into {len(shards)} shard(s) "
+          f"{first} .. {last} and index.json in {args.out}")
+    print(f"train with: mimaim pretrain --data 'wds:{pattern}'")
+    return 0
+
 
 def cmd_tokenizer_train(args) -> int:
     import torch
 
     from ..data import IMAGENET_MEAN, IMAGENET_STD
     from ..eval.pictures import save_image_grid
-    from .dvae import DVAEConfig, evaluate_dvae, load_training_images, save_dvae, train_dvae
+    from ..tokenizers.dvae import DVAEConfig, evaluate_dvae, load_training_images, save_dvae, train_dvae
 
     if args.img_size % args.downsample:
         raise ValueError(f"--img-size {args.img_size} is not divisible by --downsample {args.downsample}; "
@@ -63,12 +95,10 @@ def cmd_tokenizer_train(args) -> int:
     info.update(data=args.data, eval_images=int(held.shape[0]), **{k: round(v, 5) if isinstance(v, float) else v
                                                                     for k, v in metrics.items()})
     out = save_dvae(model.cpu(), args.out, info)
-
     with torch.no_grad():
         x = held[:8].float() / 255.0
         recon = model.decode_ids(model.logits(x).argmax(1))
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     save_image_grid({"image": (x - mean) / std, "tokens decoded": (recon - mean) / std}, out / "reconstruction.png",
                     title=f"dVAE {cfg.vocab_size} ids, /{cfg.downsample}")
     print(json.dumps({k: info[k] for k in ("recon_mse", "recon_mae", "codes_used", "share_used", "perplexity",
@@ -80,4 +110,13 @@ def cmd_tokenizer_train(args) -> int:
         print(f"warning: only {info['share_used']:.1%} of the codebook is used (a dead codebook); try a higher "
               "--kl-weight, more --steps or a smaller --vocab-size", file=sys.stderr)
     print(f"wrote {out} (use it with `mimaim pretrain --objective beit --tokenizer {out}`)")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from ..models import list_models
+    from ..objectives.base import describe_objectives
+
+    print(describe_objectives())
+    print("models: " + ", ".join(list_models()))
     return 0
