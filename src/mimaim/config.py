@@ -1,16 +1,9 @@
-"""Settings declared once: ``PretrainConfig`` for a pre-training run, ``FinetuneConfig`` for fine-tuning.
-
-Each field holds its default, its ``--help`` text and section (``opt``); the command line is
-generated from the fields (``cli/options.py``). The main settings have a flag of their own; every
-setting, flagged or not, takes the one dotted override ``--set KEY=VALUE``: ``--set min_lr=1e-6``,
-``--set objective.mask_ratio=0.6`` (an option of the objective), ``--set augmentation.crop_scale=0.4,1``
-(``finetune.KEY`` in ``mimaim compare``). One converter (``convert``) reads every string.
-
-Precedence (``resolve_config``): defaults < ``--config`` preset < flags and ``--set`` < for
-``--resume``, the run's recorded ``config.yaml``, of which only ``RESUME_MUTABLE`` may change.
-``batch_size`` is the *global* optimiser batch; lr = ``blr * batch_size / 256`` (MAE) unless ``lr``.
-This module knows no objective: the objective's name and options are checked where the run is
-built (``engine/build.py``).
+"""Settings declared once (``opt``: default, help, section, rules): ``PretrainConfig`` here, ``FinetuneConfig``
+in ``eval/recipes.py``. Flags are generated from the fields (``cli/options.py``); every setting also takes
+the one dotted override ``--set KEY=VALUE`` (``objective.KEY``: the objective's options, ``augmentation.KEY``),
+and one converter (``convert``) reads every string. Precedence: defaults < ``--config`` preset < flags < for
+``--resume``, the run's record, of which only ``RESUME_MUTABLE`` may change. Knows no objective: the
+objective's name and options are checked where the run is built (``engine/build.py``).
 """
 
 from __future__ import annotations
@@ -41,9 +34,8 @@ def opt(default=dataclasses.MISSING, help: str = "", group: str = "", factory=No
 # --------------------------------------------------------------------------- one converter
 def kind_of(like) -> str:
     """The type a value is read as: a field's annotation (``'float | None'`` -> float) or a default's type."""
-    if isinstance(like, dataclasses.Field):
-        t = like.type if isinstance(like.type, str) else getattr(like.type, "__name__", str(like.type))
-        parts = [p.strip() for p in t.split("|") if p.strip() != "None"]
+    if isinstance(like, dataclasses.Field):  # annotations are strings (``from __future__ import annotations``)
+        parts = [p.strip() for p in str(like.type).split("|") if p.strip() != "None"]
         return (parts[0] if parts else "str").split("[")[0]
     return "any" if like is None else type(like).__name__
 
@@ -86,7 +78,7 @@ def convert(value: Any, like, name: str) -> Any:
         if kind == "dict":
             parsed = yaml.safe_load(value)
             if not isinstance(parsed, dict):
-                raise ValueError
+                raise ValueError(value)
             return parsed
     except (KeyError, ValueError, yaml.YAMLError):
         raise ConfigError(f"{name}: cannot read {value!r} as {kind}") from None
@@ -119,67 +111,60 @@ def parse_overrides(items, flag: str = "--set") -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- pre-training
-PRECISIONS, RECIPES, STRATEGIES, SCHEDULES = ("auto", "fp32", "bf16"), ("quick", "paper"), ("ddp", "fsdp"), \
-    ("cosine", "multistep")
-WHAT, DATA, OPTIM, ENGINE = "what to train", "data", "optimisation", "engine"
-DATA_HELP = ("digits (built in, no download), imagefolder:PATH, or wds:SHARDS (WebDataset shards: a folder "
-             "or DIR/train-{000000..000127}.tar)")
+W, D, O, E = "what to train", "data", "optimisation", "engine"  # the --help sections
+DATA_HELP = "digits (built in), imagefolder:PATH, or wds:SHARDS (WebDataset: DIR or DIR/train-{000000..000127}.tar)"
 
 
 @dataclass
 class PretrainConfig:
-    objective: str = opt("mae", "mae | aim | simmim | beit, a plugin (`mimaim list`), or module.path:ClassName",
-                         WHAT)
-    model: str = opt("vit_micro", "backbone: vit_micro|vit_tiny|vit_small|vit_base|vit_large|vit_huge|swin_*|...",
-                     WHAT)
-    img_size: int = opt(32, "input resolution in pixels", WHAT)
-    patch_size: int = opt(4, "ViT patch size in pixels", WHAT)
-    recipe: str = opt("quick", "quick: objective heads and epochs sized for a CPU demo; paper: the paper's values",
-                      WHAT, choices=RECIPES)
-    objective_options: dict = opt(help="the objective's own options: --set objective.KEY=VALUE (`mimaim list`)",
-                                  factory=dict, flag=False)
+    objective: str = opt("mae", "mae | aim | simmim | beit, a plugin (`mimaim list`), or module.path:ClassName", W)
+    model: str = opt("vit_micro", "backbone: vit_micro|vit_tiny|vit_small|vit_base|vit_large|swin_*|... ", W)
+    img_size: int = opt(32, "input resolution in pixels", W, must="> 0")
+    patch_size: int = opt(4, "ViT patch size in pixels", W, must="> 0")
+    recipe: str = opt("quick", "quick: heads and epochs sized for a CPU demo; paper: the paper's", W,
+                      choices=("quick", "paper"))
+    objective_options: dict = opt(help="the objective's options: --set objective.KEY=VALUE", factory=dict, flag=False)
     init: str | None = opt(None, "start a NEW run from these weights: a run dir, a checkpoint folder, a local HF "
-                                 "folder or a timm checkpoint file; prints what was loaded", WHAT, metavar="SOURCE")
-    data: str = opt("digits", f"training data: {DATA_HELP}", DATA)
-    val_fraction: float = opt(0.2, "share of each class held out for probes (the last files of each class)", DATA)
-    cache: str = opt("auto", "decode an image folder into memory once (auto: when it fits in 4 GB)", DATA,
-                     choices=("auto", "on", "off"), flag=False)
-    num_workers: int = opt(-1, "DataLoader workers per process (-1: pick from the CPU count)", DATA)
-    max_bad_fraction: float = opt(0.01, "stop if more than this share of images cannot be read", DATA, flag=False)
-    data_fraction: float = opt(1.0, "train on this share of the training split (each class alike; nested, seeded)",
-                               DATA, flag=False)
-    augmentation: dict = opt(help="overrides of the objective's augmentation: --set augmentation.crop_scale=0.4,1",
-                             factory=dict, flag=False)
-    epochs: int = opt(20, "epochs (may grow on --resume); recipe quick: the objective's own when not given", OPTIM)
-    batch_size: int = opt(64, "global batch per optimiser step (split across processes and --accum-steps)", OPTIM)
-    accum_steps: int = opt(1, "gradient accumulation micro-steps", OPTIM)
-    blr: float = opt(1e-3, "base learning rate, lr = blr x batch/256 (official MAE code default)", OPTIM)
-    lr: float | None = opt(None, "absolute learning rate (overrides --blr)", OPTIM)
-    min_lr: float = opt(0.0, "floor of the cosine schedule", OPTIM, flag=False)
-    warmup_epochs: float = opt(2.0, "linear warm-up epochs", OPTIM)
-    schedule: str = opt("cosine", "cosine: warm-up then half-cosine to min_lr; multistep: warm-up, flat, x lr_gamma "
-                                  "at each of milestones (SimMIM)", OPTIM, choices=SCHEDULES, flag=False)
-    milestones: tuple = opt((), "epochs at which multistep multiplies the lr by lr_gamma, e.g. 700,750", OPTIM,
-                            flag=False)
-    lr_gamma: float = opt(0.1, "multistep factor at each milestone", OPTIM, flag=False)
-    weight_decay: float = opt(0.05, "AdamW weight decay", OPTIM)
-    betas: tuple = opt((0.9, 0.95), "AdamW betas", OPTIM, flag=False)
-    clip_grad: float | None = opt(None, "clip the gradient norm to this value (default off)", OPTIM)
-    precision: str = opt("auto", "auto: bf16 autocast on CUDA, fp32 on CPU; bf16 on a CPU is fast only with "
-                                 "AVX512-BF16/AMX", ENGINE, choices=PRECISIONS)
-    compile: bool = opt(False, "torch.compile the model", ENGINE)
-    strategy: str = opt("ddp", "multi-process strategy under torchrun: ddp (replicas) | fsdp (sharded)", ENGINE,
-                        choices=STRATEGIES)
-    activation_checkpointing: bool = opt(False, "recompute block activations in the backward pass (less memory)",
-                                         ENGINE)
-    seed: int = opt(0, "random seed", ENGINE)
-    device: str = opt("auto", "auto | cpu | cuda", ENGINE)
-    out: str = opt("runs/mae-digits", "run directory (default runs/<objective>-<data>, numbered if taken)", ENGINE)
-    save_every: int = opt(0, "checkpoint every N optimiser steps (0: at each epoch's end)", ENGINE)
-    keep_last: int = opt(2, "checkpoints to keep", ENGINE, flag=False)
-    log_every: int = opt(10, "log metrics every N optimiser steps", ENGINE)
-    max_steps: int | None = opt(None, "stop after N optimiser steps (the schedule still follows epochs)", ENGINE)
-    progress: bool = opt(True, "no progress bars", ENGINE, flag="--no-progress")
+                                 "folder or a timm checkpoint file", W, metavar="SOURCE")
+    data: str = opt("digits", f"training data: {DATA_HELP}", D)
+    val_fraction: float = opt(0.2, "share of each class held out for probes (its last files)", D, must="in (0, 1)")
+    cache: str = opt("auto", "decode images into memory once (auto: when under 4 GB)", D, choices=("auto", "on", "off"),
+                     flag=False)
+    num_workers: int = opt(-1, "DataLoader workers per process (-1: from the CPU count)", D)
+    max_bad_fraction: float = opt(0.01, "stop if a larger share of images is unreadable", D, flag=False,
+                                  must="in [0, 1]")
+    data_fraction: float = opt(1.0, "train on this nested, seeded, per-class share", D, flag=False, must="in (0, 1]")
+    augmentation: dict = opt(help="the objective's augmentation, e.g. augmentation.crop_scale=0.4,1", factory=dict,
+                             flag=False)
+    epochs: int = opt(20, "epochs (may grow on --resume); recipe quick: the objective's own if not given", O,
+                      must="> 0")
+    batch_size: int = opt(64, "global batch per optimiser step (split over processes and --accum-steps)", O,
+                          must="> 0")
+    accum_steps: int = opt(1, "gradient accumulation micro-steps", O, must="> 0")
+    blr: float = opt(1e-3, "base learning rate, lr = blr x batch/256 (official MAE code default)", O)
+    lr: float | None = opt(None, "absolute learning rate (overrides --blr)", O)
+    min_lr: float = opt(0.0, "floor of the cosine schedule", O, flag=False)
+    warmup_epochs: float = opt(2.0, "linear warm-up epochs", O, must=">= 0")
+    schedule: str = opt("cosine", "cosine: warm-up, half-cosine to min_lr; multistep: warm-up, flat, x lr_gamma at "
+                                  "each milestone (SimMIM)", O, choices=("cosine", "multistep"), flag=False)
+    milestones: tuple = opt((), "multistep's epochs, e.g. 700,750", O, flag=False)
+    lr_gamma: float = opt(0.1, "multistep factor at each milestone", O, flag=False, must="> 0")
+    weight_decay: float = opt(0.05, "AdamW weight decay", O)
+    betas: tuple = opt((0.9, 0.95), "AdamW betas", O, flag=False)
+    clip_grad: float | None = opt(None, "clip the gradient norm to this value (default off)", O)
+    precision: str = opt("auto", "auto: bf16 autocast on CUDA, fp32 on CPU (bf16 CPUs need AVX512-BF16/AMX)", E,
+                         choices=("auto", "fp32", "bf16"))
+    compile: bool = opt(False, "torch.compile the model", E)
+    strategy: str = opt("ddp", "under torchrun: ddp (replicas) | fsdp (sharded)", E, choices=("ddp", "fsdp"))
+    activation_checkpointing: bool = opt(False, "recompute block activations in the backward pass (less memory)", E)
+    seed: int = opt(0, "random seed", E)
+    device: str = opt("auto", "auto | cpu | cuda", E)
+    out: str = opt("runs/mae-digits", "run directory (default runs/<objective>-<data>, numbered if taken)", E)
+    save_every: int = opt(0, "checkpoint every N optimiser steps (0: at each epoch's end)", E)
+    keep_last: int = opt(2, "checkpoints to keep", E, flag=False, must=">= 1")
+    log_every: int = opt(10, "log metrics every N optimiser steps", E)
+    max_steps: int | None = opt(None, "stop after N optimiser steps (the schedule still follows epochs)", E)
+    progress: bool = opt(True, "no progress bars", E, flag="--no-progress")
 
     def effective_lr(self) -> float:
         return self.lr if self.lr is not None else self.blr * self.batch_size / 256
@@ -192,34 +177,19 @@ class PretrainConfig:
         from .data.transforms import Augmentation
         from .models import list_models
 
-        choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(self) if "choices" in f.metadata}
-        for name, allowed in {**choices, "model": list_models()}.items():
-            need(getattr(self, name) in allowed,
-                 f"{name}: unknown value {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
-        need(self.img_size > 0 and self.patch_size > 0, "img_size and patch_size must be positive")
+        check_fields(self)
+        need(self.model in list_models(),
+             f"model: unknown value {self.model!r}; choose one of {', '.join(list_models())}")
         need(self.img_size % self.patch_size == 0,
              f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}; pick sizes that divide")
-        need(self.epochs > 0, f"epochs must be positive, got {self.epochs}")
-        need(self.batch_size > 0 and self.accum_steps > 0, "batch_size and accum_steps must be positive")
         need(self.batch_size % self.accum_steps == 0,
              f"batch_size {self.batch_size} must be divisible by accum_steps {self.accum_steps}")
-        need(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        need(0 < self.data_fraction <= 1,
-             f"data_fraction must be in (0, 1], got {self.data_fraction}; 1.0 trains on the whole training split")
-        aug = {f.name: f for f in dataclasses.fields(Augmentation)}
-        need(isinstance(self.augmentation, dict) and set(self.augmentation) <= set(aug),
-             f"augmentation: unknown key(s) {sorted(set(self.augmentation or {}) - set(aug))}; "
-             f"allowed: {', '.join(sorted(aug))}")
-        self.augmentation = {k: convert(v, aug[k], f"augmentation.{k}") for k, v in self.augmentation.items()}
-        need(0 <= self.max_bad_fraction <= 1, f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
-        need(self.warmup_epochs >= 0, "warmup_epochs must be >= 0")
+        self.augmentation = typed(Augmentation, self.augmentation, "augmentation.")
         need(all(isinstance(m, (int, float)) and m > 0 for m in self.milestones) and
              list(self.milestones) == sorted(self.milestones),
              f"milestones must be increasing positive epochs, got {self.milestones}")
         need(self.schedule != "multistep" or self.milestones,
              "schedule multistep needs milestones, e.g. --set milestones=700,750")
-        need(self.lr_gamma > 0, f"lr_gamma must be positive, got {self.lr_gamma}")
-        need(self.keep_last >= 1, "keep_last must be at least 1")
         need(len(self.betas) == 2, f"betas needs two values, got {self.betas}")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"device: unknown value {self.device!r}; choose auto, cpu or cuda")
@@ -232,11 +202,24 @@ def need(cond, msg: str) -> None:
         raise ConfigError(msg)
 
 
-#: named objective variants of a grid (``mimaim compare``/``scale``): the AIM paper's ablations (Table 3d, Table 5)
-VARIANTS: dict[str, tuple[str, dict]] = {"aim-causal": ("aim", {"attention": "causal"}),
-                                         "aim-masked50": ("aim", {"mode": "masked", "mask_ratio": 0.5})}
-#: the RandomResizedCrop scale every ``mimaim compare`` cell shares unless --paper-augmentation (MAE's)
-SAME_CROP_SCALE = (0.2, 1.0)
+def holds(value, rule: str) -> bool:
+    """A field's ``must`` rule: ``"> 0"``, ``">= 1"``, or an interval ``"in (0, 1]"``."""
+    if rule.startswith("in "):
+        lo, hi = (float(x) for x in rule[4:-1].split(","))
+        return (lo < value if rule[3] == "(" else lo <= value) and (value < hi if rule[-1] == ")" else value <= hi)
+    op, bound = rule.split()
+    return value > float(bound) if op == ">" else value >= float(bound)
+
+
+def check_fields(settings) -> None:
+    """Every field's declared ``choices`` and ``must`` rule (a None value is not set, so not checked)."""
+    for f in dataclasses.fields(settings):
+        value, allowed, rule = getattr(settings, f.name), f.metadata.get("choices"), f.metadata.get("must")
+        if value is not None:
+            need(allowed is None or value in allowed,
+                 f"{f.name}: unknown value {value!r}; choose one of {', '.join(allowed or ())}")
+            need(rule is None or holds(value, rule), f"{f.name} must be {rule}, got {value}")
+
 
 #: settings of the engine, not of what is computed: a re-run of a finished comparison cell may differ in them
 ENGINE_ONLY = frozenset({"out", "progress", "num_workers", "device", "cache", "log_every", "save_every",

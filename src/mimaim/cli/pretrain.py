@@ -18,7 +18,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..config import RESUME_MUTABLE, WHAT, ConfigError, PretrainConfig, load_yaml, parse_overrides, resolve_config
+from ..config import RESUME_MUTABLE, ConfigError, PretrainConfig, load_yaml, parse_overrides, resolve_config
+from ..config import W as WHAT
 from .options import SUPPRESS, add_fields, given, set_only_help
 
 #: objective options with a flag of their own (any option: --set objective.KEY=VALUE)

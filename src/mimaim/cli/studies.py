@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import ConfigError, PretrainConfig, SAME_CROP_SCALE, VARIANTS, convert, load_yaml, parse_overrides
+from ..config import ConfigError, PretrainConfig, convert, load_yaml, parse_overrides
+from ..studies import SAME_CROP_SCALE, VARIANTS
 from .options import add_fields, given
 
 FORMATTER = argparse.RawDescriptionHelpFormatter

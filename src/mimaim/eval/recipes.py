@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigError, need, opt
+from ..config import check_fields, need, opt
 
 INITS = ("pretrained", "random")
 
@@ -26,26 +26,26 @@ RECIPES: dict[str, dict] = {
 class FinetuneConfig:
     recipe: str = opt("quick", "quick: sized to show learning in minutes on a CPU; "
                                "paper: MAE's ViT-B recipe (FINETUNE.md)", choices=tuple(RECIPES))
-    epochs: int | None = opt(None, "fine-tuning epochs (default: the recipe's)")
-    batch_size: int | None = opt(None, "batch (default: the recipe's)")
+    epochs: int | None = opt(None, "fine-tuning epochs (default: the recipe's)", must="> 0")
+    batch_size: int | None = opt(None, "batch (default: the recipe's)", must="> 0")
     blr: float | None = opt(None, "base lr, lr = blr x batch/256 (default: the recipe's)")
     lr: float | None = opt(None, "absolute lr (overrides the base lr)")
     min_lr: float = opt(1e-6, "floor of the cosine schedule")
     warmup_epochs: float | None = opt(None, "warm-up epochs (default: the recipe's)")
     weight_decay: float = opt(0.05, "AdamW weight decay")
-    layer_decay: float | None = opt(None, "layer-wise lr decay, 1 = off (default: the recipe's)")
-    drop_path: float | None = opt(None, "stochastic depth (default: the recipe's)")
-    smoothing: float | None = opt(None, "label smoothing (default: the recipe's)")
-    mixup: float | None = opt(None, "mixup alpha, 0 = off (default: the recipe's)")
-    cutmix: float | None = opt(None, "cutmix alpha, 0 = off (default: the recipe's)")
+    layer_decay: float | None = opt(None, "layer-wise lr decay, 1 = off (default: the recipe's)", must="in (0, 1]")
+    drop_path: float | None = opt(None, "stochastic depth (default: the recipe's)", must="in [0, 1)")
+    smoothing: float | None = opt(None, "label smoothing (default: the recipe's)", must="in [0, 1)")
+    mixup: float | None = opt(None, "mixup alpha, 0 = off (default: the recipe's)", must=">= 0")
+    cutmix: float | None = opt(None, "cutmix alpha, 0 = off (default: the recipe's)", must=">= 0")
     auto_augment: str | None = opt(None, "timm RandAugment spec, 'none' = off (default: the recipe's)")
-    reprob: float | None = opt(None, "random erasing probability (default: the recipe's)")
+    reprob: float | None = opt(None, "random erasing probability (default: the recipe's)", must="in [0, 1]")
     crop_scale: tuple | None = opt(None, "RandomResizedCrop area range LOW,HIGH (default: the recipe's)")
     hflip: bool | None = opt(None, "random horizontal flip (default: the recipe's)")
     head_bn: bool | None = opt(None, "affine-free BatchNorm before the head, as MAE's linear probe "
                                      "(default: the recipe's)")
     img_size: int | None = opt(None, "fine-tuning resolution (default: the pre-training one; "
-                                     "position tables are resized)")
+                                     "position tables are resized)", must="> 0")
     data: str | None = opt(None, "labelled data (default: the run's own data)")
     init: str = opt("pretrained", "pretrained (default) | random: the same trunk at random init "
                                   "(training from scratch)", choices=INITS)
@@ -56,8 +56,7 @@ class FinetuneConfig:
     progress: bool = opt(True, "no progress bars", flag="--no-progress")
 
     def __post_init__(self):
-        if self.recipe not in RECIPES:
-            raise ConfigError(f"finetune recipe {self.recipe!r} is unknown; choose one of {', '.join(RECIPES)}")
+        need(self.recipe in RECIPES, f"finetune recipe {self.recipe!r} is unknown; choose one of {', '.join(RECIPES)}")
         for key, value in RECIPES[self.recipe].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -72,18 +71,10 @@ class FinetuneConfig:
         return self.mixup > 0 or self.cutmix > 0
 
     def validate(self) -> "FinetuneConfig":
-        need(self.epochs > 0, f"finetune epochs must be positive, got {self.epochs}")
-        need(self.batch_size > 0, f"finetune batch_size must be positive, got {self.batch_size}")
-        need(0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], got {self.layer_decay}; 1 turns it off")
-        need(0 <= self.drop_path < 1, f"drop_path must be in [0, 1), got {self.drop_path}")
-        need(0 <= self.smoothing < 1, f"smoothing must be in [0, 1), got {self.smoothing}")
-        need(self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0 (0 turns each off)")
+        check_fields(self)
         need(not self.uses_mixup() or self.batch_size % 2 == 0,
              f"mixup/cutmix pair images within a batch and need an even batch size, got {self.batch_size}; "
              "pass an even --batch-size or --mixup 0 --cutmix 0")
         need(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
              f"crop_scale must be two numbers 0 < lo <= hi <= 1, got {self.crop_scale}")
-        need(0 <= self.reprob <= 1, f"reprob must be in [0, 1], got {self.reprob}")
-        need(self.init in INITS, f"init: unknown value {self.init!r}; choose one of {', '.join(INITS)}")
-        need(self.img_size is None or self.img_size > 0, f"img_size must be positive, got {self.img_size}")
         return self

@@ -3,3 +3,9 @@
 They sit above ``engine`` (which trains each cell) and ``eval`` (which probes and
 fine-tunes it); nothing in ``engine`` or ``eval`` imports them.
 """
+
+#: named objective variants of a grid (``mimaim compare``/``scale``): the AIM paper's ablations (Table 3d, Table 5)
+VARIANTS: dict[str, tuple[str, dict]] = {"aim-causal": ("aim", {"attention": "causal"}),
+                                         "aim-masked50": ("aim", {"mode": "masked", "mask_ratio": 0.5})}
+#: the RandomResizedCrop scale every ``mimaim compare`` cell shares unless --paper-augmentation (MAE's)
+SAME_CROP_SCALE = (0.2, 1.0)

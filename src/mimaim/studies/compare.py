@@ -38,18 +38,34 @@ import math
 import re
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import matplotlib
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from ..config import (ENGINE_ONLY, SAME_CROP_SCALE, VARIANTS, ConfigError, PretrainConfig, load_yaml, make_config,
-                      parse_overrides, typed)
+from ..config import ENGINE_ONLY, ConfigError, PretrainConfig, load_yaml, make_config, parse_overrides, typed
+from ..data import build_source, training_subset
+from ..data import steps_per_epoch as count_steps
+from ..engine import runs
 from ..engine.build import build_run_objective, check_objective
+from ..engine.checkpoint import latest_checkpoint
+from ..engine.logging import read_metrics
+from ..engine.optim import build_optimizer
 from ..engine.trainer import pretrain
+from ..eval import attentive  # noqa: F401  (registers the attentive probe)
+from ..eval.finetune import finetune
+from ..eval.probe_run import probe_run
+from ..eval.probes import get_probe, list_probes
 from ..eval.recipes import FinetuneConfig
 from ..interop.init import initializer
+from . import SAME_CROP_SCALE, VARIANTS
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the headless backend is chosen)
 
 @dataclass
 class Cell:
@@ -99,8 +115,6 @@ def count_training_flops(cfg: PretrainConfig, batch: int = 2) -> float:
     full batch (for objectives that set up lazy state, such as BEiT's k-means tokenizer); the
     optimiser update, data loading and such one-off set-up are not counted.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     objective = build_run_objective(cfg).train()
     g = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():  # one untimed full batch first: objectives with lazy state (BEiT's k-means) set it up
@@ -115,8 +129,6 @@ def count_training_flops(cfg: PretrainConfig, batch: int = 2) -> float:
 
 def time_training_steps(cfg: PretrainConfig, steps: int = 2) -> float:
     """Seconds per optimiser step on random images (one warm-up step first); no data loading."""
-    from ..engine.optim import build_optimizer
-
     objective = build_run_objective(cfg).train()
     opt = build_optimizer(objective, 1e-4, cfg.weight_decay, cfg.betas)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -135,9 +147,7 @@ def time_training_steps(cfg: PretrainConfig, steps: int = 2) -> float:
 @torch.no_grad()
 def time_feature_extraction(cfg: PretrainConfig, batch: int = 64) -> float:
     """Seconds per image of the frozen-encoder forward the probes run (the backbone alone, as probes build it)."""
-    from ..engine.runs import build_backbone, run_record
-
-    encoder = build_backbone(run_record(cfg), seed=cfg.seed).eval()
+    encoder = runs.build_backbone(runs.run_record(cfg), seed=cfg.seed).eval()
     images = torch.randn(batch, 3, cfg.img_size, cfg.img_size)
     encoder.forward_features(images[:2])
     t = time.perf_counter()
@@ -148,8 +158,6 @@ def time_feature_extraction(cfg: PretrainConfig, batch: int = 64) -> float:
 # --------------------------------------------------------------------------- cells
 def split_sizes(cfg: PretrainConfig) -> tuple[int, int, bool]:
     """(training images after data_fraction, held-out images, labelled?) from a scan (no decoding)."""
-    from ..data import build_source, training_subset
-
     source = build_source(cfg.data, cache="off", progress=False)
     train = training_subset(source.split("train", cfg.val_fraction), cfg.data_fraction, cfg.seed)
     return len(train), len(source.split("val", cfg.val_fraction)), source.has_labels
@@ -184,8 +192,6 @@ def check_cell_config(run_dir: Path, cfg: PretrainConfig) -> None:
 
 def run_cell(cfg: PretrainConfig) -> str:
     """Train one cell unless finished: -> 'finished' (skipped) | 'resumed' | 'trained'."""
-    from ..engine.checkpoint import latest_checkpoint
-
     run_dir = Path(cfg.out)
     check_cell_config(run_dir, cfg)
     if (run_dir / "summary.json").exists():
@@ -197,8 +203,6 @@ def run_cell(cfg: PretrainConfig) -> str:
 
 def final_loss(run_dir: Path) -> float:
     """Mean training loss over the last 10% of logged steps (``metrics.csv``): less noisy than one window."""
-    from ..engine.logging import read_metrics
-
     rows = [float(r["loss"]) for r in read_metrics(run_dir) if r.get("loss") not in (None, "")]
     if not rows:
         summary = run_dir / "summary.json"
@@ -208,9 +212,6 @@ def final_loss(run_dir: Path) -> float:
 
 
 def default_probes() -> list[str]:
-    from ..eval.probes import list_probes
-
-    from ..eval import attentive  # noqa: F401  (registers the attentive probe)
     available = list_probes()
     return [p for p in ("linear", "attentive", "knn") if p in available]
 
@@ -222,9 +223,6 @@ def probe_cell(run_dir: Path, probes: Sequence[str], layers: Sequence[int] | Non
     The cell is read with its objective's probe protocol unless ``pool`` / ``layers`` override it
     (the same rule as ``mimaim probe``); each row records the protocol it used.
     """
-    from ..engine.checkpoint import latest_checkpoint
-    from ..eval.probe_run import probe_run
-
     memo = run_dir / "compare_probe.json"
     key = {"checkpoint": latest_checkpoint(run_dir).name, "probes": list(probes),
            "layers": list(layers) if layers else None, "pool": pool, "random_init": random_init, "format": 2}
@@ -248,9 +246,7 @@ def trunk_flavour(run_dir: Path) -> tuple[str, str]:
     Cells with the same key share one random-init row (MAE and MAE@mask_ratio=0.5 do; MAE's ViT,
     AIM's trunk and the BEiT-style ViT of BEiT/SimMIM do not).
     """
-    from ..engine.runs import open_backbone
-
-    _, record, _ = open_backbone(run_dir)
+    _, record, _ = runs.open_backbone(run_dir)
     backbone = record.get("backbone") or {}
     kwargs = {k: v for k, v in (backbone.get("kwargs") or {}).items() if k not in _NOT_ARCHITECTURE}
     key = json.dumps({"name": backbone.get("name"), "kwargs": kwargs}, sort_keys=True, default=str)
@@ -264,14 +260,10 @@ def trunk_flavour(run_dir: Path) -> tuple[str, str]:
 
 def finetune_cell(run_dir: Path, fcfg) -> dict:
     """``finetune`` on a cell unless its result for the same settings is on disk."""
-    from dataclasses import asdict
-
-    from ..eval.finetune import finetune
-
     tag = "finetune" + ("" if fcfg.img_size is None else f"-{fcfg.img_size}px") + \
           ("" if fcfg.init == "pretrained" else "-random")
     path = run_dir / f"{tag}.json"
-    wanted = {k: v for k, v in asdict(fcfg).items() if k not in ("progress", "device")}
+    wanted = {k: v for k, v in dataclasses.asdict(fcfg).items() if k not in ("progress", "device")}
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("config") == json.loads(json.dumps(wanted)):
@@ -282,8 +274,6 @@ def finetune_cell(run_dir: Path, fcfg) -> dict:
 # --------------------------------------------------------------------------- planning
 def plan_cells(specs: Sequence[str], out: Path, base: dict, budget_flops: float | None) -> list[Cell]:
     """Parse, validate and size every cell before anything trains."""
-    from ..data import steps_per_epoch as count_steps
-
     specs = parse_list(specs)
     if not specs:
         raise ConfigError("--objectives is empty; pass e.g. --objectives mae,aim")
@@ -357,19 +347,15 @@ def compare(objectives: str | Sequence[str], out: str | Path, base: dict | None 
             budget_flops: float | None = None, same_augmentation: bool = True,
             crop_scale: tuple[float, float] = SAME_CROP_SCALE, probes: Sequence[str] | None = None,
             layers: Sequence[int] | None = None, pool: str = "auto", random_init: bool = True,
-            finetune_epochs: int = 0,
-            finetune_options: dict | None = None, dry_run: bool = False, device: str = "cpu",
-            progress: bool = True) -> list[dict]:
+            finetune_epochs: int = 0, finetune_options: dict | None = None, dry_run: bool = False,
+            device: str = "cpu", progress: bool = True) -> list[dict]:
     """Pre-train, probe (and fine-tune) every objective; write OUT/results.{csv,md} and PNGs.
 
-    ``base`` holds ``PretrainConfig`` fields shared by every cell (data, model, epochs, ...).
-    Returns the table's rows (an estimate per cell with ``dry_run``).
+    ``base`` holds ``PretrainConfig`` fields shared by every cell (data, model, epochs, ...);
+    ``finetune_options``: ``FinetuneConfig`` fields of the fine-tune column. Returns the table's rows
+    (an estimate per cell with ``dry_run``).
     """
-    from ..eval.probes import get_probe
-
-    out = Path(out)
-    base = dict(base or {})
-    base.setdefault("progress", progress)
+    out, base = Path(out), {"progress": progress, **(base or {})}
     if same_augmentation:
         base["augmentation"] = {"crop_scale": list(crop_scale), "color_jitter": 0.0, "hflip": True,
                                 "interpolation": "bicubic"}
@@ -381,57 +367,59 @@ def compare(objectives: str | Sequence[str], out: str | Path, base: dict | None 
             get_probe(p)
         except ValueError as err:
             raise ConfigError(f"--probes: {err}") from None
-    ft = None
-    if finetune_epochs:
-        ft = FinetuneConfig(**typed(FinetuneConfig, {**(finetune_options or {}), "epochs": finetune_epochs,
-                                                     "device": device, "progress": progress}, "finetune.")).validate()
+    ft = FinetuneConfig(**typed(FinetuneConfig, {**(finetune_options or {}), "epochs": finetune_epochs,
+                                                 "device": device, "progress": progress}, "finetune.")).validate() \
+        if finetune_epochs else None
 
     cells = plan_cells(objectives, out, base, budget_flops)
     _, val_images, _ = split_sizes(cells[0].cfg)
-    budget = f"{budget_flops:.3g} training FLOPs per cell" if budget_flops else f"{cells[0].cfg.epochs} epochs"
-    aug = f"same for all: crop scale {tuple(crop_scale)} + flip" if same_augmentation else "each objective's paper recipe"
-    print(f"mimaim compare: {len(cells)} cells on {cells[0].cfg.model}/{cells[0].cfg.patch_size} at "
-          f"{cells[0].cfg.img_size}px, data {cells[0].cfg.data} ({cells[0].train_images} training / {val_images} "
-          f"held-out images), budget {budget}, augmentation {aug}, probes {', '.join(probes)}"
-          f"{f', fine-tune {finetune_epochs} epochs' if ft else ''} -> {out}")
+    cfg = cells[0].cfg
+    budget = f"{budget_flops:.3g} training FLOPs per cell" if budget_flops else f"{cfg.epochs} epochs"
+    aug = f"same for all: crop scale {tuple(crop_scale)} + flip" if same_augmentation else \
+        "each objective's paper recipe"
+    print(f"mimaim compare: {len(cells)} cells on {cfg.model}/{cfg.patch_size} at {cfg.img_size}px, data {cfg.data} "
+          f"({cells[0].train_images} training / {val_images} held-out images), budget {budget}, augmentation {aug}, "
+          f"probes {', '.join(probes)}{f', fine-tune {finetune_epochs} epochs' if ft else ''} -> {out}")
     print(format_grid(cells))
     if dry_run:
-        est = estimate_seconds(cells, probes, val_images, random_init, finetune_epochs)
-        total = sum(e["total_s"] for e in est)
-        print("\nestimated wall time (from timing 2 training steps and one feature batch per cell on this machine; "
-              "data loading and the probes' own training not included):")
-        for e in est:
-            print(f"  {e['cell']}: {e['step_s']:.3f} s/step -> pre-train {e['pretrain_s'] / 60:.1f} min, "
-                  f"probe features {e['probe_s'] / 60:.1f} min"
-                  + (f", fine-tune {e['finetune_s'] / 60:.1f} min" if ft else ""))
-        print(f"  total: about {total / 3600:.2f} h")
-        return est
-
+        return print_estimate(estimate_seconds(cells, probes, val_images, random_init, finetune_epochs), bool(ft))
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
     for i, cell in enumerate(cells):
         status = run_cell(cell.cfg)
         print(f"[{i + 1}/{len(cells)}] {cell.name}: {status}", file=sys.stderr, flush=True)
-    # one random-init row per trunk flavour (MAE's ViT, AIM's trunk, the BEiT-style ViT of BEiT/SimMIM, ...):
-    # every pre-trained cell is read against its own architecture at init, with its own probe protocol
+    rows = result_rows(cells, probes, layers, pool, random_init, device, progress, ft)
+    write_results(out, rows, cells, budget, aug, val_images)
+    return rows
+
+
+def print_estimate(est: list[dict], finetune: bool) -> list[dict]:
+    print("\nestimated wall time (from timing 2 training steps and one feature batch per cell on this machine; "
+          "data loading and the probes' own training not included):")
+    for e in est:
+        print(f"  {e['cell']}: {e['step_s']:.3f} s/step -> pre-train {e['pretrain_s'] / 60:.1f} min, "
+              f"probe features {e['probe_s'] / 60:.1f} min"
+              + (f", fine-tune {e['finetune_s'] / 60:.1f} min" if finetune else ""))
+    print(f"  total: about {sum(e['total_s'] for e in est) / 3600:.2f} h")
+    return est
+
+
+def result_rows(cells: Sequence[Cell], probes, layers, pool, random_init, device, progress, ft) -> list[dict]:
+    """One row per cell, then one random-init row per trunk flavour (MAE's ViT, AIM's trunk, the BEiT-style
+    ViT of BEiT/SimMIM, ...): every cell is read against its own architecture at init, with its protocol."""
     flavours: dict[str, dict] = {}
     for cell in cells:
         key, words = trunk_flavour(Path(cell.cfg.out))
         flavours.setdefault(key, {"first": cell, "cells": [], "words": words})["cells"].append(cell.name)
         cell.extras["flavour"] = key
-    random_rows = []
+    rows, random_rows = [], []
     for cell in cells:
-        run_dir = Path(cell.cfg.out)
-        flavour = flavours[cell.extras["flavour"]]
+        run_dir, flavour = Path(cell.cfg.out), flavours[cell.extras["flavour"]]
         first = random_init and flavour["first"] is cell
         probe_rows = probe_cell(run_dir, probes, layers, first, device, progress, pool=pool)
         summary = json.loads((run_dir / "summary.json").read_text())
         row = {"cell": cell.name, "objective": cell.objective, "options": json.dumps(cell.options),
                "model": cell.cfg.model, "epochs": cell.cfg.epochs, "steps": summary["steps"],
-               "pretrain_loss": round(final_loss(run_dir), 5),
-               **{k: v for k, v in probe_rows[0].items() if k.endswith("_top1")},
-               "probe_protocol": probe_rows[0].get("protocol", "-"),
-               "protocol_source": probe_rows[0].get("protocol_source", "-"),
+               "pretrain_loss": round(final_loss(run_dir), 5), **_probe_columns(probe_rows[0]),
                "images_per_s": summary.get("images_per_s"), "wall_time_s": summary.get("wall_time_s"),
                "flops_per_image": cell.flops_per_image,
                "train_flops": cell.flops_per_image * summary["steps"] * cell.cfg.batch_size}
@@ -439,22 +427,20 @@ def compare(objectives: str | Sequence[str], out: str | Path, base: dict | None 
             row["finetune_top1"] = finetune_cell(run_dir, ft)["top1"]
         rows.append(row)
         if first:
-            cells_of = flavour["cells"]
-            rnd = {"cell": f"random-init-{cell.name}",
-                   "objective": f"random init ({flavour['words']}; trunk of {', '.join(cells_of)})",
-                   "options": "{}", "model": cell.cfg.model, "epochs": 0, "steps": 0, "pretrain_loss": float("nan"),
-                   **{k: v for k, v in probe_rows[1].items() if k.endswith("_top1")},
-                   "probe_protocol": probe_rows[1].get("protocol", "-"),
-                   "protocol_source": probe_rows[1].get("protocol_source", "-"),
+            rnd = {"cell": f"random-init-{cell.name}", "options": "{}", "model": cell.cfg.model, "epochs": 0,
+                   "objective": f"random init ({flavour['words']}; trunk of {', '.join(flavour['cells'])})",
+                   "steps": 0, "pretrain_loss": float("nan"), **_probe_columns(probe_rows[1]),
                    "images_per_s": float("nan"), "wall_time_s": 0.0, "flops_per_image": cell.flops_per_image,
-                   "train_flops": 0.0, "random_init_of": ",".join(cells_of)}
+                   "train_flops": 0.0, "random_init_of": ",".join(flavour["cells"])}
             if ft:
-                from dataclasses import replace
-                rnd["finetune_top1"] = finetune_cell(run_dir, replace(ft, init="random"))["top1"]
+                rnd["finetune_top1"] = finetune_cell(run_dir, dataclasses.replace(ft, init="random"))["top1"]
             random_rows.append(rnd)
-    rows.extend(random_rows)
-    write_results(out, rows, cells, budget, aug, val_images)
-    return rows
+    return rows + random_rows
+
+
+def _probe_columns(probe_row: dict) -> dict:
+    return {**{k: v for k, v in probe_row.items() if k.endswith("_top1")},
+            "probe_protocol": probe_row.get("protocol", "-"), "protocol_source": probe_row.get("protocol_source", "-")}
 
 
 # --------------------------------------------------------------------------- outputs
@@ -509,12 +495,6 @@ def write_results(out: Path, rows: list[dict], cells: Sequence[Cell], budget: st
 
 
 def plot_loss_curves(path: Path, runs: Sequence[tuple[str, Path]]) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..engine.logging import read_metrics
-
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for name, run_dir in runs:
         rows = read_metrics(run_dir)
@@ -531,10 +511,6 @@ def plot_loss_curves(path: Path, runs: Sequence[tuple[str, Path]]) -> None:
 
 
 def plot_probe_accuracy(path: Path, rows: list[dict], columns: Sequence[str]) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 4), dpi=120)
     width = 0.8 / max(1, len(columns))
     for j, col in enumerate(columns):

@@ -28,9 +28,11 @@ from typing import Sequence
 import numpy as np
 
 from ..config import ConfigError, make_config
-from .compare import (Cell, count_training_flops, default_probes, estimate_seconds, final_loss, markdown_table,
-                      parse_list, parse_objective_spec, probe_cell, run_cell, split_sizes, check_probe_data,
-                      write_csv)
+from ..data import steps_per_epoch as count_steps
+from ..models import list_models
+from .compare import (Cell, check_probe_data, count_training_flops, default_probes, estimate_seconds, final_loss,
+                      format_grid, markdown_table, parse_list, parse_objective_spec, plt, probe_cell, run_cell,
+                      split_sizes, write_csv)
 
 
 def fit_power_law(n: Sequence[float], loss: Sequence[float], offset: bool = False) -> dict:
@@ -82,9 +84,6 @@ def parse_fractions(value: str | Sequence[float]) -> list[float]:
 
 def plan_scale(objective_spec: str, models: Sequence[str], fractions: Sequence[float], out: Path, base: dict,
                same_steps: bool) -> list[Cell]:
-    from ..data import steps_per_epoch as count_steps
-    from ..models import list_models
-
     objective, settings = parse_objective_spec(objective_spec)
     models = parse_list(models)
     if not models:
@@ -127,8 +126,6 @@ def scale(objective: str, models: str | Sequence[str], data_fractions: str | Seq
           same_steps: bool = True, offset: bool = False, dry_run: bool = False, device: str = "cpu",
           progress: bool = True) -> dict:
     """Run the grid; write OUT/scale_results.csv, OUT/scale_fit.csv and three PNGs. -> {rows, fits}."""
-    from .compare import format_grid
-
     out = Path(out)
     base = dict(base or {})
     base.setdefault("progress", progress)
@@ -194,14 +191,7 @@ def scale(objective: str, models: str | Sequence[str], data_fractions: str | Seq
 
 
 # --------------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(plt, fig, ax, path: Path) -> None:
+def _save(fig, ax, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -209,7 +199,6 @@ def _save(plt, fig, ax, path: Path) -> None:
 
 
 def plot_loss_vs_params(path: Path, rows: list[dict], fits: list[dict], objective: str) -> None:
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
     for f in sorted({r["data_fraction"] for r in rows}):
         sel = sorted((r for r in rows if r["data_fraction"] == f), key=lambda r: r["parameters"])
@@ -228,11 +217,10 @@ def plot_loss_vs_params(path: Path, rows: list[dict], fits: list[dict], objectiv
     ax.set_xlabel("encoder parameters")
     ax.set_ylabel("final pre-training loss")
     ax.set_title(f"{objective}: loss vs model size (fit L = a N^-alpha)")
-    _save(plt, fig, ax, path)
+    _save(fig, ax, path)
 
 
 def plot_accuracy_vs_loss(path: Path, rows: list[dict], acc: str, objective: str) -> None:
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
     for f in sorted({r["data_fraction"] for r in rows}):
         sel = [r for r in rows if r["data_fraction"] == f]
@@ -242,11 +230,10 @@ def plot_accuracy_vs_loss(path: Path, rows: list[dict], acc: str, objective: str
     ax.set_xlabel("final pre-training loss")
     ax.set_ylabel(f"{acc.replace('_top1', '')} probe top-1 (%)")
     ax.set_title(f"{objective}: downstream accuracy vs pre-training loss")
-    _save(plt, fig, ax, path)
+    _save(fig, ax, path)
 
 
 def plot_accuracy_vs_data(path: Path, rows: list[dict], acc: str, objective: str) -> None:
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
     for model in dict.fromkeys(r["model"] for r in rows):
         sel = sorted((r for r in rows if r["model"] == model), key=lambda r: r["data_fraction"])
@@ -255,4 +242,4 @@ def plot_accuracy_vs_data(path: Path, rows: list[dict], acc: str, objective: str
     ax.set_xlabel("fraction of the training split")
     ax.set_ylabel(f"{acc.replace('_top1', '')} probe top-1 (%)")
     ax.set_title(f"{objective}: accuracy vs data")
-    _save(plt, fig, ax, path)
+    _save(fig, ax, path)
