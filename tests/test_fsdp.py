@@ -219,7 +219,7 @@ def test_sharded_checkpoint_is_whole_or_absent_and_refuses_foreign_pickles(tmp_p
     import pickle
 
     from mimaim.engine.checkpoint import CheckpointError
-    from mimaim.engine.dcp import consolidated_weights, load_sharded_checkpoint, save_sharded_checkpoint
+    from mimaim.engine.dcp import load_sharded_checkpoint, save_sharded_checkpoint
 
     model = tiny_objective("mae")
     opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), model.no_weight_decay())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mimaim.config import make_config
-from mimaim.engine.trainer import build_run_objective
+from mimaim.engine.build import build_run_objective
 from mimaim.interop.init import initialize_from
 
 from tiny_runs import images, make_run, randomize
