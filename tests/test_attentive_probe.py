@@ -84,20 +84,21 @@ def test_deterministic_for_a_seed():
 
 
 def test_probes_mae_and_aim_encoders_through_features():
-    """Both flavours (cls token for MAE, patch tokens only for AIM), with averaged layers."""
+    """Both flavours (cls token for MAE, patch tokens only for AIM), with averaged layers, on two classes that
+    even random-init features separate (dark and bright noisy images): both probes far above chance (50%)."""
     from mimaim.objectives import build_objective
 
     rng = torch.Generator().manual_seed(0)
-    items = [(torch.rand(16, 16, 3, generator=rng) * 255).to(torch.uint8).numpy() for _ in range(16)]
-    labels = [i % 2 for i in range(16)]
-    src = Source("toy", items, labels, ["a", "b"])
-    train, val = src.subset(list(range(12))), src.subset(list(range(12, 16)))
+    labels = [i % 2 for i in range(24)]
+    items = [(40 + 150 * y + torch.rand(16, 16, 3, generator=rng) * 60).to(torch.uint8).numpy() for y in labels]
+    src = Source("toy", items, labels, ["dark", "bright"])
+    train, val = src.subset(list(range(16))), src.subset(list(range(16, 24)))
     for name in ("mae", "aim"):
         torch.manual_seed(0)
         enc = build_objective(name, "vit_micro", 16, 4, {}, depth=2).encoder
         scores = probe_encoder(enc, train, val, 2, 16, ["attentive", "knn"], layers=[-2, -1])
         assert set(scores) == {"attentive", "knn"}
-        assert all(0.0 <= v <= 100.0 for v in scores.values())
+        assert min(scores.values()) >= 87.5, (name, scores)  # at most one of the 8 held-out images wrong
 
 
 # --------------------------------------------------------------------------- the fast fit

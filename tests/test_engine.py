@@ -5,17 +5,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from mimaim.config import ConfigError, make_config
+from mimaim.config import ConfigError, load_yaml, make_config
 from mimaim.engine.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_weights,
                                       save_checkpoint)
 from mimaim.engine.optim import cosine_lr, param_groups_weight_decay
-from mimaim.engine.trainer import TrainingDiverged, build_run_objective, pretrain
+from mimaim.engine.build import build_run_objective
+from mimaim.engine.trainer import TrainingDiverged, pretrain
 from mimaim.objectives import build_objective
 
 TINY = dict(model="vit_micro", img_size=16, patch_size=4, batch_size=4, epochs=2, warmup_epochs=1,
@@ -125,14 +125,42 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
 
 
 def test_run_directory_holds_config_metrics_events_checkpoints_and_picture(tmp_path, image_folder):
+    """3 epochs of 2 steps, cosine lr without warm-up: every artifact holds this run's own numbers."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import check_picture, finished_run_rows
     from mimaim.launch import pretrain as pretrain_and_draw  # the engine trains; the command draws the picture
 
-    run = pretrain_and_draw(tiny_cfg(tmp_path, image_folder, epochs=1))
+    cfg = tiny_cfg(tmp_path, image_folder, epochs=3, warmup_epochs=0, lr=2e-3)
+    run = pretrain_and_draw(cfg)
     names = {p.name for p in run.iterdir()}
     assert {"config.yaml", "metrics.csv", "summary.json", "reconstruction.png", "checkpoints", "tensorboard"} <= names
-    assert list((run / "tensorboard").iterdir())
-    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert header[:4] == ["step", "epoch", "loss", "lr"] and "images_per_s" in header and "skipped_images" in header
+    assert make_config(load_yaml(run / "config.yaml")) == cfg
+
+    rows = finished_run_rows(run, 6)  # 10 training images, batch 4: 2 steps per epoch
+    assert list(rows[0])[:4] == ["step", "epoch", "loss", "lr"] and "images_per_s" in rows[0]
+    assert [float(r["epoch"]) for r in rows] == [s / 2 for s in range(1, 7)]
+    assert [float(r["lr"]) for r in rows] == pytest.approx([cosine_lr(s / 2, 2e-3, 0.0, 0, 3) for s in range(6)],
+                                                            rel=1e-4)  # the lr each step used
+    losses = [float(r["loss"]) for r in rows]
+    assert losses[-1] < 0.8 * losses[0], losses  # MAE's reconstruction loss falls
+    assert all(int(r["skipped_images"]) == 0 and float(r["images_per_s"]) > 0 for r in rows)
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("pretrain/loss")
+    assert [e.step for e in scalars] == list(range(1, 7))
+    assert [e.value for e in scalars] == pytest.approx(losses, rel=1e-4)
+
+    ckpt = latest_checkpoint(run)
+    assert ckpt.name == "step-00000006" and [p.name for p in list_checkpoints(run / "checkpoints")][-2:] == [
+        "step-00000004", "step-00000006"]
+    weights = load_file(str(ckpt / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    fresh = build_run_objective(cfg).state_dict()
+    assert weights.keys() == fresh.keys() and not torch.equal(weights["decoder_pred.weight"],
+                                                              fresh["decoder_pred.weight"])
+    check_picture(run / "reconstruction.png", columns=4, rows=2)  # MAE's 4 columns, the 2 held-out images
 
 
 def test_resume_after_a_clean_stop_matches_an_uninterrupted_run(tmp_path, image_folder):

@@ -1,81 +1,77 @@
-"""FSDP2 on CPU (gloo): same weights as DDP and as one process; activation checkpointing changes nothing.
+"""FSDP2 on CPU (gloo), through the trainer: the weights and clipped gradient norms of DDP and of one process.
 
-Each test spawns one group of 2 processes that runs every multi-process variant in turn;
-the single-process reference runs in the test process itself.
+Every run here is ``mimaim.engine.trainer.pretrain``, the code a user's run goes through: the
+loader (the same global batch on any number of processes), the trainer's ``train_step``
+(accumulation with one gradient sync per step, ``clip_grad_norm_``, AdamW) and its checkpoints
+(one ``model.safetensors`` under DDP, DCP shards under FSDP). The 2-process runs happen in one
+spawned group that joins the process group as torchrun's children do (``env://``), several runs
+per spawn; the 1-process runs happen in the test process itself.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
+from conftest import make_image_folder
+from safetensors.torch import load_file
 
-from mimaim.engine.fsdp import clip_grad_norm, full_state_dict, gradient_sync, shard_objective, transformer_blocks
+from mimaim.config import make_config
+from mimaim.engine.checkpoint import latest_checkpoint
+from mimaim.engine.dcp import consolidated_weights, is_sharded_checkpoint
+from mimaim.engine.fsdp import transformer_blocks
 from mimaim.engine.optim import build_optimizer
+from mimaim.engine.trainer import pretrain
 from mimaim.objectives import build_objective
 
 WORLD = 2
-STEPS = 3
-GLOBAL_BATCH = 8
-ACCUM = 2  # micro-batches per optimiser step on each rank
-CLIP = 0.5  # below the gradients' norm (~1-2): clipping is active in every step
+STEPS = 3  # 25 training images, global batch 8: 3 steps per epoch
+CLIP = 0.05  # below the gradients' norm in every step: the trainer's clipping is active throughout
 
-# tiny objectives: 2-block trunks at 16 px with 4 px patches (16 patches)
-TINY = {
-    "mae": dict(options={"decoder_embed_dim": 32, "decoder_depth": 2, "decoder_num_heads": 2},
-                backbone=dict(embed_dim=32, depth=2, num_heads=2)),
-    "aim": dict(options={"head_depth": 2, "head_width": 32},
-                backbone=dict(embed_dim=32, depth=2, num_heads=2)),
+# heads and decoders as small as the objectives allow; AIM's prefix length is fixed so that every
+# micro-batch counts the same patches and the per-process mean losses average to the global mean
+OPTIONS = {
+    "mae": {"decoder_embed_dim": 32, "decoder_depth": 2, "decoder_num_heads": 2},
+    "aim": {"head_depth": 2, "head_width": 32, "min_prefix": 5, "max_prefix": 5},
 }
 
 
-def tiny_objective(name: str):
-    torch.manual_seed(0)
-    spec = TINY[name]
-    return build_objective(name, "vit_micro", 16, 4, spec["options"], **spec["backbone"])
+def tiny_cfg(objective: str, out, data, **kw):
+    """``STEPS`` optimiser steps of a vit_micro at 16 px, 2 micro-batches per step, clipping on."""
+    values = dict(objective=objective, model="vit_micro", img_size=16, patch_size=4,
+                  objective_options=OPTIONS[objective], data=f"imagefolder:{data}", batch_size=8, accum_steps=2,
+                  epochs=10, warmup_epochs=0, lr=1e-3, clip_grad=CLIP, max_steps=STEPS, device="cpu",
+                  precision="fp32", num_workers=0, progress=False, log_every=1, keep_last=STEPS, out=str(out))
+    return make_config({**values, **kw})
 
 
-def batches(name: str):
-    """STEPS global batches of (images, masking), the same in every process."""
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(STEPS):
-        images = torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=g)
-        if name == "mae":
-            masking = torch.rand(GLOBAL_BATCH, 16, generator=g)  # argsort noise
-        else:
-            # AIM's loss is a mean over each micro-batch's counted patches: prefix lengths whose
-            # counts are the same in every micro-batch make per-rank means average to the global mean
-            masking = torch.tensor([3, 9, 5, 7, 3, 9, 5, 7])
-        out.append((images, masking))
-    return out
+@contextlib.contextmanager
+def clip_norms():
+    """The total norm of each ``torch.nn.utils.clip_grad_norm_`` call the trainer makes (global under FSDP)."""
+    real, norms = torch.nn.utils.clip_grad_norm_, []
+
+    def spy(*args, **kwargs):
+        total = real(*args, **kwargs)
+        norms.append(float(total.full_tensor() if hasattr(total, "full_tensor") else total))
+        return total
+
+    torch.nn.utils.clip_grad_norm_ = spy
+    try:
+        yield norms
+    finally:
+        torch.nn.utils.clip_grad_norm_ = real
 
 
-def make_optimizer(model):
-    """The trainer's AdamW groups (decay / no decay, ``lr_scale``), built after any sharding."""
-    return build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), model.no_weight_decay())
-
-
-def train(model, name: str, rank: int = 0, world: int = 1, optimizer=None, steps=range(STEPS)):
-    """A minimal loop as the trainer runs it: accumulation, gradient sync on the last micro-batch, clipping."""
-    objective = getattr(model, "module", model)  # DDP wraps
-    optimizer = optimizer or make_optimizer(objective)
-    norms = []
-    all_batches = batches(name)
-    for step in steps:
-        images, masking = all_batches[step]
-        local = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
-        micro = zip(images[local].chunk(ACCUM), masking[local].chunk(ACCUM))
-        for i, (x, m) in enumerate(micro):
-            with gradient_sync(model, i == ACCUM - 1):
-                (model(x, m).loss / ACCUM).backward()
-        norms.append(clip_grad_norm(model.parameters(), CLIP))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return norms
+def final_weights(run_dir, sharded: bool) -> dict:
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt is not None and ckpt.name == f"step-{STEPS:08d}"
+    assert is_sharded_checkpoint(ckpt) == sharded, ckpt
+    return consolidated_weights(ckpt) if sharded else load_file(str(ckpt / "model.safetensors"))
 
 
 def comparable(weights: dict) -> dict:
@@ -95,35 +91,43 @@ def comparable(weights: dict) -> dict:
 
 
 def max_abs_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
     a, b = comparable(a), comparable(b)
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _equivalence_worker(rank: int, port: int, out_dir: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
     try:
-        cpu = torch.device("cpu")
-        results = {}
-        for name in TINY:
-            ddp = torch.nn.parallel.DistributedDataParallel(tiny_objective(name))
-            norms = train(ddp, name, rank, WORLD)
-            results[f"{name}/ddp"] = ({k: v.detach().clone() for k, v in ddp.module.state_dict().items()}, norms)
-            for ac in (False, True):
-                obj = shard_objective(tiny_objective(name), cpu, "fp32", activation_checkpointing=ac)
-                norms = train(obj, name, rank, WORLD)
-                results[f"{name}/fsdp{'+ac' if ac else ''}"] = (full_state_dict(obj), norms)
-        if rank == 0:
-            torch.save(results, os.path.join(out_dir, "results.pt"))
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
     finally:
-        dist.destroy_process_group()
+        for s in sockets:
+            s.close()
+
+
+def _torchrun_worker(rank: int, ports: list[int], cfgs: list, resume: bool):
+    """One of ``WORLD`` processes, set up as torchrun sets up its children; runs ``pretrain`` on each config."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_WORLD_SIZE=str(WORLD))
+    for port, cfg in zip(ports, cfgs):
+        os.environ["MASTER_PORT"] = str(port)  # a fresh rendezvous per run: pretrain joins and leaves the group
+        with clip_norms() as norms:
+            pretrain(cfg, resume=resume)
+        if rank == 0:
+            Path(cfg.out, "clip_norms.json").write_text(json.dumps(norms))
+
+
+def spawn(cfgs: list, resume: bool = False) -> None:
+    torch.multiprocessing.spawn(_torchrun_worker, args=(_free_ports(len(cfgs)), cfgs, resume), nprocs=WORLD)
+
+
+def tiny_objective(name: str):
+    """The objective with 2-block trunks (the FSDP-unit and checkpointing tests need no trainer)."""
+    torch.manual_seed(0)
+    return build_objective(name, "vit_micro", 16, 4, OPTIONS[name], embed_dim=32, depth=2, num_heads=2)
 
 
 def test_transformer_blocks_are_the_fsdp_units():
@@ -141,7 +145,8 @@ def test_activation_checkpointing_keeps_names_and_gradients():
     ref, ckpt = tiny_objective("mae"), tiny_objective("mae")
     assert apply_activation_checkpointing(ckpt) == 4
     assert list(ref.state_dict()) == list(ckpt.state_dict())
-    images, masking = batches("mae")[0]
+    g = torch.Generator().manual_seed(1)
+    images, masking = torch.randn(8, 3, 16, 16, generator=g), ref.draw_masking(8, g)
     for model in (ref, ckpt):
         model(images, masking).loss.backward()
     for (name, a), (_, b) in zip(ref.named_parameters(), ckpt.named_parameters()):
@@ -149,98 +154,75 @@ def test_activation_checkpointing_keeps_names_and_gradients():
             torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-6, msg=name)
 
 
-@pytest.mark.slow  # ~30 s on 2 idle cores: two spawned processes each import torch and train 6 tiny runs
+@pytest.mark.slow  # one spawned pair of processes training 6 tiny runs, 2 more runs here
 def test_fsdp_ddp_and_one_process_end_with_the_same_weights(tmp_path):
-    """2 processes x (FSDP2, FSDP2 + checkpointing, DDP) vs 1 process, same global batch: MAE and AIM."""
-    torch.multiprocessing.spawn(_equivalence_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD)
-    results = torch.load(tmp_path / "results.pt", weights_only=True)
+    """pretrain on 2 processes x (FSDP2, FSDP2 + checkpointing, DDP) vs 1 process, same global batch: MAE and AIM.
+
+    The trainer's clipping is active in every step, and its norms agree: under FSDP2 the norm
+    of the sharded gradients is the global one."""
+    data = make_image_folder(tmp_path / "images", per_class=16, size=16)
+    variants = {"ddp": {}, "fsdp": {"strategy": "fsdp"},
+                "fsdp+ac": {"strategy": "fsdp", "activation_checkpointing": True}}
+    runs = {(name, v): tiny_cfg(name, tmp_path / f"{name}-{v}", data, **kw) for name in OPTIONS
+            for v, kw in variants.items()}
+    spawn(list(runs.values()))
     report = []
-    for name in TINY:
-        single = tiny_objective(name)
-        norms = train(single, name)
-        ref = single.state_dict()
-        assert min(norms) > CLIP  # clipping was active
-        for variant in ("ddp", "fsdp", "fsdp+ac"):
-            weights, their_norms = results[f"{name}/{variant}"]
-            assert set(weights) == set(ref)
-            diff = max_abs_diff(weights, ref)
-            report.append(f"{name} {variant} (2 procs) vs 1 proc: max |dw| = {diff:.1e}")
-            torch.testing.assert_close(their_norms, norms, rtol=1e-5, atol=1e-6)
+    for name in OPTIONS:
+        with clip_norms() as norms:
+            pretrain(tiny_cfg(name, tmp_path / f"{name}-one", data))
+        ref = final_weights(tmp_path / f"{name}-one", sharded=False)
+        assert len(norms) == STEPS and min(norms) > CLIP, norms  # clipping was active
+        weights = {}
+        for v in variants:
+            out = runs[name, v].out
+            weights[v] = final_weights(out, sharded=v != "ddp")
+            torch.testing.assert_close(json.loads(Path(out, "clip_norms.json").read_text()), norms,
+                                       rtol=1e-5, atol=1e-6)
+            diff = max_abs_diff(weights[v], ref)
+            report.append(f"{name} {v} (2 procs) vs 1 proc: max |dw| = {diff:.1e}")
             assert diff < 2e-6, report[-1]
-        fsdp, ac = results[f"{name}/fsdp"][0], results[f"{name}/fsdp+ac"][0]
-        diff = max_abs_diff(fsdp, results[f"{name}/ddp"][0])
+        diff = max_abs_diff(weights["fsdp"], weights["ddp"])
         report.append(f"{name} fsdp vs ddp (2 procs each): max |dw| = {diff:.1e}")
         assert diff < 2e-6, report[-1]
+        fsdp, ac = weights["fsdp"], weights["fsdp+ac"]
         assert all(torch.equal(fsdp[k], ac[k]) for k in fsdp), "activation checkpointing changed the result"
     print("\n".join(report))
 
 
 # --------------------------------------------------------------------------- sharded checkpoints
-def _reshard_worker(rank: int, port: int, root: str):
-    """Load the 1-process checkpoint into 2 FSDP processes, take step 2, save a 2-process checkpoint."""
-    from mimaim.engine.dcp import load_sharded_checkpoint, save_sharded_checkpoint
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        torch.manual_seed(123)  # other weights than the checkpoint's, so a silent non-load shows
-        obj = shard_objective(build_objective("mae", "vit_micro", 16, 4, TINY["mae"]["options"],
-                                              **TINY["mae"]["backbone"]), torch.device("cpu"), "fp32")
-        optimizer = make_optimizer(obj)
-        state = load_sharded_checkpoint(os.path.join(root, "one", "step-00000001"), obj, optimizer)
-        loaded = full_state_dict(obj)
-        train(obj, "mae", rank, WORLD, optimizer, steps=[1])
-        save_sharded_checkpoint(os.path.join(root, "two"), 2, obj, optimizer, {"step": 2, "seen": state["step"]})
-        after = full_state_dict(obj)
-        if rank == 0:
-            torch.save({"loaded": loaded, "after": after}, os.path.join(root, "fsdp.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow  # ~30 s on 2 idle cores (one spawned pair of processes)
+@pytest.mark.slow  # one spawned pair of processes, 3 runs here
 def test_sharded_checkpoint_reshards_between_one_and_two_processes(tmp_path):
-    """1 process -> 2 FSDP processes -> 1 process: weights and AdamW moments carry over exactly."""
-    from mimaim.engine.dcp import (consolidated_weights, is_sharded_checkpoint, load_sharded_checkpoint,
-                                   save_sharded_checkpoint)
+    """1 FSDP process -> 2 -> 1, each resuming the last one's sharded checkpoint: the weights of one
+    uninterrupted run at every step, so weights and AdamW moments carry over whole both ways."""
+    data = make_image_folder(tmp_path / "images", per_class=16, size=16)
+    whole = tmp_path / "whole"
+    pretrain(tiny_cfg("mae", whole, data, strategy="fsdp", save_every=1))  # a one-rank group, the same shards
+    split = tiny_cfg("mae", tmp_path / "split", data, strategy="fsdp", save_every=1, max_steps=1)
+    pretrain(split)
+    split.max_steps = 2
+    spawn([split], resume=True)
+    split.max_steps = STEPS
+    pretrain(split, resume=True)
 
-    ref = tiny_objective("mae")
-    ref_opt = make_optimizer(ref)
-    train(ref, "mae", optimizer=ref_opt, steps=[0])
-    save_sharded_checkpoint(tmp_path / "one", 1, ref, ref_opt, {"step": 1})
-    step1 = {k: v.clone() for k, v in ref.state_dict().items()}
-
-    torch.multiprocessing.spawn(_reshard_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD)
-    fsdp = torch.load(tmp_path / "fsdp.pt", weights_only=True)
-    assert all(torch.equal(fsdp["loaded"][k], step1[k]) for k in step1), "1 -> 2 processes changed the weights"
-
-    train(ref, "mae", optimizer=ref_opt, steps=[1])  # the same step 2 in one process
-    assert max_abs_diff(fsdp["after"], ref.state_dict()) < 2e-6  # so the AdamW moments arrived whole
-
-    ckpt = tmp_path / "two" / "step-00000002"
-    assert is_sharded_checkpoint(ckpt) and len(list(ckpt.glob("*.distcp"))) == WORLD
-    weights = consolidated_weights(ckpt)  # no process group
-    assert all(torch.equal(weights[k], fsdp["after"][k]) for k in weights) and set(weights) == set(step1)
-
-    back = tiny_objective("mae")
-    back_opt = make_optimizer(back)
-    state = load_sharded_checkpoint(ckpt, back, back_opt)
-    assert state == {"step": 2, "seen": 1}
-    assert all(torch.equal(back.state_dict()[k], fsdp["after"][k]) for k in step1), "2 -> 1 process changed weights"
-    train(back, "mae", optimizer=back_opt, steps=[2])
-    train(ref, "mae", optimizer=ref_opt, steps=[2])
-    assert max_abs_diff(back.state_dict(), ref.state_dict()) < 2e-6
+    for step in range(1, STEPS + 1):
+        a, b = (run / "checkpoints" / f"step-{step:08d}" for run in (whole, tmp_path / "split"))
+        assert is_sharded_checkpoint(a) and is_sharded_checkpoint(b)
+        assert len(list(b.glob("*.distcp"))) == (WORLD if step == 2 else 1)
+        wa, wb = consolidated_weights(a), consolidated_weights(b)  # no process group
+        diff = max_abs_diff(wa, wb)
+        assert diff < 2e-6 and (step > 1 or diff == 0), f"step {step}: max |dw| = {diff:.1e}"
+    norms = json.loads((tmp_path / "split" / "clip_norms.json").read_text())
+    assert len(norms) == 1 and norms[0] > CLIP  # the 2-process session took its one step, clipped
 
 
 def test_sharded_checkpoint_is_whole_or_absent_and_refuses_foreign_pickles(tmp_path):
     import pickle
 
     from mimaim.engine.checkpoint import CheckpointError
-    from mimaim.engine.dcp import consolidated_weights, load_sharded_checkpoint, save_sharded_checkpoint
+    from mimaim.engine.dcp import load_sharded_checkpoint, save_sharded_checkpoint
 
     model = tiny_objective("mae")
-    opt = make_optimizer(model)
+    opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), model.no_weight_decay())
     (tmp_path / "ck" / ".tmp-step-00000003").mkdir(parents=True)  # a save killed half-way
     for step in (1, 2, 3):
         path = save_sharded_checkpoint(tmp_path / "ck", step, model, opt, {"step": step}, keep_last=2,
@@ -266,11 +248,6 @@ def test_kill_during_an_fsdp_run_then_resume_ends_like_an_uninterrupted_run(tmp_
     import subprocess
     import sys
     import time
-
-    from conftest import make_image_folder
-
-    from mimaim.engine.checkpoint import latest_checkpoint
-    from mimaim.engine.dcp import consolidated_weights
 
     data = make_image_folder(tmp_path / "images", per_class=16, size=16)  # 25 training images: 3 steps/epoch
 

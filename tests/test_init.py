@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mimaim.config import make_config
-from mimaim.engine.trainer import build_run_objective
+from mimaim.engine.build import build_run_objective
 from mimaim.interop.init import initialize_from
 
 from tiny_runs import images, make_run, randomize
@@ -144,10 +144,7 @@ def test_pretrain_init_end_to_end(tmp_path, capsys):
     """``mimaim pretrain --init RUN`` prints what it loaded and trains from those weights."""
     from conftest import make_image_folder
     from mimaim.cli import main
-    from mimaim.config import FIELDS
 
-    if "init" not in FIELDS:
-        pytest.skip("the trainer has no --init yet (config field `init`)")
     src, _ = make_run(tmp_path / "src", "mae", img_size=16)
     data = make_image_folder(tmp_path / "images")
     rc = main(["pretrain", "--init", str(src), "--img-size", "16", "--data", f"imagefolder:{data}", "--batch-size", "4",

@@ -8,7 +8,9 @@ import torch
 import mimaim
 from mimaim.config import make_config, save_config
 from mimaim.engine.checkpoint import CheckpointError, save_checkpoint
+from mimaim.engine.dcp import save_sharded_checkpoint
 from mimaim.engine.runs import build_backbone, open_backbone, read_record, run_record
+from mimaim.engine.trainer import build_run_objective
 
 from tiny_runs import images, make_run, randomize
 
@@ -122,17 +124,12 @@ def test_newer_record_format_is_refused(tmp_path):
 
 def test_sharded_fsdp_checkpoint_loads_like_a_plain_one(tmp_path):
     """A ``torch.distributed.checkpoint`` folder (engine/dcp.py) is consolidated in one process."""
-    dcp = pytest.importorskip("mimaim.engine.dcp")
-    from mimaim.config import make_config, save_config
-    from mimaim.engine.trainer import build_run_objective
-
     cfg = make_config(objective="mae", model="vit_micro", img_size=32, patch_size=4, out=str(tmp_path / "run"))
     obj = randomize(build_run_objective(cfg)).eval()
     (tmp_path / "run").mkdir()
     save_config(cfg, tmp_path / "run" / "config.yaml")
     optimizer = torch.optim.AdamW(obj.parameters())
-    dcp.save_sharded_checkpoint(tmp_path / "run" / "checkpoints", 4, obj, optimizer, {"step": 4},
-                                record=run_record(cfg))
+    save_sharded_checkpoint(tmp_path / "run" / "checkpoints", 4, obj, optimizer, {"step": 4}, record=run_record(cfg))
     encoder, record, ckpt = open_backbone(tmp_path / "run")
     assert ckpt.name == "step-00000004" and record["objective"] == "mae"
     x = images()
