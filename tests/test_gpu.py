@@ -113,7 +113,7 @@ def test_pretrain_on_cuda_with_compile_and_loader_masks(tmp_path):
     from safetensors.torch import load_file
 
     from mimaim.engine.checkpoint import latest_checkpoint
-    from mimaim.launch import pretrain_command
+    from mimaim.cli.pretrain import pretrain_command
 
     data = make_image_folder(tmp_path / "images", per_class=16, size=32)
     for objective in ("mae", "aim"):

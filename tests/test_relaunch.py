@@ -46,7 +46,7 @@ def test_the_command_a_scheduler_reissues_starts_the_run_then_continues_it(tmp_p
 def test_resume_of_an_empty_folder_without_settings_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no config.yaml.*--config"):
-        from mimaim.launch import resolve_pretrain
+        from mimaim.cli.pretrain import resolve_pretrain
         resolve_pretrain({}, resume=str(tmp_path / "empty"))
 
 

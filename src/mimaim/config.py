@@ -34,8 +34,9 @@ def opt(default=dataclasses.MISSING, help: str = "", group: str = "", factory=No
 # --------------------------------------------------------------------------- one converter
 def kind_of(like) -> str:
     """The type a value is read as: a field's annotation (``'float | None'`` -> float) or a default's type."""
-    if isinstance(like, dataclasses.Field):  # annotations are strings (``from __future__ import annotations``)
-        parts = [p.strip() for p in str(like.type).split("|") if p.strip() != "None"]
+    if isinstance(like, dataclasses.Field):  # a string under ``from __future__ import annotations``, else a type
+        t = like.type if isinstance(like.type, str) else getattr(like.type, "__name__", str(like.type))
+        parts = [p.strip() for p in t.split("|") if p.strip() != "None"]
         return (parts[0] if parts else "str").split("[")[0]
     return "any" if like is None else type(like).__name__
 
