@@ -1,5 +1,6 @@
 """The command line end to end, as a new user drives it, on tiny generated images."""
 
+import json
 import subprocess
 import sys
 
@@ -35,27 +36,35 @@ def test_pretrain_probe_reconstruct(tmp_path, image_folder, capsys):
     assert main(["probe", str(run), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "| pre-trained |" in out and "| random init |" in out and "linear top-1" in out and "knn top-1" in out
-    assert (run / "probe.json").exists() and list((run / "features").glob("*.pt"))
+    rows = {r["encoder"]: r for r in json.loads((run / "probe.json").read_text())}
+    assert set(rows) == {"pre-trained", "random init"} and list((run / "features").glob("*.pt"))
+    pre = rows["pre-trained"]  # what the table printed, with the run it read
+    assert (pre["checkpoint"], pre["train_images"], pre["val_images"]) == ("step-00000002", 10, 2)
+    assert f"| pre-trained | {pre['linear_top1']:.2f} | {pre['attentive_top1']:.2f} | {pre['knn_top1']:.2f} |" in out
     picture = tmp_path / "recon.png"
     img = next((image_folder / "a").glob("*.png"))
     assert main(["reconstruct", str(run), "--images", str(img), str(img), "--out", str(picture)]) == 0
     assert picture.stat().st_size > 1000
 
 
-def test_bad_values_stop_before_any_work_with_a_message(tmp_path, image_folder):
-    result = run_cli("pretrain", "--objective", "mea", "--out", str(tmp_path / "x"))
-    assert result.returncode == 2 and "unknown value 'mea'" in result.stderr and "mae" in result.stderr
-    result = run_cli("pretrain", "--data", f"imagefolder:{tmp_path / 'missing'}", "--out", str(tmp_path / "y"))
-    assert result.returncode == 2 and "does not exist" in result.stderr
-    result = run_cli("pretrain", "--set", "objective.decoder_width=3", "--out", str(tmp_path / "z"))
-    assert result.returncode == 2 and "decoder_width" in result.stderr and "allowed" in result.stderr
-    result = run_cli("pretrain", "--mask-ratio", "1.5", "--out", str(tmp_path / "w"))
-    assert result.returncode == 2 and "mask_ratio must be in [0, 1)" in result.stderr
-    result = run_cli("pretrain", "--config", str(tmp_path / "nope.yaml"))
-    assert result.returncode == 2 and "config file" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_bad_values_stop_before_any_work_with_a_message(tmp_path, capsys):
+    def error(*argv):
+        assert main(list(argv)) == 2
+        return capsys.readouterr().err
+
+    err = error("pretrain", "--objective", "mea", "--out", str(tmp_path / "x"))
+    assert "unknown value 'mea'" in err and "mae" in err
+    assert "does not exist" in error("pretrain", "--data", f"imagefolder:{tmp_path / 'missing'}",
+                                     "--out", str(tmp_path / "y"))
+    err = error("pretrain", "--set", "objective.decoder_width=3", "--out", str(tmp_path / "z"))
+    assert "decoder_width" in err and "allowed" in err
+    assert "mask_ratio must be in [0, 1)" in error("pretrain", "--mask-ratio", "1.5", "--out", str(tmp_path / "w"))
+    assert "--set 'decoder_depth': expected KEY=VALUE" in error("pretrain", "--set", "decoder_depth")
+    assert "config file" in error("pretrain", "--config", str(tmp_path / "nope.yaml"))
     for name in "xyzw":  # nothing was started, so no run directory was left behind
         assert not (tmp_path / name).exists()
+    result = run_cli("pretrain", "--objective", "mea")  # the command line: one line, no traceback
+    assert result.returncode == 2 and result.stderr.startswith("mimaim: error:") and "Traceback" not in result.stderr
 
 
 def test_yaml_preset_with_command_line_override(tmp_path, image_folder):
@@ -69,27 +78,27 @@ def test_yaml_preset_with_command_line_override(tmp_path, image_folder):
     assert "epochs: 1" in text and "decoder_depth: 1" in text
 
 
-def test_probe_and_resume_refuse_what_does_not_fit(tmp_path, image_folder):
+def test_probe_and_resume_refuse_what_does_not_fit(tmp_path, image_folder, capsys):
+    def error(*argv):
+        assert main(list(argv)) == 2
+        return capsys.readouterr().err
+
     run = tmp_path / "run"
     assert main(["pretrain", "--data", f"imagefolder:{image_folder}", *TINY, "--out", str(run)]) == 0
-    result = run_cli("pretrain", "--resume", str(run), "--model", "vit_tiny")
-    assert result.returncode == 2 and "does not match the run being resumed" in result.stderr
-    result = run_cli("pretrain", "--data", f"imagefolder:{image_folder}", *TINY, "--out", str(run))
-    assert result.returncode == 2 and "already holds a run" in result.stderr and "--resume" in result.stderr
+    assert "does not match the run being resumed" in error("pretrain", "--resume", str(run), "--model", "vit_tiny")
+    err = error("pretrain", "--data", f"imagefolder:{image_folder}", *TINY, "--out", str(run))
+    assert "already holds a run" in err and "--resume" in err
     flat = tmp_path / "flat"
     flat.mkdir()
     for p in (image_folder / "a").iterdir():
         (flat / p.name).write_bytes(p.read_bytes())
-    result = run_cli("probe", str(run), "--data", f"imagefolder:{flat}")
-    assert result.returncode == 2 and "has no labels" in result.stderr
-    result = run_cli("probe", str(tmp_path / "not-a-run"))
-    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert "has no labels" in error("probe", str(run), "--data", f"imagefolder:{flat}")
+    assert "does not exist" in error("probe", str(tmp_path / "not-a-run"))
     # weights of another architecture under this run's config
     (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("model: vit_micro", "model: vit_tiny"))
-    for record in (run / "checkpoints").glob("step-*/run.json"):  # the checkpoint's own record (C1) wins
+    for record in (run / "checkpoints").glob("step-*/run.json"):  # the checkpoint's own record wins
         record.write_text(record.read_text().replace('"vit_micro"', '"vit_tiny"'))
-    result = run_cli("probe", str(run))
-    assert result.returncode == 2 and "does not fit this model" in result.stderr
+    assert "does not fit this model" in error("probe", str(run))
 
 
 @pytest.mark.parametrize("argv, norm", [([], None), (["--norm"], True), (["--no-norm"], False)])
