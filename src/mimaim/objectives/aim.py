@@ -1,43 +1,26 @@
 """AIM: Scalable Pre-training of Large Autoregressive Image Models (El-Nouby et al., 2401.08541).
 
-Section 3 of the paper, with the trunk as ``apple/ml-aim`` ``aim-v1`` releases it:
+Section 3 of the paper, with the trunk as ``apple/ml-aim`` releases it and training as
+``apple/ml-l3m`` does (docs/methods.md section 5):
 
-* **Trunk** (Sec. 3, "Architecture"): a ViT over *all* patches in raster order, no cls
-  token, fixed 2-D sin-cos positions, LayerNorm right after the patch projection, no bias
-  in any trunk Linear, LayerNorm eps 1e-6, a final LayerNorm.
-* **Prefix-causal attention** (Sec. 3, "Prefix Transformer", Fig. 3): per sample a prefix
-  length S ~ U[1, N-1]; attention is bidirectional inside the first S patches and causal
-  after them (a query sees every prefix key and every key up to itself). The loss covers
-  only the non-prefix patches. Downstream the trunk runs bidirectionally with no mask.
-  ``attention="causal"`` is the ablation of Table 3d: S = 1, i.e. plain causal attention
-  with the loss on every patch after the first.
-* **Objective** (Sec. 3, Eq. 1-2): next-patch regression in raster order. The trunk
-  output at position k predicts patch k+1; the target is per-patch normalised pixels
-  (Table 3a's best) and the loss is their mean squared error.
-* **Head** (Sec. 3, "Prediction heads"; Table 3e/f): a stack of per-token MLP blocks, 12
-  blocks of width 2048 by default, as apple/ml-l3m trains AIM (``heads/simple_decoder.py``
-  ``SimpleDecoder`` with ``configs/aimv1/001_aim_v1_600M.yaml``): a Linear with bias (D ->
-  width), the fixed sin-cos table added *at the head's width*, ``head_depth`` blocks of
-  ``x + LN(x)`` then ``x + MLP(LN(x))`` (l3m's transformer block with its attention replaced by
-  an identity; bias-free MLP, expansion ``head_mlp_ratio``), a LayerNorm and a Linear with bias
-  (width -> p*p*3); LayerNorm eps 1e-5, xavier-uniform Linears with zero biases (``L3MHead``;
-  tests/test_aim.py pins it to a reference written from l3m's code). ``head_style="lightly"``
-  keeps the layout of lightly's ``AIMPredictionHead`` instead (bias-free Linears, one LayerNorm
-  per block, the table added at the trunk's width before the head) for the peer test
-  tests/test_aim_lightly.py.
-* **Masked variant** (Table 5): ``mode="masked"`` keeps everything but the task: the
-  trunk is bidirectional, a random ``mask_ratio`` of patches is replaced by a learned mask
-  token (N(0, 0.02)), and the same head predicts each masked patch's own pixels, with the
-  loss on masked patches only (paper: 70.3 at 50%, 77.8 at 75% vs AR 78.2, attentive).
+* **Trunk**: a ViT over *all* patches in raster order, no cls token, fixed 2-D sin-cos
+  positions, LayerNorm right after the patch projection, no bias in any trunk Linear.
+* **Prefix-causal attention** ("Prefix Transformer", Fig. 3): per sample a prefix length
+  S ~ U[1, N-1]; attention is bidirectional inside the first S patches and causal after
+  them. Downstream the trunk runs bidirectionally. ``attention="causal"`` is Table 3d's
+  ablation, S = 1.
+* **Objective** (Eq. 1-2): the output at position k regresses patch k+1, per-patch
+  normalised pixels (Table 3a), MSE averaged over the non-prefix patches (``forward_loss``).
+* **Head** ("Prediction heads", Table 3e/f): ml-l3m's ``SimpleDecoder`` (``L3MHead``), 12
+  per-token MLP blocks of width 2048; tests/test_aim.py pins it to a reference written from
+  l3m's code.
+* **Masked variant** (Table 5, ``mode="masked"``): a bidirectional trunk, a random
+  ``mask_ratio`` of patches replaced by a learned mask token, the same head predicting each
+  masked patch's own pixels, the loss on masked patches only.
 
-Training recipe (configs/aim_*.yaml, from the same l3m config): AdamW (0.9, 0.95), lr 1e-3,
-weight decay 0.05 except biases, norms and position tables, gradient clipping at 1.0, linear
-warm-up over 2.5% of the iterations then cosine to 0; augmentation ``AIM.augmentation``.
-
-Departures from l3m (docs/methods.md section 5): trunk LayerNorms use eps 1e-6 (ml-aim's
-released trunk; l3m's config sets 1e-5); the warm-up starts at 0, not 1e-6. On CUDA the
-prefix-causal mask runs through ``flex_attention`` with a ``BlockMask``, which computes the
-same function as ml-aim's dense boolean mask (tests/test_aim.py checks it).
+Departures (docs/methods.md section 5): trunk LayerNorm eps 1e-6 (ml-aim's trunk; l3m's
+config sets 1e-5); the warm-up starts at 0. On CUDA the prefix-causal mask runs through
+``flex_attention`` (the same function as ml-aim's dense boolean mask; tests/test_aim.py).
 """
 
 from __future__ import annotations
@@ -49,14 +32,13 @@ import torch
 from torch import nn
 from timm.layers import Mlp
 
-from ..models.layers import (BlockMask, init_weights_xavier, normalized_pixel_targets, patchify, sincos_2d,
-                             unpatchify)
+from ..models.layers import (init_weights_xavier, patch_mask_to_pixels, pixel_targets, predicted_pixels,
+                             sincos_2d)
 from .base import Augmentation, Objective, ProbeProtocol, ObjectiveOutput, register_objective
 
 MODES = ("autoregressive", "masked")
 ATTENTIONS = ("prefix", "causal")
 KERNELS = ("auto", "flex", "sdpa")
-HEAD_STYLES = ("l3m", "lightly")
 
 
 @dataclass
@@ -68,7 +50,6 @@ class AIMOptions:
     head_depth: int = 12
     head_width: int = 2048
     head_mlp_ratio: float = 4.0
-    head_style: str = "l3m"  # l3m (ml-l3m's SimpleDecoder, AIM's training code) | lightly (lightly's head)
     norm_pix_loss: bool = True
     mask_ratio: float = 0.5  # mode=masked only
     attention_kernel: str = "auto"  # auto: flex_attention on CUDA, dense SDPA elsewhere | flex | sdpa
@@ -82,7 +63,6 @@ class AIMOptions:
         choice("mode", MODES)
         choice("attention", ATTENTIONS)
         choice("attention_kernel", KERNELS)
-        choice("head_style", HEAD_STYLES)
         if self.min_prefix < 1:
             raise ValueError(f"aim.min_prefix must be at least 1 (the prefix holds at least one patch), "
                              f"got {self.min_prefix}")
@@ -178,41 +158,6 @@ class L3MHead(nn.Module):
         return self.decoder_pred(self.decoder_norm(x))  # (B, N, out)
 
 
-class MLPHeadBlock(nn.Module):
-    """One block of lightly's ``AIMPredictionHead``: x + MLP(LN(x)), no biases."""
-
-    def __init__(self, dim: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), dim, bias=False)
-
-    def forward(self, x):
-        return x + self.mlp(self.norm(x))
-
-
-class AIMHead(nn.Module):
-    """``head_style="lightly"``: laid out block for block like lightly's ``AIMPredictionHead`` (its peer test).
-
-    A bias-free Linear (D -> width), ``depth`` ``MLPHeadBlock``s, a LayerNorm (eps 1e-6, as our
-    trunk) and a bias-free Linear (width -> out); the sin-cos table is added at the trunk's
-    width before it (``AIM.forward_head``).
-    """
-
-    def __init__(self, in_dim: int, out_dim: int, width: int = 2048, depth: int = 12, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.embed = nn.Linear(in_dim, width, bias=False)
-        self.blocks = nn.ModuleList([MLPHeadBlock(width, mlp_ratio) for _ in range(depth)])
-        self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.pred = nn.Linear(width, out_dim, bias=False)
-        self.apply(init_weights_xavier)
-
-    def forward(self, x):
-        x = self.embed(x)  # (B, N, W)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.pred(self.norm(x))  # (B, N, out)
-
-
 @register_objective
 class AIM(Objective):
     name = "aim"
@@ -252,12 +197,8 @@ class AIM(Objective):
                              f"for {N} patches; lower it")
         p = encoder.patch_size
         out_dim = p * p * encoder.in_chans
-        if options.head_style == "l3m":
-            self.head = L3MHead(encoder.embed_dim, out_dim, encoder.grid_size, options.head_width, options.head_depth,
-                                options.head_mlp_ratio)
-        else:
-            self.head = AIMHead(encoder.embed_dim, out_dim, options.head_width, options.head_depth,
-                                options.head_mlp_ratio)
+        self.head = L3MHead(encoder.embed_dim, out_dim, encoder.grid_size, options.head_width, options.head_depth,
+                            options.head_mlp_ratio)
         self._init_trunk_as_l3m()
         if options.mode == "masked":
             self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
@@ -295,25 +236,10 @@ class AIM(Objective):
             return torch.tensor(1)  # prefix of one patch == plain causal attention
         return torch.randint(self.options.min_prefix, self.max_prefix + 1, (), generator=generator)
 
-    # -- the method's vocabulary ------------------------------------------------------------
-    def patchify(self, images):
-        return patchify(images, self.encoder.patch_size)  # (B, N, p*p*3)
-
-    def unpatchify(self, patches):
-        return unpatchify(patches, self.encoder.patch_size, self.encoder.grid_size, self.encoder.in_chans)
-
-    def target(self, images):
-        target = self.patchify(images)
-        return normalized_pixel_targets(target) if self.options.norm_pix_loss else target
-
-    def use_flex(self, device: torch.device) -> bool:
-        kernel = self.options.attention_kernel
-        return BlockMask is not None and (kernel == "flex" or (kernel == "auto" and device.type == "cuda"))
-
     def attention_mask(self, prefix_len: torch.Tensor):
-        """(B,) prefix lengths -> the trunk's attention mask (flex ``BlockMask`` or dense bool)."""
-        N = self.encoder.num_patches
-        if self.use_flex(prefix_len.device):
+        """(B,) prefix lengths -> the trunk's mask: a flex ``BlockMask`` (``attention_kernel``) or dense bool."""
+        N, kernel = self.encoder.num_patches, self.options.attention_kernel
+        if kernel == "flex" or (kernel == "auto" and prefix_len.device.type == "cuda"):
             if prefix_len.device.type != "cuda" and torch.is_grad_enabled():
                 raise ValueError("aim.attention_kernel=flex trains only on CUDA (torch's flex_attention has no "
                                  "CPU backward); use attention_kernel=auto or sdpa on this device")
@@ -322,51 +248,38 @@ class AIM(Objective):
 
     def forward_trunk(self, images, prefix_len=None, mask=None):
         """-> (B, N, D) after the final norm: prefix-causal with ``prefix_len`` (B,), masked with ``mask``."""
-        if mask is not None:
-            x = self.encoder.embed(images, mask=mask, mask_token=self.mask_token)  # (B, N, D)
-            return self.encoder.forward_tokens(x)
-        x = self.encoder.embed(images)  # (B, N, D)
+        x = self.encoder.embed(images, mask=mask, mask_token=self.mask_token)  # (B, N, D)
         attn_mask = self.attention_mask(prefix_len) if prefix_len is not None else None
         return self.encoder.forward_tokens(x, attn_mask=attn_mask)
 
-    def forward_head(self, features):
-        """Trunk output (B, N, D) -> per-token predictions (B, N, p*p*3).
+    def forward_loss(self, images, pred, mask, shift: int = 1):
+        """AIM's loss (Eq. 2), as ml-l3m's ``RasterPixelLoss.compute_loss``.
 
-        l3m's head adds the sin-cos table itself, at its own width after its projection;
-        the lightly-style head gets the trunk's table added to the features before it.
+        pred (B, N, P): output k regresses patch k + ``shift`` (1: next patch; 0: the masked
+        variant, each patch itself); mask (B, N), 1 = a target patch counted (non-prefix, or
+        masked). The target is per-patch normalised pixels (``norm_pix_loss``); the loss is the
+        MSE per patch averaged over the counted target patches.
         """
-        if self.options.head_style == "l3m":
-            return self.head(features)
-        return self.head(features + self.encoder.pos_embed.to(features.dtype))
-
-    def default_masking(self, images):
-        B, device = images.shape[0], images.device
-        return self.draw_masking(B).to(device)
-
-    def forward_loss(self, images, pred, mask):
-        """Mean over counted patches of the per-patch MSE (mean over p*p*3)."""
-        target = self.target(images)
-        per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (B, N)
-        return (per_patch * mask).sum() / mask.sum().clamp_min(1.0), target
+        target = pixel_targets(images, self.encoder.patch_size, self.options.norm_pix_loss)
+        if shift:
+            pred, target, mask = pred[:, :-shift], target[:, shift:], mask[:, shift:]
+        loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (B, N - shift), per patch
+        return (loss * mask).sum() / mask.sum().clamp_min(1.0)
 
     def forward(self, images, masking=None):
         if masking is None:
-            masking = self.default_masking(images)
+            masking = self.draw_masking(images.shape[0]).to(images.device)
         if self.options.mode == "masked":
             mask = masking.bool()  # (B, N)
-            pred = self.forward_head(self.forward_trunk(images, mask=mask))  # (B, N, P): each patch itself
-            loss_mask = mask.to(pred.dtype)
-            extras = {}
+            pred = self.head(self.forward_trunk(images, mask=mask))  # (B, N, P): each patch itself
+            counted, shift = mask.to(pred.dtype), 0
         else:
             prefix_len = masking.long().reshape(-1)  # (B,)
-            out = self.forward_head(self.forward_trunk(images, prefix_len))  # out[:, k] predicts patch k+1
-            # re-index so pred[:, t] is the prediction *for* patch t (nothing predicts patch 0)
-            pred = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)  # (B, N, P)
-            N = pred.shape[1]
-            loss_mask = (torch.arange(N, device=pred.device)[None] >= prefix_len[:, None]).to(pred.dtype)  # (B, N)
-            extras = {"prefix_len": prefix_len}
-        loss, target = self.forward_loss(images, pred, loss_mask)
-        return ObjectiveOutput(loss=loss, pred=pred, target=target, mask=loss_mask, extras=extras)
+            pred = self.head(self.forward_trunk(images, prefix_len))  # pred[:, k] regresses patch k + 1
+            counted = (torch.arange(pred.shape[1], device=pred.device)[None] >= prefix_len[:, None]).to(pred.dtype)
+            shift = 1
+        loss = self.forward_loss(images, pred, counted, shift)
+        return ObjectiveOutput(loss=loss, pred=pred, mask=counted)
 
     def no_weight_decay(self):
         """l3m's ``wd_exclude`` patterns ``*bias*``, ``*pos_embed*``, ``*norm*``, ``*gamma*`` select here exactly
@@ -383,18 +296,15 @@ class AIM(Objective):
         (teacher forcing, one pass, as in training), shown in raster order.
         """
         out = self(images, masking)
-        pred = out.pred.float()
-        if self.options.norm_pix_loss:
-            # undo the per-patch normalisation with the true patch statistics, as the MAE demo does
-            patches = self.patchify(images).float()
-            pred = pred * (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(dim=-1, keepdim=True)
-        p2c = pred.shape[-1]
-        predicted = self.unpatchify(out.mask.float().unsqueeze(-1).expand(-1, -1, p2c))  # 1 = predicted
+        pred = out.pred
+        if self.options.mode != "masked":  # put the prediction for patch t at t (nothing predicts patch 0)
+            pred = torch.cat([torch.zeros_like(pred[:, :1]), pred[:, :-1]], dim=1)
+        pred = predicted_pixels(pred.float(), images, self.encoder.patch_size, self.options.norm_pix_loss)
+        predicted = patch_mask_to_pixels(out.mask, self.encoder.patch_size, self.encoder.grid_size)  # 1 = predicted
         seen = 1 - predicted
-        reconstruction = self.unpatchify(pred) * predicted
-        pasted = images * seen + reconstruction
+        pasted = images * seen + pred * predicted
         if self.options.mode == "masked":
-            return {"original": images, "masked": images * seen, "reconstruction": self.unpatchify(pred),
+            return {"original": images, "masked": images * seen, "reconstruction": pred,
                     "reconstruction + visible": pasted}
-        return {"original": images, "prefix seen": images * seen, "next-patch predictions": reconstruction,
+        return {"original": images, "prefix seen": images * seen, "next-patch predictions": pred * predicted,
                 "predictions + prefix": pasted}

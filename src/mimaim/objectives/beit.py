@@ -32,6 +32,7 @@ from torch import nn
 
 from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..masking import beit_num_masking_patches, blockwise_mask
+from ..models.layers import patch_mask_to_pixels
 from ..tokenizers import build_tokenizer, id_colours
 from .base import Augmentation, Objective, ProbeProtocol, ObjectiveOutput, register_objective
 
@@ -189,8 +190,7 @@ class BEiT(Objective):
         ids = self.visual_tokens(images)  # (B, N)
         pred = self.lm_head(self.forward_encoder(images, mask)).argmax(-1)  # (B, N)
         filled = torch.where(mask, pred, ids)  # predictions where masked, the true ids elsewhere
-        p = self.encoder.patch_size
-        visible = (~mask).view(B, 1, H, W).float().repeat_interleave(p, 2).repeat_interleave(p, 3)
+        visible = patch_mask_to_pixels((~mask).float(), self.encoder.patch_size, (H, W))
         size = images.shape[-2:]
         columns = {"original": images, "masked": images * visible}
         tok = self.tokenizer

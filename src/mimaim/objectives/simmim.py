@@ -46,6 +46,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from ..masking import check_simmim_mask_sizes, simmim_mask
+from ..models.layers import patch_mask_to_pixels
 from .base import Augmentation, Objective, ProbeProtocol, ObjectiveOutput, register_objective
 
 VIT_FLAVOURS = ("beit", "plain")
@@ -143,18 +144,12 @@ class SimMIM(Objective):
         B, L, C = x.shape
         return x.transpose(1, 2).reshape(B, C, *self.out_grid)
 
-    def forward_decoder(self, z):
-        """(B, C, h, w) -> (B, 3, h * stride, w * stride) predicted pixels."""
-        return self.decoder(z)
-
     def pixel_mask(self, mask):
         """(B, N) token mask -> (B, 1, H, W) pixel mask (1 = masked)."""
-        p = self.encoder.patch_size
-        h, w = self.encoder.grid_size
-        return mask.reshape(-1, h, w).repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1)
+        return patch_mask_to_pixels(mask, self.encoder.patch_size, self.encoder.grid_size)
 
     def forward_loss(self, images, pred, mask):
-        """L1 over masked pixels: sum / (#masked pixels + 1e-5) / channels (models/simmim.py)."""
+        """SimMIM's loss (models/simmim.py): L1 over masked pixels, sum / (#masked pixels + 1e-5) / channels."""
         pixel_mask = self.pixel_mask(mask).to(torch.float32)
         per_pixel = F.l1_loss(pred.float(), images.float(), reduction="none")  # (B, 3, H, W)
         return (per_pixel * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / self.encoder.in_chans
@@ -163,7 +158,7 @@ class SimMIM(Objective):
         if masking is None:
             masking = self.draw_masking(images.shape[0]).to(images.device)
         mask = masking.bool()
-        pred = self.forward_decoder(self.forward_encoder(images, mask))
+        pred = self.decoder(self.forward_encoder(images, mask))  # (B, 3, H, W)
         loss = self.forward_loss(images, pred, mask)
         return ObjectiveOutput(loss=loss, pred=pred, target=images, mask=mask.to(images.dtype))
 
