@@ -1,19 +1,11 @@
 """Frozen-encoder features for probes, extracted once and cached.
 
 Features come from the backbone contract alone (``forward_features`` and timm's
-``forward_intermediates``), so every objective's encoder is probed the same way. What is
-read follows a *probe protocol* (``ProbeProtocol`` in ``objectives/base.py``: each
-objective declares the one its official evaluation uses, docs/methods.md sec. 7):
-
-* ``layers=None``: the last block, after the final LayerNorm when ``norm`` (MAE, BEiT,
-  SimMIM), without it otherwise;
-* ``layers=[i, j, ...]``: the average of those blocks' outputs (stages for a Swin), each
-  after the final LayerNorm when ``norm``, raw otherwise (AIM: the last 6 blocks, raw, as
-  ml-aim's ``AverageLayers``; ``-1`` = last block). No block after the last one runs.
-
-``pool="cls"`` reads the cls token, ``pool="mean"`` the mean of the patch tokens (prefix
-tokens left out). ``tokens`` keeps every token (for the attentive probe), stored in
-bfloat16 to halve the cache. The trunk runs with bidirectional attention and no masking.
+``forward_intermediates``), following each objective's *probe protocol* (``ProbeProtocol``,
+docs/methods.md sec. 7): ``layers=None`` reads the last block, ``layers=[i, j, ...]`` averages
+those blocks (stages for a Swin; AIM: the last 6, as ml-aim's ``AverageLayers``), each after
+the final LayerNorm when ``norm``; no later block runs. ``pool`` reads the cls token or the
+mean of the patch tokens; ``tokens`` keeps every token (attentive probe) in bfloat16.
 """
 
 from __future__ import annotations
@@ -69,7 +61,7 @@ def extract_features(backbone, source: Source, img_size: int, layers: Sequence[i
     transform = eval_transform(img_size)
     backbone = backbone.to(device).eval()
     pooled, tokens, labels = [], [], []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for start in tqdm(range(0, len(source), batch_size), desc=desc, disable=not progress, unit="batch"):
         batch, batch_labels = [], []
         for i in range(start, min(start + batch_size, len(source))):

@@ -55,10 +55,7 @@ def unpatchify(patches: torch.Tensor, patch_size: int, grid_size: tuple[int, int
 
 
 def normalized_pixel_targets(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Per-patch normalised pixels (MAE ``norm_pix_loss``, AIM's target): (B, N, P) -> (B, N, P).
-
-    Mean and *unbiased* variance over each patch's P values, as the official ``var(dim=-1)``.
-    """
+    """Per-patch normalised pixels (B, N, P): mean and *unbiased* variance over each patch, as MAE's ``var(dim=-1)``."""
     mean = patches.mean(dim=-1, keepdim=True)
     var = patches.var(dim=-1, keepdim=True)
     return (patches - mean) / (var + eps) ** 0.5
@@ -71,11 +68,8 @@ def pixel_targets(images: torch.Tensor, patch_size: int, norm_pix: bool = True) 
 
 
 def predicted_pixels(pred: torch.Tensor, images: torch.Tensor, patch_size: int, norm_pix: bool = True) -> torch.Tensor:
-    """Predicted patches (B, N, p*p*C) -> pixels (B, C, H, W) laid out as ``images``.
-
-    Normalised predictions (``norm_pix``) get each true patch's mean and spread back, as the
-    MAE demo draws them.
-    """
+    """Predicted patches (B, N, p*p*C) -> pixels (B, C, H, W) laid out as ``images``; normalised
+    predictions (``norm_pix``) get each true patch's mean and spread back, as the MAE demo draws them."""
     if norm_pix:
         patches = patchify(images, patch_size).float()
         pred = pred * (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(dim=-1, keepdim=True)
@@ -101,20 +95,14 @@ def patch_mask_to_pixels(mask: torch.Tensor, patch_size: int, grid_size: tuple[i
 # --------------------------------------------------------------------------- sin-cos
 def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
     """(M,) positions -> (M, embed_dim) as [sin(pos*omega), cos(pos*omega)], not interleaved."""
-    if embed_dim % 2:
-        raise ValueError(f"sin-cos embedding needs an even width, got {embed_dim}")
     omega = 1.0 / 10000 ** (torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0))
     out = positions.reshape(-1).to(torch.float64)[:, None] * omega[None, :]  # (M, D/2)
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
 
 def sincos_2d(embed_dim: int, grid_size: int | tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
-    """Fixed 2-D sin-cos table, (num_prefix_tokens + h*w, embed_dim), float32.
-
-    Follows MAE's ``get_2d_sincos_pos_embed``: the grid comes from ``meshgrid(w, h)``, so
-    the first D/2 channels carry the *column* index and the second D/2 the row index.
-    Prefix tokens (cls) get all-zero rows.
-    """
+    """Fixed 2-D sin-cos table (num_prefix_tokens + h*w, embed_dim), float32, as MAE's ``get_2d_sincos_pos_embed``:
+    the first D/2 channels carry the *column* index (``meshgrid(w, h)``), the second the row; prefix rows are 0."""
     if embed_dim % 4:
         raise ValueError(f"2-D sin-cos embedding needs a width divisible by 4, got {embed_dim}")
     h, w = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
@@ -132,10 +120,8 @@ def num_relative_distance(grid_size: tuple[int, int]) -> int:
 
 
 def relative_position_index(grid_size: tuple[int, int]) -> torch.Tensor:
-    """BEiT's (N+1, N+1) index into a relative position bias table over a (h, w) grid plus cls.
-
-    One table row per relative offset, then cls->token, token->cls and cls->cls.
-    """
+    """BEiT's (N+1, N+1) index into a bias table over a (h, w) grid plus cls: one row per relative
+    offset, then cls->token, token->cls and cls->cls."""
     h, w = grid_size
     rows = num_relative_distance(grid_size)
     coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)  # (2, N)
@@ -158,10 +144,8 @@ def gather_relative_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tens
 
 
 class RelativePositionBias(nn.Module):
-    """BEiT's relative position bias over a (h, w) patch grid plus cls, shared by all blocks.
-
-    Fine-tuning copies it into one table per block (``Attention(rel_pos_grid=...)``).
-    """
+    """BEiT's relative position bias over a (h, w) patch grid plus cls, shared by all blocks (fine-tuning
+    copies it into one table per block, ``Attention(rel_pos_grid=...)``)."""
 
     def __init__(self, grid_size: tuple[int, int], num_heads: int):
         super().__init__()
@@ -176,12 +160,10 @@ class RelativePositionBias(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention through ``F.scaled_dot_product_attention``.
 
-    ``qkv_bias`` is "all" (q, k and v biased, as MAE/ViT), "qv" (BEiT: k bias fixed at zero)
-    or "none" (AIM). ``attn_mask``: boolean (True = may attend) or additive, broadcastable to
-    (B, heads, T, T), or a flex-attention ``BlockMask`` (AIM's prefix-causal mask on CUDA).
-    ``rel_pos_bias``: an additive (heads, T, T) bias. ``rel_pos_grid`` (h, w): the block owns
-    a relative position bias table over that grid plus cls (BEiT's per-block mode, official
-    names ``blocks.i.attn.relative_position_bias_table``), added to any ``rel_pos_bias``.
+    ``qkv_bias``: "all" (MAE/ViT), "qv" (BEiT: k bias fixed at zero) or "none" (AIM). ``attn_mask``:
+    boolean (True = may attend) or additive, or a flex-attention ``BlockMask`` (AIM on CUDA).
+    ``rel_pos_bias``: an additive (heads, T, T) bias, plus the block's own table over ``rel_pos_grid``
+    and cls when given (BEiT's per-block mode, named ``blocks.i.attn.relative_position_bias_table``).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: str = "all", proj_bias: bool = True,

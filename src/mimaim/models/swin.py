@@ -1,22 +1,12 @@
-"""Swin Transformer behind the backbone contract: an adapter over timm's ``SwinTransformer``.
+"""Swin Transformer (Liu et al., 2103.14030), SimMIM's second backbone: timm's ``SwinTransformer``
+behind the backbone contract of ``vit.py``.
 
-Swin (Liu et al., 2103.14030) is SimMIM's second backbone (SimMIM section 4.1; official
-``SwinTransformerForSimMIM``). The network is timm's; this file adds the contract that
-objectives and probes use (see ``vit.py``):
-
-* ``embed(images, mask, mask_token) -> (B, N, C0)``: patch conv **and its LayerNorm**, then
-  masked patches replaced by the mask token (SimMIM and HF's ``SwinEmbeddings`` put it
-  *after* the patch norm).
-* ``forward_tokens(tokens) -> (B, N_final, C)``: the four stages and the final norm, tokens
-  flattened in raster order over the final (H/32, W/32) grid; ``num_prefix_tokens = 0``.
-* ``forward_intermediates``: timm's own (``indices`` count the 4 stages), plus
-  ``output_fmt="NLC"`` and ``return_prefix_tokens`` (no prefix tokens) as the ViT's.
-
-``embed_dim`` is the first stage's width (the mask token's), ``num_features`` the last's.
-Window sizes must fit the image the way the official Swin requires (it has no padding): at
-every stage the token grid is either no larger than the window (then the window shrinks to
-the grid and is not shifted, in timm, HF and the official code alike) or a multiple of it.
-timm and HF would pad instead; we stop at construction with a message naming the fix.
+``embed`` applies the patch conv **and its LayerNorm**, then the mask token (SimMIM and HF put
+it after the patch norm); ``forward_tokens`` returns the final (H/32, W/32) grid's tokens in
+raster order (no prefix tokens); ``forward_intermediates`` is timm's (``indices`` count the 4
+stages). ``embed_dim`` is the first stage's width (the mask token's), ``num_features`` the last's.
+The window must fit every stage as the official Swin requires (it has no padding): each stage's
+grid is no larger than the window (which then shrinks and is not shifted) or a multiple of it.
 """
 
 from __future__ import annotations
@@ -31,11 +21,6 @@ from .layers import fill_masked
 from .registry import register_model
 
 
-def swin_stage_grids(img_size: int, patch_size: int, num_stages: int) -> list[int]:
-    """Token-grid side of each stage: img_size / patch_size, halved by each patch merging."""
-    return [img_size // patch_size // 2 ** i for i in range(num_stages)]
-
-
 def check_swin_sizes(img_size: int, patch_size: int, window_size: int, num_stages: int, name: str = "swin") -> None:
     """Raise ValueError unless the image tiles into whole stages and every stage fits the window."""
     stride = patch_size * 2 ** (num_stages - 1)
@@ -45,7 +30,7 @@ def check_swin_sizes(img_size: int, patch_size: int, window_size: int, num_stage
                          f"--img-size as a multiple of {stride}, e.g. {stride}, {2 * stride} or {7 * stride}")
     if window_size < 1:
         raise ValueError(f"{name}: window_size must be at least 1, got {window_size}")
-    grids = swin_stage_grids(img_size, patch_size, num_stages)
+    grids = [img_size // patch_size // 2 ** i for i in range(num_stages)]  # halved by each patch merging
     bad = [g for g in grids if g > window_size and g % window_size]
     if bad:
         fits = [w for w in range(1, grids[0] + 1) if all(g <= w or g % w == 0 for g in grids)]

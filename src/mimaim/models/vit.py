@@ -1,23 +1,16 @@
 """The Vision Transformer every ViT-based objective and probe shares.
 
-One class covers the flavours the four papers use, chosen by constructor arguments:
+One class covers the papers' flavours, chosen by constructor arguments: MAE (cls token,
+fixed 2-D sin-cos table, biased q/k/v, xavier init); BEiT / SimMIM-ViT (no absolute table,
+a relative position bias shared by all blocks, or one per block for fine-tuning as BEiT's
+``run_class_finetuning.py``, layer scale, q/v-only bias, trunc-normal init); AIM (no cls
+token, LayerNorm after the patch projection, no bias in any trunk Linear).
 
-* MAE: cls token, fixed 2-D sin-cos position table, biased q/k/v, xavier init.
-* BEiT / SimMIM-ViT: cls token, no absolute position table, a shared relative position
-  bias (``rel_pos_bias="shared"``; fine-tuning copies it into one table per block,
-  ``"per_block"``, as BEiT's ``run_class_finetuning.py`` does), layer scale, q/v-only bias.
-* AIM: no cls token, sin-cos table, LayerNorm after the patch projection, no bias in
-  any trunk Linear.
-
-The backbone contract (shared with the Swin adapter, see ``models/__init__.py``):
-
-* ``embed(images, mask=None, mask_token=None) -> (B, N, D)``: patch tokens plus absolute
-  positions; patches where ``mask`` is True are first replaced by ``mask_token`` (SimMIM, BEiT).
-* ``forward_tokens(tokens, attn_mask=None, norm=True) -> (B, T, D)``: prepends the prefix
-  tokens (cls), runs the blocks and the final norm. MAE passes only its visible tokens.
-* ``forward_features(images) -> (B, T, D)``: the unmasked path.
-* ``forward_intermediates``: timm's ``VisionTransformer.forward_intermediates``, the one way
-  to read block outputs (probes).
+The backbone contract (shared with the Swin adapter): ``embed(images, mask, mask_token)``
+(patch tokens plus absolute positions, masked patches first replaced by ``mask_token``),
+``forward_tokens(tokens, attn_mask, norm)`` (prefix tokens, the blocks, the final norm; MAE
+passes only its visible tokens), ``forward_features(images)`` (the unmasked path), and
+timm's ``forward_intermediates``, the one way to read block outputs (probes).
 """
 
 from __future__ import annotations
@@ -59,11 +52,10 @@ class VisionTransformer(nn.Module):
                              f"choose --img-size as a multiple of --patch-size")
         if pos_embed not in ("sincos", "learned", "none"):
             raise ValueError(f"pos_embed must be one of sincos, learned, none; got {pos_embed!r}")
-        modes = {False: "none", None: "none", True: "shared", "none": "none", "shared": "shared",
-                 "per_block": "per_block"}
-        if not isinstance(rel_pos_bias, (bool, str, type(None))) or rel_pos_bias not in modes:
+        mode = {False: "none", None: "none", True: "shared"}.get(rel_pos_bias, rel_pos_bias)
+        if mode not in ("none", "shared", "per_block"):
             raise ValueError(f"rel_pos_bias must be one of none, shared, per_block (or a bool); got {rel_pos_bias!r}")
-        self.rel_pos_bias_mode = modes[rel_pos_bias]
+        self.rel_pos_bias_mode = mode
         self.img_size = img_size
         self.patch_size = patch_size
         self.in_chans = in_chans
@@ -88,9 +80,8 @@ class VisionTransformer(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.num_patches, embed_dim))
         else:
             self.pos_embed = None
-        shared = self.rel_pos_bias_mode == "shared"
-        self.rel_pos_bias = RelativePositionBias(self.grid_size, num_heads) if shared else None
-        per_block = self.grid_size if self.rel_pos_bias_mode == "per_block" else None
+        self.rel_pos_bias = RelativePositionBias(self.grid_size, num_heads) if mode == "shared" else None
+        per_block = self.grid_size if mode == "per_block" else None
 
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([
@@ -101,7 +92,6 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.init_weights(weight_init)
 
-    # ------------------------------------------------------------------ init
     def init_weights(self, mode: str = "xavier") -> None:
         if mode == "xavier":
             self.apply(init_weights_xavier)
@@ -140,14 +130,10 @@ class VisionTransformer(nn.Module):
             names.add("rel_pos_bias.relative_position_bias_table")
         return names
 
-    # ------------------------------------------------------------------ contract
     def embed(self, images: torch.Tensor, mask: torch.Tensor | None = None,
               mask_token: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, H, W) -> (B, N, D) patch tokens plus absolute positions (no prefix tokens).
-
-        ``mask`` (B, N) bool: True patches are replaced by ``mask_token`` (1, 1, D) before
-        the position table is added, as BEiT and SimMIM do.
-        """
+        """(B, C, H, W) -> (B, N, D) patch tokens plus absolute positions (no prefix tokens); ``mask`` (B, N)
+        True patches are replaced by ``mask_token`` (1, 1, D) before the positions, as BEiT and SimMIM do."""
         x = fill_masked(self.patch_norm(self.patch_embed(images)), mask, mask_token)  # (B, N, D)
         if self.pos_embed is not None:
             x = x + self.pos_embed[:, self.num_prefix_tokens:]

@@ -3,12 +3,10 @@
 Section 3 of the paper, with the trunk as ``apple/ml-aim`` releases it and training as
 ``apple/ml-l3m`` does (docs/methods.md section 5):
 
-* **Trunk**: a ViT over *all* patches in raster order, no cls token, fixed 2-D sin-cos
-  positions, LayerNorm right after the patch projection, no bias in any trunk Linear.
-* **Prefix-causal attention** ("Prefix Transformer", Fig. 3): per sample a prefix length
-  S ~ U[1, N-1]; attention is bidirectional inside the first S patches and causal after
-  them. Downstream the trunk runs bidirectionally. ``attention="causal"`` is Table 3d's
-  ablation, S = 1.
+* **Trunk**: a ViT over *all* patches in raster order, no cls token, fixed sin-cos positions,
+  LayerNorm after the patch projection, no bias in any trunk Linear.
+* **Prefix-causal attention** (Fig. 3): per sample a prefix length S ~ U[1, N-1], bidirectional
+  attention inside it, causal after it; bidirectional downstream. ``attention="causal"``: S = 1.
 * **Objective** (Eq. 1-2): the output at position k regresses patch k+1, per-patch
   normalised pixels (Table 3a), MSE averaged over the non-prefix patches (``forward_loss``).
 * **Head** ("Prediction heads", Table 3e/f): ml-l3m's ``SimpleDecoder`` (``L3MHead``), 12
@@ -31,14 +29,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from timm.layers import Mlp
+from torch.nn.attention.flex_attention import create_block_mask
 
 from ..models.layers import (init_weights_xavier, patch_mask_to_pixels, pixel_targets, predicted_pixels,
                              sincos_2d)
-from .base import Augmentation, Objective, ProbeProtocol, ObjectiveOutput, register_objective
-
-MODES = ("autoregressive", "masked")
-ATTENTIONS = ("prefix", "causal")
-KERNELS = ("auto", "flex", "sdpa")
+from .base import (Augmentation, Objective, ObjectiveOutput, ProbeProtocol, check_choice, masked_columns,
+                   register_objective)
 
 
 @dataclass
@@ -55,14 +51,9 @@ class AIMOptions:
     attention_kernel: str = "auto"  # auto: flex_attention on CUDA, dense SDPA elsewhere | flex | sdpa
 
     def validate(self):
-        def choice(name, allowed):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"aim.{name}: unknown value {value!r}; choose one of {', '.join(allowed)}")
-
-        choice("mode", MODES)
-        choice("attention", ATTENTIONS)
-        choice("attention_kernel", KERNELS)
+        check_choice("aim", "mode", self.mode, ("autoregressive", "masked"))
+        check_choice("aim", "attention", self.attention, ("prefix", "causal"))
+        check_choice("aim", "attention_kernel", self.attention_kernel, ("auto", "flex", "sdpa"))
         if self.min_prefix < 1:
             raise ValueError(f"aim.min_prefix must be at least 1 (the prefix holds at least one patch), "
                              f"got {self.min_prefix}")
@@ -99,8 +90,6 @@ def prefix_causal_mask(prefix_len: torch.Tensor, num_tokens: int) -> torch.Tenso
 
 def prefix_causal_block_mask(prefix_len: torch.Tensor, num_tokens: int):
     """The same mask as a flex-attention ``BlockMask`` (fully masked tiles are skipped on CUDA)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) | (kv_idx < prefix_len[b])
 
@@ -109,11 +98,7 @@ def prefix_causal_block_mask(prefix_len: torch.Tensor, num_tokens: int):
 
 
 class L3MHeadBlock(nn.Module):
-    """One block of ml-l3m's AIM head: l3m's transformer ``Block`` with an identity in place of attention.
-
-    ``x = x + norm_1(x)`` (the attention branch, ``GenericIdentity`` applied to the normed
-    input), then ``x = x + mlp(norm_2(x))`` with a bias-free MLP. Parameter names as l3m's.
-    """
+    """l3m's transformer ``Block`` with ``GenericIdentity`` as attention: x + norm_1(x), then x + mlp(norm_2(x))."""
 
     def __init__(self, dim: int, mlp_ratio: float = 4.0, eps: float = 1e-5):
         super().__init__()
@@ -127,14 +112,11 @@ class L3MHeadBlock(nn.Module):
 
 
 class L3MHead(nn.Module):
-    """AIM's prediction head as ml-l3m defines it (``heads/simple_decoder.py`` ``SimpleDecoder`` with the
-    ``configs/aimv1`` settings): (B, N, D) trunk output -> (B, N, out).
+    """AIM's head as ml-l3m's ``SimpleDecoder`` (``configs/aimv1``): (B, N, D) trunk output -> (B, N, out).
 
-    ``decoder_projection`` Linear(D -> width, with bias); plus the fixed 2-D sin-cos table at
-    the head's width; ``depth`` ``L3MHeadBlock``s; ``decoder_norm``; ``decoder_pred``
-    Linear(width -> out, with bias). LayerNorm eps 1e-5. Every Linear is xavier-uniform with
-    zero bias: l3m first draws ``decoder_pred`` fan-in depth-scaled, then its ``apply(_init_weights)``
-    pass re-draws every Linear, that one included, as xavier-uniform.
+    A Linear with bias to the head's width, the fixed sin-cos table added at that width,
+    ``depth`` bias-free MLP blocks, a LayerNorm (eps 1e-5 throughout) and a Linear with bias.
+    Every Linear ends xavier-uniform with zero bias, as after l3m's ``apply(_init_weights)``.
     """
 
     def __init__(self, in_dim: int, out_dim: int, grid_size: tuple[int, int], width: int = 2048, depth: int = 12,
@@ -168,7 +150,8 @@ class AIM(Objective):
                                 jitter_first=False, interpolation="bicubic")
     #: ml-aim AverageLayers: mean of the last 6 blocks, no final norm
     probe_protocol = ProbeProtocol(pool="mean", layers=(-6, -5, -4, -3, -2, -1), norm=False,
-                                   source="AIM paper sec. 4 / apple/ml-aim AverageLayers (last 6 blocks, no final norm)")
+                                   source="AIM paper sec. 4 / apple/ml-aim AverageLayers "
+                                          "(last 6 blocks, no final norm)")
     #: ``recipe: quick``: a small head so the built-in run takes minutes on a CPU; width 128 takes 0.76x
     #: the step time of width 256 (benchmarks/bench_quick_options.py)
     quick_options = {"head_depth": 2, "head_width": 128}
@@ -186,8 +169,8 @@ class AIM(Objective):
         super().__init__(encoder, options)
         N = encoder.num_patches
         if N < 2:
-            raise ValueError(f"AIM needs at least 2 patches to predict a next one; got {N} "
-                             f"(img_size {encoder.img_size}, patch_size {encoder.patch_size}); use a smaller --patch-size")
+            raise ValueError(f"AIM needs at least 2 patches to predict a next one; got {N} (img_size "
+                             f"{encoder.img_size}, patch_size {encoder.patch_size}); use a smaller --patch-size")
         self.max_prefix = options.max_prefix or N - 1
         if self.max_prefix > N - 1:
             raise ValueError(f"aim.max_prefix {options.max_prefix} leaves nothing to predict: the image has "
@@ -195,26 +178,20 @@ class AIM(Objective):
         if options.min_prefix > self.max_prefix:
             raise ValueError(f"aim.min_prefix {options.min_prefix} exceeds the largest prefix {self.max_prefix} "
                              f"for {N} patches; lower it")
-        p = encoder.patch_size
-        out_dim = p * p * encoder.in_chans
+        out_dim = encoder.patch_size ** 2 * encoder.in_chans
         self.head = L3MHead(encoder.embed_dim, out_dim, encoder.grid_size, options.head_width, options.head_depth,
                             options.head_mlp_ratio)
         self._init_trunk_as_l3m()
+        self.mask_token = None
         if options.mode == "masked":
             self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
             nn.init.normal_(self.mask_token, std=0.02)
-        else:
-            self.mask_token = None
 
     @torch.no_grad()
     def _init_trunk_as_l3m(self):
-        """The two places where l3m's trunk initialisation differs from our shared xavier init.
-
-        l3m's attention has separate q, k and v Linears, each xavier-uniform over (D, D); our
-        fused qkv is drawn the same way one third at a time (a fused (3D, D) xavier draw is
-        narrower). l3m's ``ViTPreprocessor`` re-draws only the patch conv's weight, so the
-        conv bias keeps PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-        """
+        """Where l3m's trunk init differs from the shared xavier init: separate q, k, v Linears, each
+        xavier over (D, D) (drawn here a third of the fused qkv at a time), and the patch conv's bias
+        left at PyTorch's default U(+-1/sqrt(fan_in)) (l3m re-draws only its weight)."""
         for blk in self.encoder.blocks:
             for part in blk.attn.qkv.weight.chunk(3, dim=0):
                 nn.init.xavier_uniform_(part)
@@ -223,7 +200,6 @@ class AIM(Objective):
             bound = 1.0 / math.sqrt(conv.weight[0].numel())
             nn.init.uniform_(conv.bias, -bound, bound)
 
-    # -- masking, drawn per sample in the data pipeline -----------------------------------
     def sample_masking(self, generator):
         """Autoregressive: the prefix length S, a scalar long tensor. Masked: a (N,) bool mask."""
         N = self.encoder.num_patches
@@ -253,13 +229,9 @@ class AIM(Objective):
         return self.encoder.forward_tokens(x, attn_mask=attn_mask)
 
     def forward_loss(self, images, pred, mask, shift: int = 1):
-        """AIM's loss (Eq. 2), as ml-l3m's ``RasterPixelLoss.compute_loss``.
-
-        pred (B, N, P): output k regresses patch k + ``shift`` (1: next patch; 0: the masked
-        variant, each patch itself); mask (B, N), 1 = a target patch counted (non-prefix, or
-        masked). The target is per-patch normalised pixels (``norm_pix_loss``); the loss is the
-        MSE per patch averaged over the counted target patches.
-        """
+        """AIM's loss (Eq. 2), as ml-l3m's ``RasterPixelLoss.compute_loss``: output k of pred (B, N, P)
+        regresses patch k + ``shift`` (0: the masked variant's own patch) of the per-patch normalised pixels;
+        the MSE per patch is averaged over the target patches counted in mask (B, N) (non-prefix, or masked)."""
         target = pixel_targets(images, self.encoder.patch_size, self.options.norm_pix_loss)
         if shift:
             pred, target, mask = pred[:, :-shift], target[:, shift:], mask[:, shift:]
@@ -267,8 +239,7 @@ class AIM(Objective):
         return (loss * mask).sum() / mask.sum().clamp_min(1.0)
 
     def forward(self, images, masking=None):
-        if masking is None:
-            masking = self.draw_masking(images.shape[0]).to(images.device)
+        masking = self.masking_or_draw(images, masking)
         if self.options.mode == "masked":
             mask = masking.bool()  # (B, N)
             pred = self.head(self.forward_trunk(images, mask=mask))  # (B, N, P): each patch itself
@@ -282,29 +253,22 @@ class AIM(Objective):
         return ObjectiveOutput(loss=loss, pred=pred, mask=counted)
 
     def no_weight_decay(self):
-        """l3m's ``wd_exclude`` patterns ``*bias*``, ``*pos_embed*``, ``*norm*``, ``*gamma*`` select here exactly
-        the biases and LayerNorm weights the optimiser leaves undecayed anyway (the position tables are
-        frozen); nothing else is excluded, so the masked variant's mask token is decayed as a 2-D
-        parameter under those patterns would be (docs/methods.md section 5)."""
+        """None: l3m's ``wd_exclude`` patterns (``*bias*``, ``*pos_embed*``, ``*norm*``, ``*gamma*``) select
+        here only 1-D parameters, undecayed anyway; the mask token is decayed (docs/methods.md section 5)."""
         return set()
 
     @torch.no_grad()
     def reconstruct(self, images, masking=None):
-        """Columns: the image, what the trunk was given, the predictions, predictions pasted in.
-
-        Autoregressive: each non-prefix patch is predicted from the true patches before it
-        (teacher forcing, one pass, as in training), shown in raster order.
-        """
+        """Columns: the image, what the trunk was given, the predictions, predictions pasted in; each
+        non-prefix patch predicted from the true patches before it (teacher forcing, as in training)."""
         out = self(images, masking)
         pred = out.pred
         if self.options.mode != "masked":  # put the prediction for patch t at t (nothing predicts patch 0)
             pred = torch.cat([torch.zeros_like(pred[:, :1]), pred[:, :-1]], dim=1)
         pred = predicted_pixels(pred.float(), images, self.encoder.patch_size, self.options.norm_pix_loss)
         predicted = patch_mask_to_pixels(out.mask, self.encoder.patch_size, self.encoder.grid_size)  # 1 = predicted
-        seen = 1 - predicted
-        pasted = images * seen + pred * predicted
         if self.options.mode == "masked":
-            return {"original": images, "masked": images * seen, "reconstruction": pred,
-                    "reconstruction + visible": pasted}
+            return masked_columns(images, pred, 1 - predicted)
+        seen = 1 - predicted
         return {"original": images, "prefix seen": images * seen, "next-patch predictions": pred * predicted,
-                "predictions + prefix": pasted}
+                "predictions + prefix": images * seen + pred * predicted}

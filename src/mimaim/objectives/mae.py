@@ -2,13 +2,11 @@
 
 Section 3 of the paper, as ``facebookresearch/mae`` ``models_mae.py`` implements it:
 
-* the encoder (ViT with cls token and frozen 2-D sin-cos positions) sees only the
-  visible patches, 25% of them by default, chosen per sample by argsort of uniform noise;
-* a lightweight decoder (8 blocks, width 512, 16 heads) gets the encoded visible tokens
-  plus a shared, learned mask token at every removed position, with its own frozen
-  sin-cos table;
-* it predicts each patch's pixels, per-patch normalised by default (``norm_pix_loss``),
-  and the loss is the mean squared error over removed patches only.
+* the encoder (cls token, frozen 2-D sin-cos positions) sees only the visible patches, 25%
+  by default, chosen per sample by argsort of uniform noise;
+* a lightweight decoder (8 blocks, width 512) gets them plus a learned mask token at every
+  removed position and predicts each patch's pixels, per-patch normalised (``norm_pix_loss``);
+* the loss is the mean squared error over removed patches only (``forward_loss``).
 """
 
 from __future__ import annotations
@@ -19,8 +17,9 @@ import torch
 from torch import nn
 
 from ..masking import mae_noise, random_masking, unshuffle
-from ..models.layers import Block, init_weights_xavier, patch_mask_to_pixels, pixel_targets, predicted_pixels, sincos_2d
-from .base import Augmentation, Objective, ProbeProtocol, ObjectiveOutput, register_objective
+from ..models.layers import (Block, init_weights_xavier, patch_mask_to_pixels, pixel_targets, predicted_pixels,
+                             sincos_2d)
+from .base import Augmentation, Objective, ObjectiveOutput, ProbeProtocol, masked_columns, register_objective
 
 
 @dataclass
@@ -106,19 +105,13 @@ class MAE(Objective):
         return ObjectiveOutput(loss=self.forward_loss(images, pred, mask), pred=pred, mask=mask)
 
     def no_weight_decay(self):
-        """No names: MAE's ``main_pretrain.py`` builds its groups with timm's ``add_weight_decay`` and no
-        skip list, so only 1-D parameters and biases escape decay; the cls and mask tokens are decayed
-        (docs/methods.md section 2). The sin-cos tables are frozen and never reach the optimiser."""
+        """None: ``main_pretrain.py`` uses timm's ``add_weight_decay`` without a skip list, so the cls and
+        mask tokens are decayed (docs/methods.md section 2); the sin-cos tables are frozen."""
         return set()
 
     @torch.no_grad()
     def reconstruct(self, images, masking=None):
         out = self(images, masking)
         reconstruction = predicted_pixels(out.pred.float(), images, self.encoder.patch_size, self.options.norm_pix_loss)
-        visible = 1 - patch_mask_to_pixels(out.mask, self.encoder.patch_size, self.encoder.grid_size)
-        return {
-            "original": images,
-            "masked": images * visible,
-            "reconstruction": reconstruction,
-            "reconstruction + visible": images * visible + reconstruction * (1 - visible),
-        }
+        return masked_columns(images, reconstruction,
+                              1 - patch_mask_to_pixels(out.mask, self.encoder.patch_size, self.encoder.grid_size))
