@@ -99,6 +99,7 @@ def test_loss_is_next_patch_mse_on_non_prefix_patches_only():
         terms = [((head_out[b, t - 1] - target[b, t]) ** 2).mean() for b in range(3) for t in range(S[b], N)]
         expected = torch.stack(terms).mean()
     torch.testing.assert_close(out.loss, expected)
+    torch.testing.assert_close(out.target, target)
     torch.testing.assert_close(out.pred, head_out)
     # target is the per-patch normalised pixels (unbiased variance, eps 1e-6)
     patches = patchify(x, 4)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mimaim.masking import mae_noise, random_masking, unshuffle
-from mimaim.models.layers import normalized_pixel_targets, patchify, pixel_targets, sincos_2d, unpatchify
+from mimaim.models.layers import normalized_pixel_targets, patchify, sincos_2d, unpatchify
 from mimaim.objectives import build_objective
 
 SMALL = {"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2}
@@ -79,13 +79,13 @@ def test_loss_counts_only_removed_patches():
     out = mae(images, masking=noise)
     visible = (out.mask == 0)[..., None]
     changed = out.pred + 5.0 * visible  # change predictions on visible patches only
-    loss_changed = mae.forward_loss(images, changed, out.mask)
+    loss_changed, _ = mae.forward_loss(images, changed, out.mask)
     torch.testing.assert_close(loss_changed, out.loss, atol=0, rtol=0)
     # ... while changing a removed patch's prediction does change it
-    loss_masked = mae.forward_loss(images, out.pred + 5.0 * (~visible), out.mask)
+    loss_masked, _ = mae.forward_loss(images, out.pred + 5.0 * (~visible), out.mask)
     assert loss_masked > out.loss + 1
     # and the value is the mean over removed patches of the per-patch MSE
-    per_patch = ((out.pred - pixel_targets(images, 4)) ** 2).mean(-1)
+    per_patch = ((out.pred - out.target) ** 2).mean(-1)
     torch.testing.assert_close(out.loss, per_patch[out.mask.bool()].mean())
 
 
@@ -95,7 +95,7 @@ def test_gradient_of_visible_predictions_is_zero():
     pred = torch.randn(2, 16, 48, requires_grad=True)
     mask = torch.zeros(2, 16)
     mask[:, :12] = 1
-    loss = mae.forward_loss(images, pred, mask)
+    loss, _ = mae.forward_loss(images, pred, mask)
     loss.backward()
     assert pred.grad[:, 12:].abs().sum() == 0 and pred.grad[:, :12].abs().sum() > 0
 
@@ -108,11 +108,12 @@ def test_normalized_pixel_targets_use_unbiased_variance():
     torch.testing.assert_close(target, (patches - mean) / torch.sqrt(var_unbiased + 1e-6))
     mae_norm, mae_raw = _mae({"norm_pix_loss": True}), _mae({"norm_pix_loss": False})
     images = torch.randn(1, 3, 16, 16)
-    assert torch.equal(pixel_targets(images, 4), normalized_pixel_targets(patchify(images, 4)))
-    assert torch.equal(pixel_targets(images, 4, norm_pix=False), patchify(images, 4))
     pred, mask = torch.randn(1, 16, 48), torch.ones(1, 16)
-    for mae, target in ((mae_norm, normalized_pixel_targets(patchify(images, 4))), (mae_raw, patchify(images, 4))):
-        torch.testing.assert_close(mae.forward_loss(images, pred, mask), ((pred - target) ** 2).mean())
+    (loss_norm, target_norm), (loss_raw, target_raw) = (m.forward_loss(images, pred, mask) for m in (mae_norm, mae_raw))
+    torch.testing.assert_close(target_norm, normalized_pixel_targets(patchify(images, 4)))
+    assert torch.equal(target_raw, patchify(images, 4))
+    torch.testing.assert_close(loss_norm, ((pred - target_norm) ** 2).mean())
+    torch.testing.assert_close(loss_raw, ((pred - target_raw) ** 2).mean())
 
 
 # --------------------------------------------------------------------------- sin-cos
@@ -160,7 +161,7 @@ def test_forward_shapes_and_encoder_sees_visible_tokens_only():
     latent, mask, ids_restore = mae.forward_encoder(images, torch.rand(2, 16))
     assert latent.shape == (2, 1 + 4, 192)  # cls + 25% of 16
     out = mae(images)
-    assert out.pred.shape == (2, 16, 48) and out.mask.shape == (2, 16)
+    assert out.pred.shape == (2, 16, 48) and out.target.shape == (2, 16, 48) and out.mask.shape == (2, 16)
     cols = mae.reconstruct(images, torch.rand(2, 16))
     assert set(cols) == {"original", "masked", "reconstruction", "reconstruction + visible"}
     assert all(v.shape == images.shape for v in cols.values())

@@ -231,12 +231,13 @@ class AIM(Objective):
     def forward_loss(self, images, pred, mask, shift: int = 1):
         """AIM's loss (Eq. 2), as ml-l3m's ``RasterPixelLoss.compute_loss``: output k of pred (B, N, P)
         regresses patch k + ``shift`` (0: the masked variant's own patch) of the per-patch normalised pixels;
-        the MSE per patch is averaged over the target patches counted in mask (B, N) (non-prefix, or masked)."""
+        the MSE per patch is averaged over the target patches counted in mask (B, N) (non-prefix, or masked).
+        -> (loss, target (B, N, P))"""
         target = pixel_targets(images, self.encoder.patch_size, self.options.norm_pix_loss)
-        if shift:
-            pred, target, mask = pred[:, :-shift], target[:, shift:], mask[:, shift:]
-        loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (B, N - shift), per patch
-        return (loss * mask).sum() / mask.sum().clamp_min(1.0)
+        out, tgt = (pred[:, :-shift], target[:, shift:]) if shift else (pred, target)
+        loss = ((out.float() - tgt.float()) ** 2).mean(dim=-1)  # (B, N - shift), per patch
+        counted = mask[:, shift:]
+        return (loss * counted).sum() / counted.sum().clamp_min(1.0), target
 
     def forward(self, images, masking=None):
         masking = self.masking_or_draw(images, masking)
@@ -249,8 +250,8 @@ class AIM(Objective):
             pred = self.head(self.forward_trunk(images, prefix_len))  # pred[:, k] regresses patch k + 1
             counted = (torch.arange(pred.shape[1], device=pred.device)[None] >= prefix_len[:, None]).to(pred.dtype)
             shift = 1
-        loss = self.forward_loss(images, pred, counted, shift)
-        return ObjectiveOutput(loss=loss, pred=pred, mask=counted)
+        loss, target = self.forward_loss(images, pred, counted, shift)
+        return ObjectiveOutput(loss=loss, pred=pred, target=target, mask=counted)
 
     def no_weight_decay(self):
         """None: l3m's ``wd_exclude`` patterns (``*bias*``, ``*pos_embed*``, ``*norm*``, ``*gamma*``) select

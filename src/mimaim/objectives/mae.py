@@ -94,15 +94,16 @@ class MAE(Objective):
 
     def forward_loss(self, images, pred, mask):
         """MAE's loss, as ``models_mae.forward_loss``: the MSE per patch against the pixels (per-patch
-        normalised with ``norm_pix_loss``), averaged over the removed patches (mask 1)."""
+        normalised with ``norm_pix_loss``), averaged over the removed patches (mask 1). -> (loss, target)"""
         target = pixel_targets(images, self.encoder.patch_size, self.options.norm_pix_loss)
         loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (B, N), mean loss per patch
-        return (loss * mask).sum() / mask.sum().clamp_min(1.0)  # mean loss on removed patches
+        return (loss * mask).sum() / mask.sum().clamp_min(1.0), target  # mean loss on removed patches
 
     def forward(self, images, masking=None):
         latent, mask, ids_restore = self.forward_encoder(images, masking)
         pred = self.forward_decoder(latent, ids_restore)
-        return ObjectiveOutput(loss=self.forward_loss(images, pred, mask), pred=pred, mask=mask)
+        loss, target = self.forward_loss(images, pred, mask)
+        return ObjectiveOutput(loss=loss, pred=pred, target=target, mask=mask)
 
     def no_weight_decay(self):
         """None: ``main_pretrain.py`` uses timm's ``add_weight_decay`` without a skip list, so the cls and
