@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mimaim.models.layers import Attention
+from mimaim.models.layers import Attention, patchify, pixel_targets
 from mimaim.objectives import build_objective, parse_options
 from mimaim.objectives.aim import AIM, prefix_causal_block_mask, prefix_causal_mask
 
@@ -94,16 +94,22 @@ def test_loss_is_next_patch_mse_on_non_prefix_patches_only():
     out = aim(x, S)
     assert torch.equal(out.mask, (torch.arange(N)[None] >= S[:, None]).float())
     with torch.no_grad():
-        head_out = aim.forward_head(aim.forward_trunk(x, S))  # output k predicts patch k+1
-        target = aim.target(x)
+        head_out = aim.head(aim.forward_trunk(x, S))  # output k predicts patch k+1
+        target = pixel_targets(x, 4, aim.options.norm_pix_loss)
         terms = [((head_out[b, t - 1] - target[b, t]) ** 2).mean() for b in range(3) for t in range(S[b], N)]
         expected = torch.stack(terms).mean()
     torch.testing.assert_close(out.loss, expected)
     torch.testing.assert_close(out.target, target)
+    torch.testing.assert_close(out.pred, head_out)
     # target is the per-patch normalised pixels (unbiased variance, eps 1e-6)
-    patches = aim.patchify(x)
+    patches = patchify(x, 4)
     torch.testing.assert_close(target, (patches - patches.mean(-1, keepdim=True)) /
                                (patches.var(-1, keepdim=True) + 1e-6).sqrt())
+    raw = tiny_aim(norm_pix_loss=False)
+    with torch.no_grad():
+        raw_out = raw.head(raw.forward_trunk(x, S))
+        terms = [((raw_out[b, t - 1] - patches[b, t]) ** 2).mean() for b in range(3) for t in range(S[b], N)]
+    torch.testing.assert_close(raw(x, S).loss, torch.stack(terms).mean())
 
 
 def test_loss_gradient_reaches_only_outputs_that_predict_non_prefix_patches():
@@ -156,8 +162,8 @@ def test_masked_variant_is_bidirectional_with_a_mask_token_and_own_patch_targets
     out = aim(x, masking)
     assert torch.equal(out.mask, masking.float())
     with torch.no_grad():
-        pred = aim.forward_head(aim.forward_trunk(x, mask=masking))  # each position predicts itself
-        per = ((pred - aim.target(x)) ** 2).mean(-1)
+        pred = aim.head(aim.forward_trunk(x, mask=masking))  # each position predicts itself
+        per = ((pred - pixel_targets(x, 4)) ** 2).mean(-1)
     torch.testing.assert_close(out.loss, (per * masking).sum() / masking.sum())
     # bidirectional: the first position's output depends on the last visible patch
     aim.eval()
@@ -244,7 +250,7 @@ def test_head_matches_l3m_simple_decoder_layout_and_output():
     # the sin-cos table at the head's width, fixed
     torch.testing.assert_close(aim.head.decoder_pos_embed, ref.decoder_pos_embed, atol=1e-6, rtol=0)
     assert not aim.head.decoder_pos_embed.requires_grad
-    # the same output on the same (perturbed) weights, through the objective's own forward_head
+    # the same output on the same (perturbed) weights, as the objective runs its head
     with torch.no_grad():
         for p in aim.head.parameters():
             if p.requires_grad:
@@ -252,7 +258,7 @@ def test_head_matches_l3m_simple_decoder_layout_and_output():
     ref.load_state_dict(aim.head.state_dict())
     features = aim.forward_trunk(images(), torch.tensor([1, 5, 9]))
     with torch.no_grad():
-        torch.testing.assert_close(aim.forward_head(features), ref(features), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(aim.head(features), ref(features), atol=1e-5, rtol=1e-5)
 
 
 def test_head_and_trunk_init_as_l3m():
@@ -270,16 +276,6 @@ def test_head_and_trunk_init_as_l3m():
         assert w.abs().max() <= math.sqrt(6.0 / (2 * D)) and w.abs().max() > math.sqrt(6.0 / (4 * D))
     conv = aim.encoder.patch_embed.proj  # l3m leaves the conv bias at PyTorch's default
     assert conv.bias.abs().max() > 0 and conv.bias.abs().max() <= 1 / math.sqrt(conv.weight[0].numel())
-
-
-def test_lightly_head_style_keeps_the_old_layout():
-    aim = tiny_aim(head_style="lightly", head_depth=2, head_width=64)
-    names = set(aim.head.state_dict())
-    assert "embed.weight" in names and "pred.weight" in names and "embed.bias" not in names
-    assert all(m.eps == 1e-6 for m in aim.head.modules() if isinstance(m, nn.LayerNorm))
-    with torch.no_grad():  # the trunk's table is added before the head, at the trunk's width
-        f = aim.forward_trunk(images(), torch.tensor([2, 2, 2]))
-        torch.testing.assert_close(aim.forward_head(f), aim.head(f + aim.encoder.pos_embed))
 
 
 # --------------------------------------------------------------------------- options
@@ -322,7 +318,7 @@ def test_weight_decay_as_l3m_wd_exclude():
 def test_paper_defaults():
     opts = parse_options(AIM, {})
     assert (opts.mode, opts.attention, opts.head_depth, opts.head_width, opts.head_mlp_ratio,
-            opts.norm_pix_loss, opts.head_style) == ("autoregressive", "prefix", 12, 2048, 4.0, True, "l3m")
+            opts.norm_pix_loss) == ("autoregressive", "prefix", 12, 2048, 4.0, True)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -336,7 +332,7 @@ def test_paper_defaults():
     ({"mask_ratio": 0.75}, r"only applies to the masked variant; add --opt mode=masked"),
     ({"mode": "masked", "mask_ratio": 1.0}, r"aim.mask_ratio must be in \(0, 1\)"),
     ({"head_depth": -1}, r"need head_depth >= 0"),
-    ({"head_style": "mae"}, r"aim.head_style: unknown value 'mae'; choose one of l3m, lightly"),
+    ({"head_style": "lightly"}, r"unknown option\(s\) head_style for objective 'aim'"),
     ({"head_width": 30}, r"aim.head_width 30 must be divisible by 4"),
     ({"unknown": 1}, r"unknown option\(s\) unknown for objective 'aim'"),
 ])
@@ -422,7 +418,7 @@ def test_presets_load(name):
     assert (cfg.objective, cfg.recipe, cfg.lr, cfg.batch_size, tuple(cfg.betas)) == ("aim", "paper", 1e-3, 4096,
                                                                                      (0.9, 0.95))
     opts = parse_options(AIM, resolved_objective_options(cfg))
-    assert (opts.attention, opts.head_depth, opts.head_width, opts.head_style) == ("prefix", 12, 2048, "l3m")
+    assert (opts.attention, opts.head_depth, opts.head_width) == ("prefix", 12, 2048)
     # ml-l3m configs/aimv1/001_aim_v1_600M.yaml: grad_clip 1.0, warm-up over 2.5% of the iterations, cosine to 0
     assert (cfg.clip_grad, cfg.schedule, cfg.min_lr, cfg.weight_decay) == (1.0, "cosine", 0.0, 0.05)
     assert cfg.warmup_epochs == pytest.approx(0.025 * cfg.epochs)

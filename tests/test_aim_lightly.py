@@ -6,7 +6,8 @@ boolean mask, so in practice the outputs agree exactly).
 
 The loss on lightly's side is AIM's next-patch loss assembled from lightly's own
 ``patchify`` / ``normalize_mean_var`` (``aim_loss_from_lightly``); lightly's example
-regresses every output onto its own patch instead (see interop/lightly_aim.py).
+regresses every output onto its own patch instead. The lightly-style AIM and the converters
+live beside this test (tests/lightly_aim.py): mimaim itself trains ml-l3m's head.
 """
 
 import pytest
@@ -14,9 +15,8 @@ import torch
 
 pytest.importorskip("lightly")
 
-from mimaim.interop.lightly_aim import (aim_loss_from_lightly, aim_to_lightly, build_lightly_aim,  # noqa: E402
-                                        lightly_forward, lightly_prefix_mask, lightly_to_aim)
-from mimaim.objectives import build_objective  # noqa: E402
+from lightly_aim import (aim_loss_from_lightly, aim_to_lightly, build_lightly_aim, lightly_forward,  # noqa: E402
+                         lightly_prefix_mask, lightly_style_aim, lightly_to_aim)
 
 
 @pytest.fixture(autouse=True)
@@ -29,8 +29,7 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 def perturbed_aim(**options):
     torch.manual_seed(0)
-    aim = build_objective("aim", "vit_micro", 16, 4,
-                          {"head_depth": 2, "head_width": 64, "head_style": "lightly", **options}, depth=2)
+    aim = lightly_style_aim(16, 4, {"head_depth": 2, "head_width": 64, **options}, depth=2)
     with torch.no_grad():  # move every trainable weight off its init (LayerNorms, zero biases) to test them all
         for p in aim.parameters():
             if p.requires_grad:
@@ -50,7 +49,7 @@ def test_same_weights_same_features_predictions_and_loss(prefix):
     with torch.no_grad():
         ours = aim(x, S)
         features = aim.forward_trunk(x, S)
-        predictions = aim.forward_head(features)
+        predictions = aim.head(features)
         l_features, l_predictions = lightly_forward(backbone, head, x, mask)
         l_loss = aim_loss_from_lightly(l_predictions, x, mask, 4)
     torch.testing.assert_close(features, l_features, **TOL)
@@ -77,8 +76,7 @@ def test_round_trip_is_lossless_and_loads_lightly_weights():
     # weights made on lightly's side load into a fresh mimaim AIM
     torch.manual_seed(5)
     backbone, head = build_lightly_aim(aim, load_weights=False)
-    fresh = build_objective("aim", "vit_micro", 16, 4, {"head_depth": 2, "head_width": 64, "head_style": "lightly"},
-                            depth=2)
+    fresh = lightly_style_aim(16, 4, {"head_depth": 2, "head_width": 64}, depth=2)
     fresh.load_state_dict(lightly_to_aim(backbone.state_dict(), head.state_dict()))
     assert torch.equal(fresh.head.pred.weight, head.blocks[-1].weight)
     assert torch.equal(fresh.encoder.patch_norm.weight, backbone.patch_embed.norm.weight)

@@ -108,8 +108,12 @@ def test_normalized_pixel_targets_use_unbiased_variance():
     torch.testing.assert_close(target, (patches - mean) / torch.sqrt(var_unbiased + 1e-6))
     mae_norm, mae_raw = _mae({"norm_pix_loss": True}), _mae({"norm_pix_loss": False})
     images = torch.randn(1, 3, 16, 16)
-    torch.testing.assert_close(mae_norm.target(images), normalized_pixel_targets(patchify(images, 4)))
-    assert torch.equal(mae_raw.target(images), patchify(images, 4))
+    pred, mask = torch.randn(1, 16, 48), torch.ones(1, 16)
+    (loss_norm, target_norm), (loss_raw, target_raw) = (m.forward_loss(images, pred, mask) for m in (mae_norm, mae_raw))
+    torch.testing.assert_close(target_norm, normalized_pixel_targets(patchify(images, 4)))
+    assert torch.equal(target_raw, patchify(images, 4))
+    torch.testing.assert_close(loss_norm, ((pred - target_norm) ** 2).mean())
+    torch.testing.assert_close(loss_raw, ((pred - target_raw) ** 2).mean())
 
 
 # --------------------------------------------------------------------------- sin-cos

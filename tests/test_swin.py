@@ -4,7 +4,7 @@ import pytest
 import torch
 from timm.models.swin_transformer import SwinTransformer
 
-from mimaim.eval.features import pool_tokens
+from mimaim.eval.features import encode, pool_tokens
 from mimaim.models import create_model, model_family
 from mimaim.objectives import build_objective
 
@@ -83,25 +83,27 @@ def test_forward_intermediates_is_timms_over_stages():
         m.forward_intermediates(x, output_fmt="NHWC")
 
 
-def test_block_outputs_by_block_over_stages_against_timm_hooks():
+def test_probe_layers_are_stages_and_stop_early_against_timm():
     m = _tiny()
     peer = _timm_twin(m)
     x = torch.randn(2, 3, 32, 32)
-    seen = []  # every timm block's output, in order, through forward hooks
-    for stage in peer.layers:
-        for blk in stage.blocks:
-            blk.register_forward_hook(lambda mod, inp, out: seen.append(out.flatten(1, 2)))
+    ran = []
+    for i, stage in enumerate(m.layers):
+        stage.register_forward_hook(lambda mod, inp, out, i=i: ran.append(i))
     with torch.no_grad():
-        peer.forward_features(x)
-        stage2 = m.block_outputs(x, [3, 2])  # both in stage 2 (grid 2x2, width 48), in the order asked
-        last = m.block_outputs(x, 1, norm=True)
-    assert [t.shape for t in stage2] == [(2, 4, 48), (2, 4, 48)]
-    torch.testing.assert_close(stage2[0], seen[3], rtol=0, atol=0)
-    torch.testing.assert_close(stage2[1], seen[2], rtol=0, atol=0)
-    torch.testing.assert_close(last[0], m.forward_features(x))
-    assert pool_tokens(stage2[0], m.num_prefix_tokens).shape == (2, 48)  # mean of tokens: no cls
-    with pytest.raises(ValueError, match="span stages"):
-        m.block_outputs(x, [1, 2])
+        final, stages = m.forward_intermediates(x, indices=[1, 2], stop_early=True, output_fmt="NLC")
+        ref_final, ref_stages = peer.forward_intermediates(x, indices=[1, 2], stop_early=True)
+        assert ran == [0, 1, 2]  # the last stage never runs
+        torch.testing.assert_close(final, ref_final.flatten(1, 2), rtol=0, atol=0)
+        for a, b in zip(stages, ref_stages):
+            torch.testing.assert_close(a, b.flatten(2).transpose(1, 2), rtol=0, atol=0)
+        stage2 = encode(m, x, [2], norm=False)  # (B, 2*2 tokens, 48): stage 2, the mean of tokens pools it
+        last = encode(m, x, [-1], norm=True)
+    torch.testing.assert_close(stage2, stages[1], rtol=0, atol=0)
+    torch.testing.assert_close(last, m.forward_features(x))
+    assert pool_tokens(stage2, m.num_prefix_tokens).shape == (2, 48)  # mean of tokens: no cls
+    with pytest.raises(ValueError, match="different shapes"):
+        encode(m, x, [1, 2])
 
 
 @pytest.mark.parametrize("img_size, window, match", [

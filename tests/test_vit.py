@@ -44,19 +44,26 @@ def test_forward_intermediates_equals_timm(kwargs):
         ours.forward_intermediates(x, indices=[3])
 
 
-def test_block_outputs_keep_prefix_tokens_in_the_order_asked():
+def test_stop_early_runs_no_block_after_the_last_asked_and_matches_timm():
     ours, peer = ours_and_timm()
     x = torch.randn(2, 3, 16, 16)
+    ran = []
+    for i, blk in enumerate(ours.blocks):
+        blk.register_forward_hook(lambda m, inp, out, i=i: ran.append(i))
     with torch.no_grad():
-        outs = ours.block_outputs(x, [-1, 0])
-        ref = peer.forward_intermediates(x, [0, 2], output_fmt="NLC", return_prefix_tokens=True,
-                                         intermediates_only=True)
-        last = ours.block_outputs(x)  # None: the last block
-        normed = ours.block_outputs(x, 1, norm=True)[0]
-    torch.testing.assert_close(outs[0], torch.cat([ref[1][1], ref[1][0]], dim=1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(outs[1], torch.cat([ref[0][1], ref[0][0]], dim=1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(last[0], outs[0])
-    torch.testing.assert_close(normed, ours.forward_features(x), rtol=1e-5, atol=1e-5)
+        for kwargs in ({"indices": [0]}, {"indices": [1, 0], "norm": True, "output_fmt": "NLC",
+                                          "return_prefix_tokens": True}):
+            ran.clear()
+            a = ours.forward_intermediates(x, stop_early=True, **kwargs)
+            b = peer.forward_intermediates(x, stop_early=True, **kwargs)
+            assert ran == list(range(max(kwargs["indices"]) + 1))  # blocks after the last asked never run
+            torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5)  # final: the last block run, normed
+            for ta, tb in zip(a[1], b[1]):
+                for sa, sb in zip(*(t if isinstance(t, tuple) else (t,) for t in (ta, tb))):
+                    torch.testing.assert_close(sa, sb, rtol=1e-5, atol=1e-5)
+        ran.clear()
+        ours.forward_intermediates(x, indices=[0])
+    assert ran == [0, 1, 2]  # without stop_early every block runs, as timm
 
 
 def beit_flavour(mode, **kw):

@@ -1,15 +1,16 @@
 """Masking rules as small pure functions.
 
-Each objective draws its per-sample masking *in the data pipeline* from a
-``torch.Generator`` seeded by (run seed, epoch, sample index), the way the official
-BEiT and SimMIM code generate masks in their datasets. That makes a sample's mask
-independent of batch size, process count and worker count, which is what lets a
-resumed run and a data-parallel run reproduce a single-process run exactly.
+Each objective draws its per-sample masking *in the data pipeline* from a ``torch.Generator``
+seeded by (run seed, epoch, sample index), as the official BEiT and SimMIM datasets do: a
+sample's mask is then independent of batch size, process and worker count, so resumed and
+data-parallel runs reproduce a single-process run exactly.
 
 Conventions: a boolean mask of shape (N,) or (B, N) with True = masked / removed.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -21,10 +22,10 @@ def mae_noise(num_patches: int, generator: torch.Generator | None = None) -> tor
 
 
 def random_masking(tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
-    """MAE's per-sample random masking by argsort of uniform noise (models_mae.py).
+    """MAE's per-sample random masking by argsort of uniform noise, small noise kept (models_mae.py).
 
-    tokens (B, N, D), noise (B, N) -> (visible (B, K, D), mask (B, N) float 1 = removed,
-    ids_restore (B, N)) with K = int(N * (1 - mask_ratio)). Small noise is kept.
+    tokens (B, N, D), noise (B, N) -> visible (B, K, D), mask (B, N) float 1 = removed,
+    ids_restore (B, N); K = int(N * (1 - mask_ratio)).
     """
     B, N, D = tokens.shape
     len_keep = int(N * (1 - mask_ratio))
@@ -48,11 +49,7 @@ def unshuffle(tokens: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- SimMIM
 def check_simmim_mask_sizes(img_size: int, mask_patch_size: int, model_patch_size: int) -> None:
-    """Raise ValueError unless the mask cells tile the image and cover whole model patches.
-
-    SimMIM's ``MaskGenerator`` (data/data_simmim.py) asserts ``img_size % mask_patch_size == 0``
-    and ``mask_patch_size % model_patch_size == 0``; here the message names the fix.
-    """
+    """SimMIM's ``MaskGenerator`` asserts: the mask cells tile the image and cover whole model patches."""
     if mask_patch_size <= 0 or img_size % mask_patch_size:
         divisors = [d for d in range(model_patch_size, img_size + 1, model_patch_size) if img_size % d == 0]
         raise ValueError(f"simmim.mask_patch_size {mask_patch_size} does not divide the image size {img_size}; "
@@ -90,11 +87,6 @@ def simmim_mask(img_size: int, mask_patch_size: int, model_patch_size: int, mask
 
 
 # --------------------------------------------------------------------------- BEiT
-def beit_num_masking_patches(num_patches: int, mask_ratio: float) -> int:
-    """BEiT's masking budget: ``int(mask_ratio * N)`` patches (the official code passes 75 of 196)."""
-    return int(mask_ratio * num_patches)
-
-
 def blockwise_mask(grid_size: tuple[int, int], num_masking_patches: int, min_num_patches: int = 16,
                    max_num_patches: int | None = None, min_aspect: float = 0.3, max_aspect: float | None = None,
                    generator: torch.Generator | None = None, blocks: list | None = None) -> torch.Tensor:
@@ -107,13 +99,10 @@ def blockwise_mask(grid_size: tuple[int, int], num_masking_patches: int, min_num
     Masking stops at the budget or when a block adds nothing, so a mask may end *under*
     the budget but never over it (the paper's "until > 0.4N" is not what the code does).
 
-    Draws come from ``generator`` in place of Python's ``random``: ``random.uniform(a, b)``
-    is ``a + (b - a) * U[0, 1)`` and ``random.randint(0, n)`` includes n. Returns (N,) bool
-    in raster order, True = masked. ``blocks``, if a list, receives one dict per accepted
-    block (drawn area and aspect, the budget left, h, w, patches added), for tests.
+    Draws come from ``generator`` in place of Python's ``random`` (``uniform(a, b)`` is
+    a + (b - a) U[0, 1), ``randint(0, n)`` includes n). Returns (N,) bool in raster order,
+    True = masked. ``blocks``, if a list, receives one dict per accepted block, for tests.
     """
-    import math
-
     H, W = grid_size
     max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
     max_aspect = max_aspect or 1.0 / min_aspect

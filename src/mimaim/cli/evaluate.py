@@ -19,8 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("run_dir", help="a `mimaim pretrain` run directory")
     p.add_argument("--data", help="labelled data to probe on (default: the run's own data)")
     p.add_argument("--probes", default="linear,attentive,knn", help="comma-separated probes")
-    p.add_argument("--layers", help="comma-separated block indices to average (e.g. -6,-5,-4,-3,-2,-1); "
-                                    "default: the objective's declared protocol (printed above the table)")
+    p.add_argument("--layers", help="comma-separated block indices to average (e.g. -6,-5,-4,-3,-2,-1; stages for "
+                                    "a Swin); default: the objective's declared protocol (printed above the table)")
     p.add_argument("--pool", default="auto", choices=["auto", "cls", "mean"],
                    help="auto: the objective's declared protocol (printed above the table); cls: the cls token; "
                         "mean: the mean of patch tokens")

@@ -33,7 +33,7 @@ def _add_run_options(p: argparse.ArgumentParser, default_model: str) -> None:
     g.add_argument("--out", required=True, help="results folder; every cell is a run directory OUT/<cell>/")
     g.add_argument("--probes", help="comma-separated probes (default: linear, attentive if installed, knn)")
     g.add_argument("--layers", help="blocks averaged for probe features, e.g. -6,-5,-4,-3,-2,-1 (default: "
-                                    "each objective's probe protocol)")
+                                    "each objective's probe protocol; stages for a Swin)")
     g.add_argument("--device", default="cpu", help="device for probes and fine-tuning (pre-training: --set device=)")
     g.add_argument("--dry-run", action="store_true",
                    help="print the grid, FLOPs per cell and a time estimate from timing two steps; train nothing")

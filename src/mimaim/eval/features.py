@@ -1,26 +1,16 @@
 """Frozen-encoder features for probes, extracted once and cached.
 
-Features come from the backbone contract alone (``forward_features`` /
-``forward_intermediates``), so every objective's encoder is probed the same way. What is
-read follows a *probe protocol* (``ProbeProtocol`` in ``objectives/base.py``: each
-objective declares the one its official evaluation uses, docs/methods.md sec. 7):
-
-* ``layers=None``: the last block, after the final LayerNorm when ``norm`` (MAE, BEiT,
-  SimMIM), without it otherwise;
-* ``layers=[i, j, ...]``: the average of those blocks' outputs, each after the final
-  LayerNorm when ``norm``, raw otherwise (AIM: the last 6 blocks, raw, as ml-aim's
-  ``AverageLayers``; ``-1`` = last block).
-
-``pool="cls"`` reads the cls token, ``pool="mean"`` the mean of the patch tokens (prefix
-tokens left out). ``tokens`` keeps every token (for the attentive probe), stored in
-bfloat16 to halve the cache. Downstream the trunk always runs with bidirectional
-attention and no masking.
+Features come from the backbone contract alone (``forward_features`` and timm's
+``forward_intermediates``), following each objective's *probe protocol* (``ProbeProtocol``,
+docs/methods.md sec. 7): ``layers=None`` reads the last block, ``layers=[i, j, ...]`` averages
+those blocks (stages for a Swin; AIM: the last 6, as ml-aim's ``AverageLayers``), each after
+the final LayerNorm when ``norm``; no later block runs. ``pool`` reads the cls token or the
+mean of the patch tokens; ``tokens`` keeps every token (attentive probe) in bfloat16.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 from pathlib import Path
 from typing import Sequence
 
@@ -43,55 +33,21 @@ def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, pool: str = "mean"
     return tokens[:, num_prefix_tokens:].mean(dim=1)
 
 
-def _accepts(fn, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def block_outputs(backbone, images: torch.Tensor, indices: Sequence[int], norm: bool) -> list[torch.Tensor]:
-    """Outputs of blocks ``indices`` as (B, prefix + N, D) token maps.
-
-    mimaim's backbones give them through ``block_outputs`` (blocks, also for Swin); any other
-    backbone through timm's ``forward_intermediates`` contract (``output_fmt="NLC"``,
-    ``intermediates_only=True``, prefix tokens returned apart with ``return_prefix_tokens=True``).
-    """
-    indices = list(indices)
-    if hasattr(backbone, "block_outputs"):  # mimaim's backbones: blocks, also for Swin (timm counts stages)
-        return list(backbone.block_outputs(images, indices, norm=norm))
-    fn = backbone.forward_intermediates
-    if not _accepts(fn, "intermediates_only"):
-        raise TypeError(f"{type(backbone).__name__}.forward_intermediates does not follow timm's contract "
-                        "(no intermediates_only); give the backbone a block_outputs(images, indices, norm) method")
-    kwargs = {"indices": indices, "norm": norm, "intermediates_only": True}
-    if _accepts(fn, "output_fmt"):
-        kwargs["output_fmt"] = "NLC"
-    if getattr(backbone, "num_prefix_tokens", 0) and _accepts(fn, "return_prefix_tokens"):
-        kwargs["return_prefix_tokens"] = True
-    out = fn(images, **kwargs)
-    maps = []
-    for t in out:
-        if isinstance(t, (tuple, list)):  # (spatial, prefix) as timm returns them
-            spatial, prefix = t
-            t = torch.cat([prefix, spatial.flatten(2).transpose(1, 2) if spatial.ndim == 4 else spatial], dim=1)
-        elif t.ndim == 4:  # NCHW without prefix tokens
-            t = t.flatten(2).transpose(1, 2)
-        maps.append(t)
-    return maps
-
-
 @torch.no_grad()
 def encode(backbone, images: torch.Tensor, layers: Sequence[int] | None = None, norm: bool = True) -> torch.Tensor:
-    """(B, C, H, W) -> (B, T, D) frozen tokens (see the module docstring)."""
-    if layers is None:
-        if norm:
-            return backbone.forward_features(images)
-        return block_outputs(backbone, images, [-1], norm=False)[0]
-    layers = list(layers)
-    if not layers:
+    """(B, C, H, W) -> (B, T, D) frozen tokens, prefix tokens first (see the module docstring)."""
+    if layers is None and norm:
+        return backbone.forward_features(images)
+    if layers is not None and not list(layers):
         raise ValueError("layers is empty; pass block indices such as -6,-5,-4,-3,-2,-1, or None for the last")
-    return torch.stack(block_outputs(backbone, images, layers, norm=norm)).mean(dim=0)
+    out = backbone.forward_intermediates(images, indices=1 if layers is None else list(layers), norm=norm,
+                                         return_prefix_tokens=True, stop_early=True, output_fmt="NLC",
+                                         intermediates_only=True)
+    maps = [torch.cat([t[1], t[0]], dim=1) if isinstance(t, tuple) else t for t in out]  # (prefix, spatial)
+    if len({t.shape for t in maps}) > 1:
+        raise ValueError(f"layers {list(layers)} give token maps of different shapes {[tuple(t.shape) for t in maps]} "
+                         "(a Swin's layers are its stages, each with its own width and grid): average one shape")
+    return torch.stack(maps).mean(dim=0)
 
 
 @torch.no_grad()
@@ -105,7 +61,7 @@ def extract_features(backbone, source: Source, img_size: int, layers: Sequence[i
     transform = eval_transform(img_size)
     backbone = backbone.to(device).eval()
     pooled, tokens, labels = [], [], []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for start in tqdm(range(0, len(source), batch_size), desc=desc, disable=not progress, unit="batch"):
         batch, batch_labels = [], []
         for i in range(start, min(start + batch_size, len(source))):

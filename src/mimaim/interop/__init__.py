@@ -1,1 +1,1 @@
-"""Converters between mimaim objectives and peer libraries (HF transformers, timm, lightly)."""
+"""Converters between mimaim runs and peer libraries: HF transformers and timm (export, ``--init``)."""

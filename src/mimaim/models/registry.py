@@ -10,6 +10,8 @@ from typing import Callable
 
 from torch import nn
 
+from .vit import VisionTransformer
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _FAMILY: dict[str, str] = {}
 
@@ -42,13 +44,9 @@ def create_model(name: str, **kwargs) -> nn.Module:
     return _MODELS[name](**kwargs)
 
 
-def _vit(embed_dim: int, depth: int, num_heads: int, **defaults):
-    from .vit import VisionTransformer
-
+def _vit(embed_dim: int, depth: int, num_heads: int):
     def build(**kwargs):
-        cfg = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, **defaults)
-        cfg.update(kwargs)
-        return VisionTransformer(**cfg)
+        return VisionTransformer(**{"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, **kwargs})
     return build
 
 

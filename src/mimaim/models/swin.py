@@ -1,31 +1,12 @@
-"""Swin Transformer behind the backbone contract: an adapter over timm's ``SwinTransformer``.
+"""Swin Transformer (Liu et al., 2103.14030), SimMIM's second backbone: timm's ``SwinTransformer``
+behind the backbone contract of ``vit.py``.
 
-Swin (Liu et al., 2103.14030) is SimMIM's second backbone (SimMIM section 4.1; official
-``SwinTransformerForSimMIM``). The network is timm's; this file only adds the contract
-that objectives and probes use (see ``models/__init__.py`` and ``vit.py``):
-
-* ``embed(images, mask, mask_token) -> (B, N, C0)``: patch conv **and its LayerNorm**
-  (timm's ``patch_embed``, like the official Swin ``PatchEmbed`` with ``patch_norm``), then
-  masked patches replaced by the mask token. SimMIM puts the token *after* the patch norm,
-  and so does HF's ``SwinEmbeddings``.
-* ``forward_tokens(tokens) -> (B, N_final, C)``: the four stages and the final norm;
-  tokens come out flattened in raster order over the final (H/32, W/32) grid.
-* ``forward_features``: the unmasked path for probes, with ``num_prefix_tokens = 0`` so
-  probes pool by the mean of tokens.
-* ``block_outputs(images, indices, norm)``: outputs of single blocks, indices running over
-  all blocks of all stages in order (``depth = sum(depths)``); blocks averaged together
-  must come from one stage, since each stage has its own width and grid.
-* ``forward_intermediates``: timm's own (stage outputs, ``indices`` over the 4 stages), plus
-  ``output_fmt="NLC"`` (tokens flattened in raster order) so it fits the ViT's contract.
-
-Attribute names follow timm: ``embed_dim`` is the first stage's width (the width of the
-mask token), ``num_features`` the last stage's (the width SimMIM's head reads).
-
-Window sizes must fit the image the way the official Swin requires (it has no padding):
-at every stage the token grid (``img_size / patch_size`` halved per stage) is either no
-larger than the window (then the window shrinks to the grid and is not shifted, in timm,
-HF and the official code alike) or a multiple of it. timm and HF would pad instead; we
-stop at construction with a message naming the value and the fix.
+``embed`` applies the patch conv **and its LayerNorm**, then the mask token (SimMIM and HF put
+it after the patch norm); ``forward_tokens`` returns the final (H/32, W/32) grid's tokens in
+raster order (no prefix tokens); ``forward_intermediates`` is timm's (``indices`` count the 4
+stages). ``embed_dim`` is the first stage's width (the mask token's), ``num_features`` the last's.
+The window must fit every stage as the official Swin requires (it has no padding): each stage's
+grid is no larger than the window (which then shrinks and is not shifted) or a multiple of it.
 """
 
 from __future__ import annotations
@@ -36,12 +17,8 @@ from typing import Sequence
 import torch
 from timm.models.swin_transformer import SwinTransformer
 
+from .layers import fill_masked
 from .registry import register_model
-
-
-def swin_stage_grids(img_size: int, patch_size: int, num_stages: int) -> list[int]:
-    """Token-grid side of each stage: img_size / patch_size, halved by each patch merging."""
-    return [img_size // patch_size // 2 ** i for i in range(num_stages)]
 
 
 def check_swin_sizes(img_size: int, patch_size: int, window_size: int, num_stages: int, name: str = "swin") -> None:
@@ -53,7 +30,7 @@ def check_swin_sizes(img_size: int, patch_size: int, window_size: int, num_stage
                          f"--img-size as a multiple of {stride}, e.g. {stride}, {2 * stride} or {7 * stride}")
     if window_size < 1:
         raise ValueError(f"{name}: window_size must be at least 1, got {window_size}")
-    grids = swin_stage_grids(img_size, patch_size, num_stages)
+    grids = [img_size // patch_size // 2 ** i for i in range(num_stages)]  # halved by each patch merging
     bad = [g for g in grids if g > window_size and g % window_size]
     if bad:
         fits = [w for w in range(1, grids[0] + 1) if all(g <= w or g % w == 0 for g in grids)]
@@ -101,99 +78,38 @@ class Swin(SwinTransformer):
     def embed(self, images: torch.Tensor, mask: torch.Tensor | None = None,
               mask_token: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, C0) normed patch tokens; ``mask`` (B, N) True -> ``mask_token`` (1, 1, C0)."""
-        x = self.patch_embed(images).flatten(1, 2)  # (B, N, C0), conv then LayerNorm
-        if mask is not None:
-            w = mask.unsqueeze(-1).to(x.dtype)
-            x = x * (1 - w) + mask_token.to(x.dtype) * w
-        return x
+        return fill_masked(self.patch_embed(images).flatten(1, 2), mask, mask_token)
 
-    def forward_tokens(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                       indices: Sequence[int] | None = None, norm: bool = True):
-        """(B, N, C0) patch tokens -> (B, N_final, C) after the stages and the final norm.
-
-        With ``indices`` (block numbers over all stages), also return those blocks' outputs,
-        each flattened to (B, N_stage, C_stage): a tuple (final, [intermediates...]).
-        """
+    def forward_tokens(self, x: torch.Tensor, attn_mask=None, norm: bool = True) -> torch.Tensor:
+        """(B, N, C0) patch tokens -> (B, N_final, C) after the stages (and the final norm)."""
         if attn_mask is not None:
             raise ValueError("Swin attends within shifted windows and takes no attention mask; "
                              "use a ViT backbone for objectives that need one")
-        B, N, C = x.shape
-        h, w = self.grid_size
-        x = x.reshape(B, h, w, C)  # timm's stages work on NHWC
-        wanted = set(indices) if indices is not None else set()
-        intermediates, block_id = [], 0
-        for stage in self.layers:
-            x = stage.downsample(x)
-            for blk in stage.blocks:
-                x = blk(x)
-                if block_id in wanted:
-                    intermediates.append(x.flatten(1, 2))
-                block_id += 1
-        if norm:
-            x = self.norm(x)
-        x = x.flatten(1, 2)  # (B, N_final, C)
-        return (x, intermediates) if indices is not None else x
+        x = self.layers(x.reshape(x.shape[0], *self.grid_size, x.shape[-1]))  # timm's stages work on NHWC
+        return (self.norm(x) if norm else x).flatten(1, 2)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N_final, C) after the final norm; no masking."""
         return self.forward_tokens(self.embed(images))
 
-    def stage_of_block(self, index: int) -> int:
-        end = 0
-        for stage, d in enumerate(self.depths):
-            end += d
-            if index < end:
-                return stage
-        raise IndexError(f"block {index} out of range for a Swin with {self.depth} blocks")
-
-    def block_outputs(self, images: torch.Tensor, indices: Sequence[int] | int | None = None,
-                      norm: bool = False) -> list[torch.Tensor]:
-        """Outputs of the chosen blocks (numbered over all stages), each (B, N_stage, C_stage).
-
-        ``indices``: None = the last block, int n = the last n blocks, negatives from the end.
-        ``norm=True`` applies the final norm to blocks of the last stage (timm's convention:
-        the other stages have another width and no norm of their own).
-        """
-        if indices is None:
-            indices = [self.depth - 1]
-        elif isinstance(indices, int):
-            indices = list(range(self.depth - indices, self.depth))
-        indices = [i % self.depth for i in indices]
-        stages = {self.stage_of_block(i) for i in indices}
-        if len(stages) > 1:
-            bounds = []
-            start = 0
-            for s, d in enumerate(self.depths):
-                bounds.append(f"stage {s}: blocks {start}-{start + d - 1}")
-                start += d
-            raise ValueError(f"Swin blocks {sorted(set(indices))} span stages {sorted(stages)}, whose tokens have "
-                             f"different widths and grids, so they cannot be averaged; choose blocks of one stage "
-                             f"({'; '.join(bounds)})")
-        _, inter = self.forward_tokens(self.embed(images), indices=indices, norm=False)
-        by_index = dict(zip(sorted(set(indices)), inter))
-        out = [by_index[i] for i in indices]
-        if norm and stages == {len(self.depths) - 1}:
-            out = [self.norm(t) for t in out]
-        return out
-
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
-                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False):
-        """timm's ``SwinTransformer.forward_intermediates`` (stage outputs, NCHW), plus ``output_fmt="NLC"``.
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's ``SwinTransformer.forward_intermediates`` (stage outputs), with the ViT's signature.
 
-        ``indices`` count stages (None = all, int n = the last n). NLC flattens each (B, C, h, w)
-        stage map to (B, h*w, C) in raster order, the layout of ``forward_features``.
+        ``indices`` count stages (None = all, int n = the last n); ``norm`` applies the final norm
+        to the last stage only. ``"NLC"`` flattens each (B, C, h, w) stage map to (B, h*w, C) in
+        raster order; ``return_prefix_tokens`` changes nothing (a Swin has none, as timm's ViT
+        without prefix tokens returns plain maps).
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be NCHW or NLC, got {output_fmt!r}")
         out = super().forward_intermediates(x, indices=indices, norm=norm, stop_early=stop_early,
-                                            output_fmt="NCHW", intermediates_only=intermediates_only)
+                                            intermediates_only=intermediates_only)
         final, inter = (None, out) if intermediates_only else out
         if output_fmt == "NLC":
             inter = [t.flatten(2).transpose(1, 2) for t in inter]
-        if intermediates_only:
-            return inter
-        return final.flatten(1, 2), inter
+        return inter if intermediates_only else (final.flatten(1, 2), inter)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_features(images)

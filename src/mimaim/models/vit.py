@@ -1,42 +1,28 @@
 """The Vision Transformer every ViT-based objective and probe shares.
 
-One class covers the flavours the four papers use, chosen by constructor arguments
-rather than subclasses:
+One class covers the papers' flavours, chosen by constructor arguments: MAE (cls token,
+fixed 2-D sin-cos table, biased q/k/v, xavier init); BEiT / SimMIM-ViT (no absolute table,
+a relative position bias shared by all blocks, or one per block for fine-tuning as BEiT's
+``run_class_finetuning.py``, layer scale, q/v-only bias, trunc-normal init); AIM (no cls
+token, LayerNorm after the patch projection, no bias in any trunk Linear).
 
-* MAE: cls token, fixed 2-D sin-cos position table, biased q/k/v, xavier init.
-* BEiT / SimMIM-ViT: cls token, no absolute position table, a shared relative position
-  bias (``rel_pos_bias="shared"``; fine-tuning copies it into one table per block,
-  ``"per_block"``, as BEiT's ``run_class_finetuning.py`` and SimMIM's ``utils.py`` do),
-  layer scale, q/v-only bias.
-* AIM: no cls token, sin-cos table, LayerNorm after the patch projection, no bias in
-  any trunk Linear.
-
-The backbone contract (shared with the Swin adapter, see ``models/__init__.py``):
-
-* ``embed(images, mask=None, mask_token=None) -> (B, N, D)``: patch tokens with the
-  absolute position table added; patches where ``mask`` is True are replaced by
-  ``mask_token`` first (SimMIM, BEiT).
-* ``forward_tokens(tokens, attn_mask=None) -> (B, T, D)``: prepends the prefix tokens
-  (cls), runs the blocks and the final norm. MAE passes only its visible tokens.
-* ``forward_features(images) -> (B, T, D)``: the unmasked path for probes and fine-tuning.
-* ``block_outputs(images, indices, norm=False) -> list of (B, T, D)``: the chosen blocks'
-  outputs, prefix tokens included (what probes average).
-* ``forward_intermediates``: timm's contract (``timm.models.VisionTransformer``): returns
-  ``(final, intermediates)`` (or the list alone with ``intermediates_only``), spatial
-  tokens reshaped to NCHW by default (``output_fmt="NLC"`` keeps tokens), prefix tokens split
-  off (``return_prefix_tokens`` pairs them), blocks in model order.
+The backbone contract (shared with the Swin adapter): ``embed(images, mask, mask_token)``
+(patch tokens plus absolute positions, masked patches first replaced by ``mask_token``),
+``forward_tokens(tokens, attn_mask, norm)`` (prefix tokens, the blocks, the final norm; MAE
+passes only its visible tokens), ``forward_features(images)`` (the unmasked path), and
+timm's ``forward_intermediates``, the one way to read block outputs (probes).
 """
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Sequence
 
 import torch
 from torch import nn
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.models._features import feature_take_indices
 
-from .layers import Block, RelativePositionBias, init_weights_xavier, sincos_2d
+from .layers import Block, RelativePositionBias, fill_masked, init_weights_xavier, sincos_2d
 
 
 class VisionTransformer(nn.Module):
@@ -66,11 +52,10 @@ class VisionTransformer(nn.Module):
                              f"choose --img-size as a multiple of --patch-size")
         if pos_embed not in ("sincos", "learned", "none"):
             raise ValueError(f"pos_embed must be one of sincos, learned, none; got {pos_embed!r}")
-        modes = {False: "none", None: "none", True: "shared", "none": "none", "shared": "shared",
-                 "per_block": "per_block"}
-        if not isinstance(rel_pos_bias, (bool, str, type(None))) or rel_pos_bias not in modes:
+        mode = {False: "none", None: "none", True: "shared"}.get(rel_pos_bias, rel_pos_bias)
+        if mode not in ("none", "shared", "per_block"):
             raise ValueError(f"rel_pos_bias must be one of none, shared, per_block (or a bool); got {rel_pos_bias!r}")
-        self.rel_pos_bias_mode = modes[rel_pos_bias]
+        self.rel_pos_bias_mode = mode
         self.img_size = img_size
         self.patch_size = patch_size
         self.in_chans = in_chans
@@ -95,9 +80,8 @@ class VisionTransformer(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.num_patches, embed_dim))
         else:
             self.pos_embed = None
-        shared = self.rel_pos_bias_mode == "shared"
-        self.rel_pos_bias = RelativePositionBias(self.grid_size, num_heads) if shared else None
-        per_block = self.grid_size if self.rel_pos_bias_mode == "per_block" else None
+        self.rel_pos_bias = RelativePositionBias(self.grid_size, num_heads) if mode == "shared" else None
+        per_block = self.grid_size if mode == "per_block" else None
 
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([
@@ -108,7 +92,6 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.init_weights(weight_init)
 
-    # ------------------------------------------------------------------ init
     def init_weights(self, mode: str = "xavier") -> None:
         if mode == "xavier":
             self.apply(init_weights_xavier)
@@ -147,18 +130,11 @@ class VisionTransformer(nn.Module):
             names.add("rel_pos_bias.relative_position_bias_table")
         return names
 
-    # ------------------------------------------------------------------ contract
     def embed(self, images: torch.Tensor, mask: torch.Tensor | None = None,
               mask_token: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, H, W) -> (B, N, D) patch tokens plus absolute positions (no prefix tokens).
-
-        ``mask`` (B, N) bool: True patches are replaced by ``mask_token`` (1, 1, D) before
-        the position table is added, as BEiT and SimMIM do.
-        """
-        x = self.patch_norm(self.patch_embed(images))  # (B, N, D)
-        if mask is not None:
-            w = mask.unsqueeze(-1).to(x.dtype)
-            x = x * (1 - w) + mask_token.to(x.dtype) * w
+        """(B, C, H, W) -> (B, N, D) patch tokens plus absolute positions (no prefix tokens); ``mask`` (B, N)
+        True patches are replaced by ``mask_token`` (1, 1, D) before the positions, as BEiT and SimMIM do."""
+        x = fill_masked(self.patch_norm(self.patch_embed(images)), mask, mask_token)  # (B, N, D)
         if self.pos_embed is not None:
             x = x + self.pos_embed[:, self.num_prefix_tokens:]
         return x
@@ -181,31 +157,20 @@ class VisionTransformer(nn.Module):
                              f"got {num_tokens} tokens for a table over {bias.shape[-1]}")
         return bias
 
-    def forward_tokens(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                       indices: Sequence[int] | None = None, norm: bool = True):
-        """Run the trunk on embedded tokens (B, N', D) -> (B, prefix + N', D).
-
-        With ``indices``, also return the un-normalised outputs of those blocks
-        (as ``forward_intermediates``): a tuple (final, [intermediates...]).
-        """
+    def forward_tokens(self, x: torch.Tensor, attn_mask=None, norm: bool = True) -> torch.Tensor:
+        """Embedded tokens (B, N', D) -> (B, prefix + N', D): prefix tokens, the blocks, the final norm."""
         x = self.add_prefix_tokens(x)
         bias = self._rel_bias(x.shape[1])
-        wanted = set(indices) if indices is not None else set()
-        intermediates = []
-        for i, blk in enumerate(self.blocks):
+        for blk in self.blocks:
             x = blk(x, attn_mask=attn_mask, rel_pos_bias=bias)
-            if i in wanted:
-                intermediates.append(x)
-        if norm:
-            x = self.norm(x)
-        return (x, intermediates) if indices is not None else x
+        return self.norm(x) if norm else x
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, prefix + N, D) after the final norm; no masking."""
         return self.forward_tokens(self.embed(images))
 
     def _take(self, indices) -> list[int]:
-        """Block indices as timm's ``feature_take_indices``: None = all, int n = the last n, negatives from the end."""
+        """Block indices as timm's ``feature_take_indices`` (None = all, int n = the last n), range-checked."""
         if isinstance(indices, int) and not 0 < indices <= self.depth:
             raise ValueError(f"last-n block count {indices} is out of range (1 to {self.depth})")
         if not isinstance(indices, int) and indices is not None:
@@ -215,53 +180,37 @@ class VisionTransformer(nn.Module):
                                  f"(0 to {self.depth - 1}, or negative from the end)")
         return feature_take_indices(self.depth, indices)[0]
 
-    def block_outputs(self, images: torch.Tensor, indices: Sequence[int] | int | None = None,
-                      norm: bool = False) -> list[torch.Tensor]:
-        """Outputs of the chosen blocks, each (B, prefix + N, D), in the order of ``indices``.
-
-        ``indices``: None = the last block, int n = the last n blocks, negatives count from the
-        end. ``norm=True`` applies the final LayerNorm to each. Probes average these.
-        """
-        take = self._take(1 if indices is None else indices)
-        _, inter = self.forward_tokens(self.embed(images), indices=sorted(set(take)), norm=False)
-        by_index = dict(zip(sorted(set(take)), inter))
-        out = [by_index[i] for i in take]
-        return [self.norm(t) for t in out] if norm else out
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Union[int, Sequence[int], None] = None,
-        return_prefix_tokens: bool = False,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ):
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
         """timm's ``VisionTransformer.forward_intermediates`` contract (timm 1.0).
 
         ``indices``: None = all blocks, int n = the last n, a sequence = those blocks (negatives
-        from the end); intermediates come in block order. Each is the block's output with the
-        prefix tokens split off, (B, D, h, w) for ``output_fmt="NCHW"`` or (B, N, D) for
-        ``"NLC"``; ``return_prefix_tokens`` makes each a pair (spatial, prefix (B, prefix, D)).
-        ``norm`` applies the final LayerNorm to each. Returns ``(final, intermediates)`` where
-        final = ``forward_features`` (B, prefix + N, D), or the list alone with
-        ``intermediates_only``. ``stop_early`` is accepted for timm's signature; all blocks run.
+        from the end); intermediates come in block order, each the block's output with the
+        prefix tokens split off: (B, D, h, w) for ``output_fmt="NCHW"``, (B, N, D) for ``"NLC"``,
+        paired with the prefix (B, prefix, D) when ``return_prefix_tokens``. ``norm`` applies the
+        final LayerNorm to each; ``stop_early`` runs no block after the last one asked for.
+        Returns ``(final, intermediates)``, final = the last block run, normed, or the list alone
+        with ``intermediates_only``.
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be NCHW or NLC, got {output_fmt!r}")
-        take = sorted(set(self._take(indices)))
-        final, inter = self.forward_tokens(self.embed(x), indices=take, norm=True)
-        if norm:
-            inter = [self.norm(t) for t in inter]
+        take = self._take(indices)
+        last = max(take) if stop_early else self.depth - 1
+        tokens = self.add_prefix_tokens(self.embed(x))
+        bias = self._rel_bias(tokens.shape[1])
+        inter = []
+        for i, blk in enumerate(self.blocks[:last + 1]):
+            tokens = blk(tokens, rel_pos_bias=bias)
+            if i in take:
+                inter.append(self.norm(tokens) if norm else tokens)
         p = self.num_prefix_tokens
-        prefix = [t[:, :p] for t in inter]
         spatial = [t[:, p:] for t in inter]
         if output_fmt == "NCHW":
-            B, (h, w) = x.shape[0], self.grid_size
-            spatial = [t.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for t in spatial]
-        out = list(zip(spatial, prefix)) if return_prefix_tokens and p else spatial
-        return out if intermediates_only else (final, out)
+            h, w = self.grid_size
+            spatial = [t.reshape(t.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for t in spatial]
+        out = list(zip(spatial, [t[:, :p] for t in inter])) if return_prefix_tokens and p else spatial
+        return out if intermediates_only else (self.norm(tokens), out)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_features(images)

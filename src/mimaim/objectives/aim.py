@@ -1,43 +1,24 @@
 """AIM: Scalable Pre-training of Large Autoregressive Image Models (El-Nouby et al., 2401.08541).
 
-Section 3 of the paper, with the trunk as ``apple/ml-aim`` ``aim-v1`` releases it:
+Section 3 of the paper, with the trunk as ``apple/ml-aim`` releases it and training as
+``apple/ml-l3m`` does (docs/methods.md section 5):
 
-* **Trunk** (Sec. 3, "Architecture"): a ViT over *all* patches in raster order, no cls
-  token, fixed 2-D sin-cos positions, LayerNorm right after the patch projection, no bias
-  in any trunk Linear, LayerNorm eps 1e-6, a final LayerNorm.
-* **Prefix-causal attention** (Sec. 3, "Prefix Transformer", Fig. 3): per sample a prefix
-  length S ~ U[1, N-1]; attention is bidirectional inside the first S patches and causal
-  after them (a query sees every prefix key and every key up to itself). The loss covers
-  only the non-prefix patches. Downstream the trunk runs bidirectionally with no mask.
-  ``attention="causal"`` is the ablation of Table 3d: S = 1, i.e. plain causal attention
-  with the loss on every patch after the first.
-* **Objective** (Sec. 3, Eq. 1-2): next-patch regression in raster order. The trunk
-  output at position k predicts patch k+1; the target is per-patch normalised pixels
-  (Table 3a's best) and the loss is their mean squared error.
-* **Head** (Sec. 3, "Prediction heads"; Table 3e/f): a stack of per-token MLP blocks, 12
-  blocks of width 2048 by default, as apple/ml-l3m trains AIM (``heads/simple_decoder.py``
-  ``SimpleDecoder`` with ``configs/aimv1/001_aim_v1_600M.yaml``): a Linear with bias (D ->
-  width), the fixed sin-cos table added *at the head's width*, ``head_depth`` blocks of
-  ``x + LN(x)`` then ``x + MLP(LN(x))`` (l3m's transformer block with its attention replaced by
-  an identity; bias-free MLP, expansion ``head_mlp_ratio``), a LayerNorm and a Linear with bias
-  (width -> p*p*3); LayerNorm eps 1e-5, xavier-uniform Linears with zero biases (``L3MHead``;
-  tests/test_aim.py pins it to a reference written from l3m's code). ``head_style="lightly"``
-  keeps the layout of lightly's ``AIMPredictionHead`` instead (bias-free Linears, one LayerNorm
-  per block, the table added at the trunk's width before the head) for the peer test
-  tests/test_aim_lightly.py.
-* **Masked variant** (Table 5): ``mode="masked"`` keeps everything but the task: the
-  trunk is bidirectional, a random ``mask_ratio`` of patches is replaced by a learned mask
-  token (N(0, 0.02)), and the same head predicts each masked patch's own pixels, with the
-  loss on masked patches only (paper: 70.3 at 50%, 77.8 at 75% vs AR 78.2, attentive).
+* **Trunk**: a ViT over *all* patches in raster order, no cls token, fixed sin-cos positions,
+  LayerNorm after the patch projection, no bias in any trunk Linear.
+* **Prefix-causal attention** (Fig. 3): per sample a prefix length S ~ U[1, N-1], bidirectional
+  attention inside it, causal after it; bidirectional downstream. ``attention="causal"``: S = 1.
+* **Objective** (Eq. 1-2): the output at position k regresses patch k+1, per-patch
+  normalised pixels (Table 3a), MSE averaged over the non-prefix patches (``forward_loss``).
+* **Head** ("Prediction heads", Table 3e/f): ml-l3m's ``SimpleDecoder`` (``L3MHead``), 12
+  per-token MLP blocks of width 2048; tests/test_aim.py pins it to a reference written from
+  l3m's code.
+* **Masked variant** (Table 5, ``mode="masked"``): a bidirectional trunk, a random
+  ``mask_ratio`` of patches replaced by a learned mask token, the same head predicting each
+  masked patch's own pixels, the loss on masked patches only.
 
-Training recipe (configs/aim_*.yaml, from the same l3m config): AdamW (0.9, 0.95), lr 1e-3,
-weight decay 0.05 except biases, norms and position tables, gradient clipping at 1.0, linear
-warm-up over 2.5% of the iterations then cosine to 0; augmentation ``AIM.augmentation``.
-
-Departures from l3m (docs/methods.md section 5): trunk LayerNorms use eps 1e-6 (ml-aim's
-released trunk; l3m's config sets 1e-5); the warm-up starts at 0, not 1e-6. On CUDA the
-prefix-causal mask runs through ``flex_attention`` with a ``BlockMask``, which computes the
-same function as ml-aim's dense boolean mask (tests/test_aim.py checks it).
+Departures (docs/methods.md section 5): trunk LayerNorm eps 1e-6 (ml-aim's trunk; l3m's
+config sets 1e-5); the warm-up starts at 0. On CUDA the prefix-causal mask runs through
+``flex_attention`` (the same function as ml-aim's dense boolean mask; tests/test_aim.py).
 """
 
 from __future__ import annotations
@@ -48,15 +29,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from timm.layers import Mlp
+from torch.nn.attention.flex_attention import create_block_mask
 
-from ..models.layers import (BlockMask, init_weights_xavier, normalized_pixel_targets, patchify, sincos_2d,
-                             unpatchify)
-from .base import Augmentation, Objective, ProbeProtocol, ObjectiveOutput, register_objective
-
-MODES = ("autoregressive", "masked")
-ATTENTIONS = ("prefix", "causal")
-KERNELS = ("auto", "flex", "sdpa")
-HEAD_STYLES = ("l3m", "lightly")
+from ..models.layers import (init_weights_xavier, patch_mask_to_pixels, pixel_targets, predicted_pixels,
+                             sincos_2d)
+from .base import (Augmentation, Objective, ObjectiveOutput, ProbeProtocol, check_choice, masked_columns,
+                   register_objective)
 
 
 @dataclass
@@ -68,21 +46,14 @@ class AIMOptions:
     head_depth: int = 12
     head_width: int = 2048
     head_mlp_ratio: float = 4.0
-    head_style: str = "l3m"  # l3m (ml-l3m's SimpleDecoder, AIM's training code) | lightly (lightly's head)
     norm_pix_loss: bool = True
     mask_ratio: float = 0.5  # mode=masked only
     attention_kernel: str = "auto"  # auto: flex_attention on CUDA, dense SDPA elsewhere | flex | sdpa
 
     def validate(self):
-        def choice(name, allowed):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"aim.{name}: unknown value {value!r}; choose one of {', '.join(allowed)}")
-
-        choice("mode", MODES)
-        choice("attention", ATTENTIONS)
-        choice("attention_kernel", KERNELS)
-        choice("head_style", HEAD_STYLES)
+        check_choice("aim", "mode", self.mode, ("autoregressive", "masked"))
+        check_choice("aim", "attention", self.attention, ("prefix", "causal"))
+        check_choice("aim", "attention_kernel", self.attention_kernel, ("auto", "flex", "sdpa"))
         if self.min_prefix < 1:
             raise ValueError(f"aim.min_prefix must be at least 1 (the prefix holds at least one patch), "
                              f"got {self.min_prefix}")
@@ -119,8 +90,6 @@ def prefix_causal_mask(prefix_len: torch.Tensor, num_tokens: int) -> torch.Tenso
 
 def prefix_causal_block_mask(prefix_len: torch.Tensor, num_tokens: int):
     """The same mask as a flex-attention ``BlockMask`` (fully masked tiles are skipped on CUDA)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) | (kv_idx < prefix_len[b])
 
@@ -129,11 +98,7 @@ def prefix_causal_block_mask(prefix_len: torch.Tensor, num_tokens: int):
 
 
 class L3MHeadBlock(nn.Module):
-    """One block of ml-l3m's AIM head: l3m's transformer ``Block`` with an identity in place of attention.
-
-    ``x = x + norm_1(x)`` (the attention branch, ``GenericIdentity`` applied to the normed
-    input), then ``x = x + mlp(norm_2(x))`` with a bias-free MLP. Parameter names as l3m's.
-    """
+    """l3m's transformer ``Block`` with ``GenericIdentity`` as attention: x + norm_1(x), then x + mlp(norm_2(x))."""
 
     def __init__(self, dim: int, mlp_ratio: float = 4.0, eps: float = 1e-5):
         super().__init__()
@@ -147,14 +112,11 @@ class L3MHeadBlock(nn.Module):
 
 
 class L3MHead(nn.Module):
-    """AIM's prediction head as ml-l3m defines it (``heads/simple_decoder.py`` ``SimpleDecoder`` with the
-    ``configs/aimv1`` settings): (B, N, D) trunk output -> (B, N, out).
+    """AIM's head as ml-l3m's ``SimpleDecoder`` (``configs/aimv1``): (B, N, D) trunk output -> (B, N, out).
 
-    ``decoder_projection`` Linear(D -> width, with bias); plus the fixed 2-D sin-cos table at
-    the head's width; ``depth`` ``L3MHeadBlock``s; ``decoder_norm``; ``decoder_pred``
-    Linear(width -> out, with bias). LayerNorm eps 1e-5. Every Linear is xavier-uniform with
-    zero bias: l3m first draws ``decoder_pred`` fan-in depth-scaled, then its ``apply(_init_weights)``
-    pass re-draws every Linear, that one included, as xavier-uniform.
+    A Linear with bias to the head's width, the fixed sin-cos table added at that width,
+    ``depth`` bias-free MLP blocks, a LayerNorm (eps 1e-5 throughout) and a Linear with bias.
+    Every Linear ends xavier-uniform with zero bias, as after l3m's ``apply(_init_weights)``.
     """
 
     def __init__(self, in_dim: int, out_dim: int, grid_size: tuple[int, int], width: int = 2048, depth: int = 12,
@@ -178,41 +140,6 @@ class L3MHead(nn.Module):
         return self.decoder_pred(self.decoder_norm(x))  # (B, N, out)
 
 
-class MLPHeadBlock(nn.Module):
-    """One block of lightly's ``AIMPredictionHead``: x + MLP(LN(x)), no biases."""
-
-    def __init__(self, dim: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), dim, bias=False)
-
-    def forward(self, x):
-        return x + self.mlp(self.norm(x))
-
-
-class AIMHead(nn.Module):
-    """``head_style="lightly"``: laid out block for block like lightly's ``AIMPredictionHead`` (its peer test).
-
-    A bias-free Linear (D -> width), ``depth`` ``MLPHeadBlock``s, a LayerNorm (eps 1e-6, as our
-    trunk) and a bias-free Linear (width -> out); the sin-cos table is added at the trunk's
-    width before it (``AIM.forward_head``).
-    """
-
-    def __init__(self, in_dim: int, out_dim: int, width: int = 2048, depth: int = 12, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.embed = nn.Linear(in_dim, width, bias=False)
-        self.blocks = nn.ModuleList([MLPHeadBlock(width, mlp_ratio) for _ in range(depth)])
-        self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.pred = nn.Linear(width, out_dim, bias=False)
-        self.apply(init_weights_xavier)
-
-    def forward(self, x):
-        x = self.embed(x)  # (B, N, W)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.pred(self.norm(x))  # (B, N, out)
-
-
 @register_objective
 class AIM(Objective):
     name = "aim"
@@ -223,7 +150,8 @@ class AIM(Objective):
                                 jitter_first=False, interpolation="bicubic")
     #: ml-aim AverageLayers: mean of the last 6 blocks, no final norm
     probe_protocol = ProbeProtocol(pool="mean", layers=(-6, -5, -4, -3, -2, -1), norm=False,
-                                   source="AIM paper sec. 4 / apple/ml-aim AverageLayers (last 6 blocks, no final norm)")
+                                   source="AIM paper sec. 4 / apple/ml-aim AverageLayers "
+                                          "(last 6 blocks, no final norm)")
     #: ``recipe: quick``: a small head so the built-in run takes minutes on a CPU; width 128 takes 0.76x
     #: the step time of width 256 (benchmarks/bench_quick_options.py)
     quick_options = {"head_depth": 2, "head_width": 128}
@@ -241,8 +169,8 @@ class AIM(Objective):
         super().__init__(encoder, options)
         N = encoder.num_patches
         if N < 2:
-            raise ValueError(f"AIM needs at least 2 patches to predict a next one; got {N} "
-                             f"(img_size {encoder.img_size}, patch_size {encoder.patch_size}); use a smaller --patch-size")
+            raise ValueError(f"AIM needs at least 2 patches to predict a next one; got {N} (img_size "
+                             f"{encoder.img_size}, patch_size {encoder.patch_size}); use a smaller --patch-size")
         self.max_prefix = options.max_prefix or N - 1
         if self.max_prefix > N - 1:
             raise ValueError(f"aim.max_prefix {options.max_prefix} leaves nothing to predict: the image has "
@@ -250,30 +178,20 @@ class AIM(Objective):
         if options.min_prefix > self.max_prefix:
             raise ValueError(f"aim.min_prefix {options.min_prefix} exceeds the largest prefix {self.max_prefix} "
                              f"for {N} patches; lower it")
-        p = encoder.patch_size
-        out_dim = p * p * encoder.in_chans
-        if options.head_style == "l3m":
-            self.head = L3MHead(encoder.embed_dim, out_dim, encoder.grid_size, options.head_width, options.head_depth,
-                                options.head_mlp_ratio)
-        else:
-            self.head = AIMHead(encoder.embed_dim, out_dim, options.head_width, options.head_depth,
-                                options.head_mlp_ratio)
+        out_dim = encoder.patch_size ** 2 * encoder.in_chans
+        self.head = L3MHead(encoder.embed_dim, out_dim, encoder.grid_size, options.head_width, options.head_depth,
+                            options.head_mlp_ratio)
         self._init_trunk_as_l3m()
+        self.mask_token = None
         if options.mode == "masked":
             self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
             nn.init.normal_(self.mask_token, std=0.02)
-        else:
-            self.mask_token = None
 
     @torch.no_grad()
     def _init_trunk_as_l3m(self):
-        """The two places where l3m's trunk initialisation differs from our shared xavier init.
-
-        l3m's attention has separate q, k and v Linears, each xavier-uniform over (D, D); our
-        fused qkv is drawn the same way one third at a time (a fused (3D, D) xavier draw is
-        narrower). l3m's ``ViTPreprocessor`` re-draws only the patch conv's weight, so the
-        conv bias keeps PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-        """
+        """Where l3m's trunk init differs from the shared xavier init: separate q, k, v Linears, each
+        xavier over (D, D) (drawn here a third of the fused qkv at a time), and the patch conv's bias
+        left at PyTorch's default U(+-1/sqrt(fan_in)) (l3m re-draws only its weight)."""
         for blk in self.encoder.blocks:
             for part in blk.attn.qkv.weight.chunk(3, dim=0):
                 nn.init.xavier_uniform_(part)
@@ -282,7 +200,6 @@ class AIM(Objective):
             bound = 1.0 / math.sqrt(conv.weight[0].numel())
             nn.init.uniform_(conv.bias, -bound, bound)
 
-    # -- masking, drawn per sample in the data pipeline -----------------------------------
     def sample_masking(self, generator):
         """Autoregressive: the prefix length S, a scalar long tensor. Masked: a (N,) bool mask."""
         N = self.encoder.num_patches
@@ -295,25 +212,10 @@ class AIM(Objective):
             return torch.tensor(1)  # prefix of one patch == plain causal attention
         return torch.randint(self.options.min_prefix, self.max_prefix + 1, (), generator=generator)
 
-    # -- the method's vocabulary ------------------------------------------------------------
-    def patchify(self, images):
-        return patchify(images, self.encoder.patch_size)  # (B, N, p*p*3)
-
-    def unpatchify(self, patches):
-        return unpatchify(patches, self.encoder.patch_size, self.encoder.grid_size, self.encoder.in_chans)
-
-    def target(self, images):
-        target = self.patchify(images)
-        return normalized_pixel_targets(target) if self.options.norm_pix_loss else target
-
-    def use_flex(self, device: torch.device) -> bool:
-        kernel = self.options.attention_kernel
-        return BlockMask is not None and (kernel == "flex" or (kernel == "auto" and device.type == "cuda"))
-
     def attention_mask(self, prefix_len: torch.Tensor):
-        """(B,) prefix lengths -> the trunk's attention mask (flex ``BlockMask`` or dense bool)."""
-        N = self.encoder.num_patches
-        if self.use_flex(prefix_len.device):
+        """(B,) prefix lengths -> the trunk's mask: a flex ``BlockMask`` (``attention_kernel``) or dense bool."""
+        N, kernel = self.encoder.num_patches, self.options.attention_kernel
+        if kernel == "flex" or (kernel == "auto" and prefix_len.device.type == "cuda"):
             if prefix_len.device.type != "cuda" and torch.is_grad_enabled():
                 raise ValueError("aim.attention_kernel=flex trains only on CUDA (torch's flex_attention has no "
                                  "CPU backward); use attention_kernel=auto or sdpa on this device")
@@ -322,79 +224,52 @@ class AIM(Objective):
 
     def forward_trunk(self, images, prefix_len=None, mask=None):
         """-> (B, N, D) after the final norm: prefix-causal with ``prefix_len`` (B,), masked with ``mask``."""
-        if mask is not None:
-            x = self.encoder.embed(images, mask=mask, mask_token=self.mask_token)  # (B, N, D)
-            return self.encoder.forward_tokens(x)
-        x = self.encoder.embed(images)  # (B, N, D)
+        x = self.encoder.embed(images, mask=mask, mask_token=self.mask_token)  # (B, N, D)
         attn_mask = self.attention_mask(prefix_len) if prefix_len is not None else None
         return self.encoder.forward_tokens(x, attn_mask=attn_mask)
 
-    def forward_head(self, features):
-        """Trunk output (B, N, D) -> per-token predictions (B, N, p*p*3).
-
-        l3m's head adds the sin-cos table itself, at its own width after its projection;
-        the lightly-style head gets the trunk's table added to the features before it.
-        """
-        if self.options.head_style == "l3m":
-            return self.head(features)
-        return self.head(features + self.encoder.pos_embed.to(features.dtype))
-
-    def default_masking(self, images):
-        B, device = images.shape[0], images.device
-        return self.draw_masking(B).to(device)
-
-    def forward_loss(self, images, pred, mask):
-        """Mean over counted patches of the per-patch MSE (mean over p*p*3)."""
-        target = self.target(images)
-        per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (B, N)
-        return (per_patch * mask).sum() / mask.sum().clamp_min(1.0), target
+    def forward_loss(self, images, pred, mask, shift: int = 1):
+        """AIM's loss (Eq. 2), as ml-l3m's ``RasterPixelLoss.compute_loss``: output k of pred (B, N, P)
+        regresses patch k + ``shift`` (0: the masked variant's own patch) of the per-patch normalised pixels;
+        the MSE per patch is averaged over the target patches counted in mask (B, N) (non-prefix, or masked).
+        -> (loss, target (B, N, P))"""
+        target = pixel_targets(images, self.encoder.patch_size, self.options.norm_pix_loss)
+        out, tgt = (pred[:, :-shift], target[:, shift:]) if shift else (pred, target)
+        loss = ((out.float() - tgt.float()) ** 2).mean(dim=-1)  # (B, N - shift), per patch
+        counted = mask[:, shift:]
+        return (loss * counted).sum() / counted.sum().clamp_min(1.0), target
 
     def forward(self, images, masking=None):
-        if masking is None:
-            masking = self.default_masking(images)
+        masking = self.masking_or_draw(images, masking)
         if self.options.mode == "masked":
             mask = masking.bool()  # (B, N)
-            pred = self.forward_head(self.forward_trunk(images, mask=mask))  # (B, N, P): each patch itself
-            loss_mask = mask.to(pred.dtype)
-            extras = {}
+            pred = self.head(self.forward_trunk(images, mask=mask))  # (B, N, P): each patch itself
+            counted, shift = mask.to(pred.dtype), 0
         else:
             prefix_len = masking.long().reshape(-1)  # (B,)
-            out = self.forward_head(self.forward_trunk(images, prefix_len))  # out[:, k] predicts patch k+1
-            # re-index so pred[:, t] is the prediction *for* patch t (nothing predicts patch 0)
-            pred = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)  # (B, N, P)
-            N = pred.shape[1]
-            loss_mask = (torch.arange(N, device=pred.device)[None] >= prefix_len[:, None]).to(pred.dtype)  # (B, N)
-            extras = {"prefix_len": prefix_len}
-        loss, target = self.forward_loss(images, pred, loss_mask)
-        return ObjectiveOutput(loss=loss, pred=pred, target=target, mask=loss_mask, extras=extras)
+            pred = self.head(self.forward_trunk(images, prefix_len))  # pred[:, k] regresses patch k + 1
+            counted = (torch.arange(pred.shape[1], device=pred.device)[None] >= prefix_len[:, None]).to(pred.dtype)
+            shift = 1
+        loss, target = self.forward_loss(images, pred, counted, shift)
+        return ObjectiveOutput(loss=loss, pred=pred, target=target, mask=counted)
 
     def no_weight_decay(self):
-        """l3m's ``wd_exclude`` patterns ``*bias*``, ``*pos_embed*``, ``*norm*``, ``*gamma*`` select here exactly
-        the biases and LayerNorm weights the optimiser leaves undecayed anyway (the position tables are
-        frozen); nothing else is excluded, so the masked variant's mask token is decayed as a 2-D
-        parameter under those patterns would be (docs/methods.md section 5)."""
+        """None: l3m's ``wd_exclude`` patterns (``*bias*``, ``*pos_embed*``, ``*norm*``, ``*gamma*``) select
+        here only 1-D parameters, undecayed anyway; the mask token is decayed (docs/methods.md section 5)."""
         return set()
 
     @torch.no_grad()
     def reconstruct(self, images, masking=None):
-        """Columns: the image, what the trunk was given, the predictions, predictions pasted in.
-
-        Autoregressive: each non-prefix patch is predicted from the true patches before it
-        (teacher forcing, one pass, as in training), shown in raster order.
-        """
+        """Columns: the image, what the trunk was given, the predictions, predictions pasted in; each
+        non-prefix patch predicted from the true patches before it (teacher forcing, as in training)."""
         out = self(images, masking)
-        pred = out.pred.float()
-        if self.options.norm_pix_loss:
-            # undo the per-patch normalisation with the true patch statistics, as the MAE demo does
-            patches = self.patchify(images).float()
-            pred = pred * (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(dim=-1, keepdim=True)
-        p2c = pred.shape[-1]
-        predicted = self.unpatchify(out.mask.float().unsqueeze(-1).expand(-1, -1, p2c))  # 1 = predicted
-        seen = 1 - predicted
-        reconstruction = self.unpatchify(pred) * predicted
-        pasted = images * seen + reconstruction
+        pred = out.pred
+        if self.options.mode != "masked":  # put the prediction for patch t at t (nothing predicts patch 0)
+            pred = torch.cat([torch.zeros_like(pred[:, :1]), pred[:, :-1]], dim=1)
+        pred = predicted_pixels(pred.float(), images, self.encoder.patch_size, self.options.norm_pix_loss)
+        predicted = patch_mask_to_pixels(out.mask, self.encoder.patch_size, self.encoder.grid_size)  # 1 = predicted
         if self.options.mode == "masked":
-            return {"original": images, "masked": images * seen, "reconstruction": self.unpatchify(pred),
-                    "reconstruction + visible": pasted}
-        return {"original": images, "prefix seen": images * seen, "next-patch predictions": reconstruction,
-                "predictions + prefix": pasted}
+            return masked_columns(images, pred, 1 - predicted)
+        seen = 1 - predicted
+        return {"original": images, "prefix seen": images * seen, "next-patch predictions": pred * predicted,
+                "predictions + prefix": images * seen + pred * predicted}

@@ -1,29 +1,16 @@
 """The seam between the engine and the objectives.
 
-The engine knows an objective only as an ``Objective``:
+The engine knows an objective only as an ``Objective`` (a new one is one file subclassing it):
+``Options`` (a dataclass of its settings with the paper's defaults, set with ``--opt name=value``),
+``backbone_kwargs`` / ``family_backbone_kwargs`` (the backbone flavour the paper uses),
+``augmentation``, ``sample_masking(generator)`` (one sample's masking, drawn in the data pipeline,
+see ``masking.py``), ``forward(images, masking) -> ObjectiveOutput``, ``reconstruct`` (named image
+columns for pictures, in normalised input space), ``encoder`` (the backbone, for probes and
+fine-tuning), ``num_views`` and ``after_optimizer_step`` (an EMA target encoder's hook).
 
-* ``Objective.Options``: a dataclass of the objective's own settings with the paper's
-  defaults (e.g. MAE's mask ratio and decoder size). Users set them with
-  ``--set objective.name=value`` or an ``objective_options:`` block in a YAML preset; unknown
-  names are rejected with the list of allowed ones.
-* ``Objective.backbone_kwargs(options)``: the backbone flavour the paper uses
-  (``family_backbone_kwargs(options, family)`` when it depends on the backbone family).
-* ``Objective.augmentation``: the paper's crop scale and colour jitter.
-* ``sample_masking(generator)``: one sample's masking, drawn in the data pipeline
-  (see ``masking.py`` for why). Returns a tensor, or None when the objective draws
-  nothing.
-* ``forward(images, masking) -> ObjectiveOutput``: the loss and what pictures need.
-* ``reconstruct(images, masking) -> dict[str, Tensor]``: named image columns for the
-  picture (all (B, 3, H, W) in normalised input space).
-* ``encoder``: the backbone, for probes and fine-tuning.
-
-* ``num_views``: augmented views per image (1: images (B, 3, H, W); k: (B, k, 3, H, W)).
-* ``after_optimizer_step(step)``: a hook after each optimiser step (an EMA target encoder).
-
-A new objective is one file that subclasses ``Objective``; no edit elsewhere registers it:
-``--objective package.module:ClassName``, a module listed in ``$MIMAIM_PLUGINS`` that calls
-``register_objective``, or an entry point in the ``mimaim.objectives`` group of any installed
-package (``load_plugins``).
+Registration needs no edit elsewhere: ``--objective package.module:ClassName``, a module listed
+in ``$MIMAIM_PLUGINS`` that calls ``register_objective``, or an entry point in the
+``mimaim.objectives`` group of any installed package (``load_plugins``).
 """
 
 from __future__ import annotations
@@ -50,17 +37,26 @@ class ObjectiveOutput:
 
 @dataclass(frozen=True)
 class ProbeProtocol:
-    """How an objective's frozen encoder is read by probes, as its official evaluation does.
-
-    ``pool``: "cls" (the cls token) or "mean" (mean of patch tokens); ``layers``: block
-    indices whose outputs are averaged (None: the last block); ``norm``: apply the final
-    LayerNorm (to the single last block, or to each listed block). ``source``: where the
-    protocol comes from (paper section or official script).
-    """
+    """How probes read an objective's frozen encoder, as its official evaluation does (``eval/features.py``):
+    ``pool`` "cls" or "mean" (of patch tokens), ``layers`` block indices averaged (None: the last block),
+    ``norm`` the final LayerNorm applied to each, ``source`` the paper section or official script."""
     pool: str = "mean"
     layers: tuple[int, ...] | None = None
     norm: bool = True
     source: str = ""
+
+
+def check_choice(objective: str, name: str, value: Any, allowed: tuple) -> None:
+    """Raise ValueError naming ``objective.name``'s bad ``value`` and the allowed ones."""
+    if value not in allowed:
+        raise ValueError(f"{objective}.{name}: unknown value {value!r}; choose one of {', '.join(allowed)}")
+
+
+def masked_columns(images: torch.Tensor, reconstruction: torch.Tensor, visible: torch.Tensor) -> dict:
+    """A masked objective's picture: the image, the masked input, the reconstruction, and it with the
+    visible pixels pasted back (``visible`` (B, 1, H, W), 1 = visible)."""
+    return {"original": images, "masked": images * visible, "reconstruction": reconstruction,
+            "reconstruction + visible": images * visible + reconstruction * (1 - visible)}
 
 
 class Objective(nn.Module):
@@ -90,11 +86,8 @@ class Objective(nn.Module):
 
     @classmethod
     def family_backbone_kwargs(cls, options, family: str) -> dict:
-        """The flavour for a backbone of ``family`` ("vit", "swin"); ``backbone_kwargs`` unless overridden.
-
-        Objectives with more than one backbone family (SimMIM: ViT and Swin) override this,
-        since a ViT flavour (cls token, position table, q/v bias) means nothing to a Swin.
-        """
+        """The flavour for a backbone of ``family`` ("vit", "swin"): ``backbone_kwargs`` unless an objective
+        with several families (SimMIM) overrides it, since a ViT flavour means nothing to a Swin."""
         return cls.backbone_kwargs(options)
 
     def sample_masking(self, generator: torch.Generator) -> torch.Tensor | None:
@@ -116,13 +109,13 @@ class Objective(nn.Module):
         draws = [self.sample_masking(generator) for _ in range(batch_size)]
         return None if draws[0] is None else torch.stack(draws)
 
-    def no_weight_decay(self) -> set[str]:
-        names = {f"encoder.{n}" for n in getattr(self.encoder, "no_weight_decay", lambda: set())()}
-        return names | set(self.extra_no_weight_decay())
+    def masking_or_draw(self, images: torch.Tensor, masking: torch.Tensor | None) -> torch.Tensor | None:
+        """``masking`` as the loader drew it, or fresh draws for ``images`` when called without."""
+        return masking if masking is not None else self.draw_masking(images.shape[0]).to(images.device)
 
-    def extra_no_weight_decay(self) -> set[str]:
-        """Names of the objective's own special tokens/tables kept out of weight decay."""
-        return set()
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names kept out of weight decay besides 1-D ones: the encoder's own list by default."""
+        return {f"encoder.{n}" for n in getattr(self.encoder, "no_weight_decay", lambda: set())()}
 
 
 # --------------------------------------------------------------------------- registry

@@ -3,22 +3,18 @@
 Section 2 of the paper, as unilm ``beit/`` (``run_beit_pretraining.py``,
 ``modeling_pretrain.py``, ``masking_generator.py``) implements it:
 
-* a visual tokenizer turns the same crop, resized to its own input (DALL-E: 112 px for a
-  224 crop, 8x downsampling), into one discrete id per patch (section 2.1.2);
-* blockwise masking (Algorithm 1) picks ~40% of the patches as rectangular blocks of at
-  least 16 patches with aspect ratio in [0.3, 1/0.3] (``masking.blockwise_mask``);
-* the encoder sees *all* patches, the masked ones' embeddings replaced by a learned
-  [M] token (section 2.2); the backbone is the code's default "BEiT+" flavour (appendix
-  A): cls token, q/v-only attention bias, one relative position bias shared by all
-  blocks and no absolute positions, layer scale 0.1, truncated-normal init rescaled by
-  1/sqrt(2l), drop path 0.1 (Table 12);
-* the head is the final LayerNorm and one Linear(D -> vocabulary) on the masked
-  positions only, trained with cross-entropy against the tokenizer's ids (eq. 1).
+* a visual tokenizer turns the same crop, resized to its own input, into one discrete id
+  per patch (section 2.1.2);
+* blockwise masking (Algorithm 1, ``masking.blockwise_mask``) picks ~40% of the patches;
+* the encoder sees *all* patches, the masked ones' embeddings replaced by a learned [M]
+  token (section 2.2); the backbone is the code's default "BEiT+" flavour (appendix A): q/v
+  bias, one shared relative position bias, layer scale 0.1, drop path 0.1 (Table 12);
+* the head is the final LayerNorm and one Linear(D -> vocabulary) on the masked positions
+  only, trained with cross-entropy against the tokenizer's ids (eq. 1).
 
-Departures: the tokenizer view is resized from the augmented crop tensor with
-antialiased bicubic interpolation, not from the PIL crop with Lanczos (see
-``tokenizers/base.py``); the default tokenizer is a k-means codebook, not DALL-E's dVAE
-(``tokenizers/kmeans.py``); pass ``--tokenizer dalle:PATH`` for the paper's.
+Departures: the tokenizer view is resized from the augmented crop tensor (antialiased
+bicubic), not from the PIL crop with Lanczos (``tokenizers/base.py``); the default tokenizer
+is a k-means codebook (``tokenizers/kmeans.py``); ``--tokenizer dalle:PATH`` is the paper's.
 """
 
 from __future__ import annotations
@@ -31,7 +27,8 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from ..data import IMAGENET_MEAN, IMAGENET_STD
-from ..masking import beit_num_masking_patches, blockwise_mask
+from ..masking import blockwise_mask
+from ..models.layers import patch_mask_to_pixels
 from ..tokenizers import build_tokenizer, id_colours
 from .base import Augmentation, Objective, ProbeProtocol, ObjectiveOutput, register_objective
 
@@ -90,7 +87,8 @@ class BEiT(Objective):
     def __init__(self, encoder: nn.Module, options: BEiTOptions):
         super().__init__(encoder, options)
         H, W = encoder.grid_size
-        self.num_masking_patches = options.num_mask_patches or beit_num_masking_patches(H * W, options.mask_ratio)
+        # the budget int(ratio * N) (the official code passes 75 of 196 as --num_mask_patches)
+        self.num_masking_patches = options.num_mask_patches or int(options.mask_ratio * H * W)
         if not 0 < self.num_masking_patches < H * W:
             raise ValueError(f"beit: a budget of {self.num_masking_patches} masked patches does not fit a {H}x{W} "
                              f"patch grid; choose --mask-ratio or --opt num_mask_patches between 1 and {H * W - 1}")
@@ -115,13 +113,10 @@ class BEiT(Objective):
         nn.init.zeros_(self.lm_head.bias)
 
     def no_weight_decay(self):
-        """The official skip list, ``VisionTransformerForMaskedImageModeling.no_weight_decay()``: the cls
-        token and the absolute position table (when there is one). The shared relative position bias
-        table and the mask token are decayed, as ``optim_factory.get_parameter_groups`` leaves them
-        (docs/methods.md section 3)."""
+        """The official skip list (``VisionTransformerForMaskedImageModeling.no_weight_decay``): the cls token
+        and absolute table; the relative position bias table and mask token are decayed (docs/methods.md 3)."""
         return {"encoder.cls_token", "encoder.pos_embed"}
 
-    # -- the method's vocabulary -------------------------------------------------------
     def sample_masking(self, generator):
         o = self.options
         return blockwise_mask(self.encoder.grid_size, self.num_masking_patches, o.min_block_patches,
@@ -148,9 +143,7 @@ class BEiT(Objective):
         return F.cross_entropy(logits.float(), targets)
 
     def forward(self, images, masking=None):
-        if masking is None:
-            masking = self.draw_masking(images.shape[0]).to(images.device)
-        mask = masking.bool()  # (B, N)
+        mask = self.masking_or_draw(images, masking).bool()  # (B, N)
         ids = self.visual_tokens(images)  # (B, N)
         x = self.forward_encoder(images, mask)
         logits = self.lm_head(x[mask])  # (M, V), masked positions only
@@ -160,16 +153,13 @@ class BEiT(Objective):
         return ObjectiveOutput(loss=loss, pred=logits, target=ids, mask=mask.float(),
                                extras={"accuracy": accuracy.detach()})
 
-    # -- pictures ------------------------------------------------------------------------
-    def _normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1)
-        return (pixels - mean) / std
-
-    def _to_image(self, pixels: torch.Tensor, size) -> torch.Tensor:
+    @staticmethod
+    def _to_image(pixels: torch.Tensor, size) -> torch.Tensor:
+        """[0, 1] pixels -> normalised input space at ``size``."""
         if tuple(pixels.shape[-2:]) != tuple(size):
             pixels = F.interpolate(pixels, size=size, mode="bicubic", antialias=True).clamp(0, 1)
-        return self._normalize(pixels)
+        mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1)
+        return (pixels - mean) / torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1)
 
     @torch.no_grad()
     def reconstruct(self, images, masking=None):
@@ -181,16 +171,13 @@ class BEiT(Objective):
         with each patch's true mean and spread, as the MAE demo draws norm-pix predictions.
         Without one (DALL-E's encoder alone): the target and predicted id maps, colour-coded.
         """
-        if masking is None:
-            masking = self.draw_masking(images.shape[0]).to(images.device)
-        mask = masking.bool()  # (B, N)
+        mask = self.masking_or_draw(images, masking).bool()  # (B, N)
         B = images.shape[0]
         H, W = self.encoder.grid_size
         ids = self.visual_tokens(images)  # (B, N)
         pred = self.lm_head(self.forward_encoder(images, mask)).argmax(-1)  # (B, N)
         filled = torch.where(mask, pred, ids)  # predictions where masked, the true ids elsewhere
-        p = self.encoder.patch_size
-        visible = (~mask).view(B, 1, H, W).float().repeat_interleave(p, 2).repeat_interleave(p, 3)
+        visible = patch_mask_to_pixels((~mask).float(), self.encoder.patch_size, (H, W))
         size = images.shape[-2:]
         columns = {"original": images, "masked": images * visible}
         tok = self.tokenizer
@@ -201,8 +188,8 @@ class BEiT(Objective):
             columns["tokenizer ids decoded"] = target_img
             columns["predicted ids decoded + visible"] = images * visible + pred_img * (1 - visible)
         else:
-            columns["tokenizer ids"] = self._normalize(id_colours(ids.view(B, H, W), self.vocab_size, size))
-            columns["predicted ids (masked)"] = self._normalize(id_colours(filled.view(B, H, W), self.vocab_size,
-                                                                           size)) * (1 - visible) + images * visible
+            columns["tokenizer ids"] = self._to_image(id_colours(ids.view(B, H, W), self.vocab_size, size), size)
+            pred_img = self._to_image(id_colours(filled.view(B, H, W), self.vocab_size, size), size)
+            columns["predicted ids (masked)"] = pred_img * (1 - visible) + images * visible
         return columns
 

@@ -2,13 +2,11 @@
 
 Section 3 of the paper, as ``facebookresearch/mae`` ``models_mae.py`` implements it:
 
-* the encoder (ViT with cls token and frozen 2-D sin-cos positions) sees only the
-  visible patches, 25% of them by default, chosen per sample by argsort of uniform noise;
-* a lightweight decoder (8 blocks, width 512, 16 heads) gets the encoded visible tokens
-  plus a shared, learned mask token at every removed position, with its own frozen
-  sin-cos table;
-* it predicts each patch's pixels, per-patch normalised by default (``norm_pix_loss``),
-  and the loss is the mean squared error over removed patches only.
+* the encoder (cls token, frozen 2-D sin-cos positions) sees only the visible patches, 25%
+  by default, chosen per sample by argsort of uniform noise;
+* a lightweight decoder (8 blocks, width 512) gets them plus a learned mask token at every
+  removed position and predicts each patch's pixels, per-patch normalised (``norm_pix_loss``);
+* the loss is the mean squared error over removed patches only (``forward_loss``).
 """
 
 from __future__ import annotations
@@ -19,8 +17,9 @@ import torch
 from torch import nn
 
 from ..masking import mae_noise, random_masking, unshuffle
-from ..models.layers import Block, init_weights_xavier, normalized_pixel_targets, patchify, sincos_2d, unpatchify
-from .base import Augmentation, Objective, ProbeProtocol, ObjectiveOutput, register_objective
+from ..models.layers import (Block, init_weights_xavier, patch_mask_to_pixels, pixel_targets, predicted_pixels,
+                             sincos_2d)
+from .base import Augmentation, Objective, ObjectiveOutput, ProbeProtocol, masked_columns, register_objective
 
 
 @dataclass
@@ -73,22 +72,14 @@ class MAE(Objective):
             module.apply(init_weights_xavier)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    # -- the method's vocabulary -------------------------------------------------------
     def sample_masking(self, generator):
         return mae_noise(self.encoder.num_patches, generator)  # (N,)
-
-    def patchify(self, images):
-        return patchify(images, self.encoder.patch_size)  # (B, N, p*p*3)
-
-    def unpatchify(self, patches):
-        return unpatchify(patches, self.encoder.patch_size, self.encoder.grid_size, self.encoder.in_chans)
 
     def forward_encoder(self, images, noise=None):
         """-> latent (B, 1 + K, D), mask (B, N), ids_restore (B, N)."""
         x = self.encoder.embed(images)  # (B, N, D) with positions
         x, mask, ids_restore = random_masking(x, self.options.mask_ratio, noise)  # (B, K, D)
-        latent = self.encoder.forward_tokens(x)  # (B, 1 + K, D)
-        return latent, mask, ids_restore
+        return self.encoder.forward_tokens(x), mask, ids_restore  # latent (B, 1 + K, D)
 
     def forward_decoder(self, latent, ids_restore):
         """-> per-patch predictions (B, N, p*p*3)."""
@@ -99,18 +90,14 @@ class MAE(Objective):
         x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
-        x = self.decoder_pred(self.decoder_norm(x))
-        return x[:, 1:]  # drop cls
-
-    def target(self, images):
-        target = self.patchify(images)
-        return normalized_pixel_targets(target) if self.options.norm_pix_loss else target
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # drop cls
 
     def forward_loss(self, images, pred, mask):
-        """Mean over removed patches of the per-patch MSE (mean over p*p*3)."""
-        target = self.target(images)
-        per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (B, N)
-        return (per_patch * mask).sum() / mask.sum().clamp_min(1.0), target
+        """MAE's loss, as ``models_mae.forward_loss``: the MSE per patch against the pixels (per-patch
+        normalised with ``norm_pix_loss``), averaged over the removed patches (mask 1). -> (loss, target)"""
+        target = pixel_targets(images, self.encoder.patch_size, self.options.norm_pix_loss)
+        loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (B, N), mean loss per patch
+        return (loss * mask).sum() / mask.sum().clamp_min(1.0), target  # mean loss on removed patches
 
     def forward(self, images, masking=None):
         latent, mask, ids_restore = self.forward_encoder(images, masking)
@@ -119,26 +106,13 @@ class MAE(Objective):
         return ObjectiveOutput(loss=loss, pred=pred, target=target, mask=mask)
 
     def no_weight_decay(self):
-        """No names: MAE's ``main_pretrain.py`` builds its groups with timm's ``add_weight_decay`` and no
-        skip list, so only 1-D parameters and biases escape decay; the cls and mask tokens are decayed
-        (docs/methods.md section 2). The sin-cos tables are frozen and never reach the optimiser."""
+        """None: ``main_pretrain.py`` uses timm's ``add_weight_decay`` without a skip list, so the cls and
+        mask tokens are decayed (docs/methods.md section 2); the sin-cos tables are frozen."""
         return set()
 
     @torch.no_grad()
     def reconstruct(self, images, masking=None):
         out = self(images, masking)
-        pred = out.pred.float()
-        if self.options.norm_pix_loss:
-            # undo the per-patch normalisation with the true patch statistics, as the MAE demo does
-            patches = self.patchify(images).float()
-            pred = pred * (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(dim=-1, keepdim=True)
-        keep = (1 - out.mask).unsqueeze(-1)  # (B, N, 1), 1 = visible
-        p2c = self.encoder.patch_size ** 2 * self.encoder.in_chans
-        visible_mask = self.unpatchify(keep.expand(-1, -1, p2c))
-        reconstruction = self.unpatchify(pred)
-        return {
-            "original": images,
-            "masked": images * visible_mask,
-            "reconstruction": reconstruction,
-            "reconstruction + visible": images * visible_mask + reconstruction * (1 - visible_mask),
-        }
+        reconstruction = predicted_pixels(out.pred.float(), images, self.encoder.patch_size, self.options.norm_pix_loss)
+        return masked_columns(images, reconstruction,
+                              1 - patch_mask_to_pixels(out.mask, self.encoder.patch_size, self.encoder.grid_size))

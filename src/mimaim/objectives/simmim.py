@@ -1,39 +1,24 @@
 """SimMIM: a Simple Framework for Masked Image Modeling (Xie et al., 2111.09886).
 
-Section 3 of the paper, as ``microsoft/SimMIM`` (``models/simmim.py``,
-``data/data_simmim.py``) implements it:
+Section 3 of the paper, as ``microsoft/SimMIM`` (``models/simmim.py``, ``data/data_simmim.py``):
 
-* **masking** (section 3.1): random masking of coarse cells, 32 px by default whatever the
-  model's patch (16 for ViT, 4 for Swin); ceil(cells x 0.6) cells are masked per sample and
-  each is repeated onto the token grid;
-* **encoder**: sees *every* patch; masked patch embeddings are replaced by one learned mask
-  token before the transformer (after the patch norm for Swin, before positions for ViT);
-* **prediction head** (section 3.3): one linear layer, a 1x1 conv from the final width to
-  stride^2 x 3 channels, then a pixel shuffle back to image resolution (stride 16 for
-  ViT/16, 32 for Swin's four stages);
-* **target and loss** (sections 3.2, 3.4): the normalised input pixels themselves (no
-  per-patch normalisation); L1 over masked pixels only, summed and divided by
+* **masking** (3.1): random masking of coarse cells, 32 px by default whatever the model's
+  patch; ceil(cells x 0.6) cells per sample, each repeated onto the token grid;
+* **encoder**: sees *every* patch, masked patch embeddings replaced by one learned mask
+  token (after the patch norm for Swin, before positions for ViT);
+* **head** (3.3): a 1x1 conv from the final width to stride^2 x 3 channels and a pixel
+  shuffle back to image resolution (stride 16 for ViT/16, 32 for Swin);
+* **loss** (3.2, 3.4): L1 against the input pixels over masked pixels only, divided by
   (#masked pixels + 1e-5) and by the 3 channels.
 
-Backbones, chosen with ``--model``:
+Backbones (``--model``): a ViT, ``vit_flavour="beit"`` (the official ``vit_base``: BEiT-style,
+q/v bias, layer scale 0.1, one shared relative position bias, no absolute table, trunc-normal
+init with BEiT's rescaling, drop path 0.1) or ``"plain"`` (HF ``ViTForMaskedImageModeling``'s
+architecture: learned absolute positions, biased q/k/v; for HF interop); or timm's Swin
+(``models/swin.py``; the official Swin-B recipe uses 192 px and window 6).
 
-* ViT, ``vit_flavour="beit"`` (default, the official ``vit_base`` config): the BEiT-style ViT
-  with q/v bias, layer scale 0.1, one relative position bias shared by all blocks, no
-  absolute position table, a cls token, LN eps 1e-6, truncated-normal init (+-0.02) with
-  BEiT's 1/sqrt(2l) rescaling; drop path 0.1.
-* ViT, ``vit_flavour="plain"``: cls token, learned absolute positions, biased q/k/v, no layer
-  scale: the architecture of HF ``ViTForMaskedImageModeling`` (not weight-compatible with
-  the official SimMIM ViT; used for the equivalence test and HF interop).
-* Swin (``swin_tiny``, ``swin_base``): timm's Swin through ``models/swin.py``; the official
-  Swin-B recipe uses 192 px and window 6 (``window_size``).
-
-Recipe (``configs/simmim_*.yaml``, from the official 800-epoch configs): AdamW (0.9, 0.999),
-weight decay 0.05 with the official skip lists (``no_weight_decay``: the ViT decays its shared
-relative-bias table and mask token; the Swin exempts its bias tables and mask token), grad clip
-5.0, the multi-step schedule (warm-up, flat, x0.1 at epoch 700 of 800), augmentation
-RandomResizedCrop(scale (0.67, 1), bilinear) + flip.
-
-Departure (docs/methods.md section 4): the warm-up starts at 0, not 5e-7 x batch/512.
+Recipe (``configs/simmim_*.yaml``, the official 800-epoch configs); departure (docs/methods.md
+section 4): the warm-up starts at 0, not 5e-7 x batch/512.
 """
 
 from __future__ import annotations
@@ -46,7 +31,9 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from ..masking import check_simmim_mask_sizes, simmim_mask
-from .base import Augmentation, Objective, ProbeProtocol, ObjectiveOutput, register_objective
+from ..models.layers import patch_mask_to_pixels
+from .base import (Augmentation, Objective, ObjectiveOutput, ProbeProtocol, check_choice, masked_columns,
+                   register_objective)
 
 VIT_FLAVOURS = ("beit", "plain")
 
@@ -64,9 +51,7 @@ class SimMIMOptions:
             raise ValueError(f"simmim.mask_ratio must be in (0, 1), got {self.mask_ratio}; the paper uses 0.6")
         if self.mask_patch_size < 1:
             raise ValueError(f"simmim.mask_patch_size must be a positive number of pixels, got {self.mask_patch_size}")
-        if self.vit_flavour not in VIT_FLAVOURS:
-            raise ValueError(f"simmim.vit_flavour: unknown value {self.vit_flavour!r}; choose one of "
-                             f"{', '.join(VIT_FLAVOURS)}")
+        check_choice("simmim", "vit_flavour", self.vit_flavour, VIT_FLAVOURS)
         if self.window_size < 1:
             raise ValueError(f"simmim.window_size must be at least 1, got {self.window_size}")
         if not 0.0 <= self.drop_path_rate < 1.0:
@@ -129,7 +114,6 @@ class SimMIM(Objective):
             nn.PixelShuffle(self.stride),
         )
 
-    # -- the method's vocabulary -------------------------------------------------------
     def sample_masking(self, generator):
         e = self.encoder
         return simmim_mask(e.img_size, self.options.mask_patch_size, e.patch_size, self.options.mask_ratio,
@@ -138,42 +122,28 @@ class SimMIM(Objective):
     def forward_encoder(self, images, mask):
         """images (B, 3, H, W), mask (B, N) -> feature map (B, C, H/stride, W/stride)."""
         x = self.encoder.embed(images, mask, self.mask_token)  # (B, N, D), masked patches -> mask token
-        x = self.encoder.forward_tokens(x)  # (B, prefix + N', C)
-        x = x[:, self.encoder.num_prefix_tokens:]  # drop cls
-        B, L, C = x.shape
-        return x.transpose(1, 2).reshape(B, C, *self.out_grid)
-
-    def forward_decoder(self, z):
-        """(B, C, h, w) -> (B, 3, h * stride, w * stride) predicted pixels."""
-        return self.decoder(z)
+        x = self.encoder.forward_tokens(x)[:, self.encoder.num_prefix_tokens:]  # (B, N', C) without cls
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *self.out_grid)
 
     def pixel_mask(self, mask):
         """(B, N) token mask -> (B, 1, H, W) pixel mask (1 = masked)."""
-        p = self.encoder.patch_size
-        h, w = self.encoder.grid_size
-        return mask.reshape(-1, h, w).repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1)
+        return patch_mask_to_pixels(mask, self.encoder.patch_size, self.encoder.grid_size)
 
     def forward_loss(self, images, pred, mask):
-        """L1 over masked pixels: sum / (#masked pixels + 1e-5) / channels (models/simmim.py)."""
+        """SimMIM's loss (models/simmim.py): L1 over masked pixels, sum / (#masked pixels + 1e-5) / channels."""
         pixel_mask = self.pixel_mask(mask).to(torch.float32)
         per_pixel = F.l1_loss(pred.float(), images.float(), reduction="none")  # (B, 3, H, W)
         return (per_pixel * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / self.encoder.in_chans
 
     def forward(self, images, masking=None):
-        if masking is None:
-            masking = self.draw_masking(images.shape[0]).to(images.device)
-        mask = masking.bool()
-        pred = self.forward_decoder(self.forward_encoder(images, mask))
+        mask = self.masking_or_draw(images, masking).bool()
+        pred = self.decoder(self.forward_encoder(images, mask))  # (B, 3, H, W)
         loss = self.forward_loss(images, pred, mask)
         return ObjectiveOutput(loss=loss, pred=pred, target=images, mask=mask.to(images.dtype))
 
     def no_weight_decay(self):
-        """The official skip lists (models/simmim.py, docs/methods.md section 4).
-
-        ViT: ``{encoder.pos_embed, encoder.cls_token}`` only, so the shared relative position bias
-        table and the mask token are decayed. Swin: the backbone's relative position bias tables
-        (``no_weight_decay_keywords``) and the mask token (``SwinTransformerForSimMIM``) are not.
-        """
+        """The official skip lists (models/simmim.py, docs/methods.md section 4): the ViT's excludes only the
+        cls token and position table; the Swin's also its relative position bias tables and the mask token."""
         if self.is_swin:
             return super().no_weight_decay() | {"mask_token"}
         return {"encoder.cls_token", "encoder.pos_embed"}
@@ -181,11 +151,4 @@ class SimMIM(Objective):
     @torch.no_grad()
     def reconstruct(self, images, masking=None):
         out = self(images, masking)
-        visible = 1 - self.pixel_mask(out.mask).to(images.dtype)  # (B, 1, H, W), 1 = visible
-        reconstruction = out.pred.float()
-        return {
-            "original": images,
-            "masked": images * visible,
-            "reconstruction": reconstruction,
-            "reconstruction + visible": images * visible + reconstruction * (1 - visible),
-        }
+        return masked_columns(images, out.pred.float(), 1 - self.pixel_mask(out.mask).to(images.dtype))

@@ -1,8 +1,9 @@
-"""Convert AIM weights to and from ``lightly``'s layout (lightly 1.6: ``MaskedCausalVisionTransformer``
-+ ``AIMPredictionHead``, both built on timm).
+"""An AIM laid out as ``lightly``'s, for the peer test tests/test_aim_lightly.py (lightly 1.6:
+``MaskedCausalVisionTransformer`` + ``AIMPredictionHead``, both built on timm).
 
-Our AIM trunk and lightly's differ only in names, and our head is laid out block for block
-like lightly's, so the conversion is a renaming:
+mimaim's AIM trains ml-l3m's head (``L3MHead``); lightly's head has another layout, so
+``lightly_style_aim`` swaps in ``LightlyStyleHead``, laid out block for block as lightly's.
+The trunks differ only in names, so the conversion is a renaming:
 
 ==============================  ==================================================
 mimaim ``AIM``                  lightly
@@ -22,8 +23,8 @@ Semantics to keep in mind when comparing the two:
 
 * lightly's prefix mask is a (B, N) bool with True = *non-prefix* token (as ml-aim's
   ``PrefixCausalAttention``); ours is the prefix length S per sample: mask = arange(N) >= S.
-* lightly's example adds ``backbone._pos_embed`` to the trunk output before the head, as we
-  do, but regresses each output onto *its own* patch over all positions; AIM (and mimaim)
+* lightly's example adds ``backbone._pos_embed`` to the trunk output before the head, as
+  ``LightlyStyleHead`` does, but regresses each output onto *its own* patch over all positions; AIM (and mimaim)
   regress output k onto patch k+1 over non-prefix patches only. ``aim_loss_from_lightly``
   computes AIM's loss from lightly's predictions with lightly's own helpers.
 * ``build_lightly_aim`` passes LayerNorm eps 1e-6 to lightly's head (its default is 1e-5).
@@ -35,7 +36,54 @@ import re
 from functools import partial
 
 import torch
+from timm.layers import Mlp
 from torch import nn
+
+from mimaim.models.layers import init_weights_xavier
+from mimaim.objectives import build_objective
+
+
+class MLPHeadBlock(nn.Module):
+    """One block of lightly's ``AIMPredictionHead``: x + MLP(LN(x)), no biases."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dim, bias=False)
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+class LightlyStyleHead(nn.Module):
+    """Laid out as lightly's ``AIMPredictionHead``: the trunk's sin-cos table added to the features
+    (a non-persistent buffer, as lightly's example adds ``backbone._pos_embed``), a bias-free Linear
+    (D -> width), ``depth`` ``MLPHeadBlock``s, a LayerNorm (eps 1e-6) and a bias-free Linear (width -> out).
+    """
+
+    def __init__(self, pos_embed: torch.Tensor, out_dim: int, width: int, depth: int, mlp_ratio: float):
+        super().__init__()
+        self.register_buffer("trunk_pos_embed", pos_embed.detach().clone(), persistent=False)
+        self.embed = nn.Linear(pos_embed.shape[-1], width, bias=False)
+        self.blocks = nn.ModuleList([MLPHeadBlock(width, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.pred = nn.Linear(width, out_dim, bias=False)
+        self.apply(init_weights_xavier)
+
+    def forward(self, x):
+        x = self.embed(x + self.trunk_pos_embed.to(x.dtype))  # (B, N, W)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.pred(self.norm(x))  # (B, N, out)
+
+
+def lightly_style_aim(img_size: int = 16, patch_size: int = 4, options: dict | None = None, **backbone):
+    """``build_objective("aim", "vit_micro", ...)`` with ``LightlyStyleHead`` in place of l3m's head."""
+    aim = build_objective("aim", "vit_micro", img_size, patch_size, options, **backbone)
+    enc, opts = aim.encoder, aim.options
+    aim.head = LightlyStyleHead(enc.pos_embed, patch_size ** 2 * enc.in_chans, opts.head_width, opts.head_depth,
+                                opts.head_mlp_ratio)
+    return aim
 
 
 def _head_depth(head_state: dict[str, torch.Tensor], prefix: str) -> int:
@@ -47,8 +95,8 @@ def aim_to_lightly(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.
     """Our ``AIM.state_dict()`` -> {"backbone": ..., "head": ...} for lightly's two modules."""
     backbone, head = {}, {}
     if any(k.startswith("head.") and k.split(".")[1] not in ("embed", "blocks", "norm", "pred") for k in state):
-        raise ValueError("this AIM has the l3m head (head_style='l3m', the default), which lightly's "
-                         "AIMPredictionHead cannot hold; build it with head_style='lightly' (--opt head_style=lightly)")
+        raise ValueError("this AIM has the l3m head, which lightly's AIMPredictionHead cannot hold; "
+                         "build it with lightly_style_aim")
     depth = _head_depth(state, "head.")
     for key, value in state.items():
         if key.startswith("encoder."):
