@@ -329,7 +329,7 @@ def test_paper_defaults():
     ({"min_prefix": 5, "max_prefix": 3}, r"aim.max_prefix 3 is below aim.min_prefix 5"),
     ({"max_prefix": 16}, r"aim.max_prefix 16 leaves nothing to predict: the image has 16 patches"),
     ({"min_prefix": 15, "max_prefix": 0, "attention": "causal"}, r"no effect with attention=causal"),
-    ({"mask_ratio": 0.75}, r"only applies to the masked variant; add --opt mode=masked"),
+    ({"mask_ratio": 0.75}, r"only applies to the masked variant; add --set objective.mode=masked"),
     ({"mode": "masked", "mask_ratio": 1.0}, r"aim.mask_ratio must be in \(0, 1\)"),
     ({"head_depth": -1}, r"need head_depth >= 0"),
     ({"head_style": "lightly"}, r"unknown option\(s\) head_style for objective 'aim'"),
@@ -394,8 +394,8 @@ def test_cli_pretrain_probe_reconstruct(image_folder, tmp_path, capsys):
     run = tmp_path / "aim-run"
     common = ["--data", f"imagefolder:{image_folder}", "--model", "vit_micro", "--img-size", "16",
               "--patch-size", "4", "--batch-size", "4", "--epochs", "2", "--no-progress"]
-    assert main(["pretrain", "--objective", "aim", *common, "--max-steps", "3", "--opt", "head_depth=1",
-                 "--opt", "head_width=32", "--out", str(run)]) == 0
+    assert main(["pretrain", "--objective", "aim", *common, "--max-steps", "3", "--set", "objective.head_depth=1",
+                 "--set", "objective.head_width=32", "--out", str(run)]) == 0
     assert (run / "summary.json").exists() and (run / "reconstruction.png").exists()
     assert main(["probe", str(run), "--probes", "linear,knn,attentive", "--layers=-2,-1",
                  "--no-progress"]) == 0

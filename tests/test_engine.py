@@ -177,8 +177,8 @@ def test_resume_after_a_clean_stop_matches_an_uninterrupted_run(tmp_path, image_
 @pytest.mark.slow
 def test_kill_9_between_checkpoints_then_resume_matches_an_uninterrupted_run(tmp_path, image_folder):
     args = ["--data", f"imagefolder:{image_folder}", "--model", "vit_micro", "--img-size", "16", "--patch-size", "4",
-            "--batch-size", "2", "--epochs", "6", "--warmup-epochs", "1", "--opt", "decoder_embed_dim=32",
-            "--opt", "decoder_depth=1", "--opt", "decoder_num_heads=2", "--num-workers", "0", "--no-progress",
+            "--batch-size", "2", "--epochs", "6", "--warmup-epochs", "1", "--set", "objective.decoder_embed_dim=32",
+            "--set", "objective.decoder_depth=1", "--set", "objective.decoder_num_heads=2", "--num-workers", "0", "--no-progress",
             "--save-every", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "mimaim", "pretrain"]
@@ -225,8 +225,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, image_folder):
     args = ["--data", f"imagefolder:{image_folder}", "--model", "vit_micro", "--img-size", "16", "--patch-size", "4",
-            "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "1", "--opt", "decoder_embed_dim=32",
-            "--opt", "decoder_depth=1", "--opt", "decoder_num_heads=2", "--num-workers", "0", "--no-progress",
+            "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "1", "--set", "objective.decoder_embed_dim=32",
+            "--set", "objective.decoder_depth=1", "--set", "objective.decoder_num_heads=2", "--num-workers", "0", "--no-progress",
             "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "mimaim", "pretrain", *args, "--out", str(tmp_path / "one")],

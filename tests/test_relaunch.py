@@ -10,8 +10,8 @@ from mimaim.engine.checkpoint import latest_checkpoint
 from mimaim.engine.logging import read_metrics
 
 TINY = ["--model", "vit_micro", "--img-size", "16", "--patch-size", "4", "--batch-size", "4", "--epochs", "1",
-        "--warmup-epochs", "1", "--opt", "decoder_embed_dim=32", "--opt", "decoder_depth=1",
-        "--opt", "decoder_num_heads=2", "--no-progress", "--num-workers", "0", "--log-every", "1"]
+        "--warmup-epochs", "1", "--set", "objective.decoder_embed_dim=32", "--set", "objective.decoder_depth=1",
+        "--set", "objective.decoder_num_heads=2", "--no-progress", "--num-workers", "0", "--log-every", "1"]
 
 
 def weights(run):

@@ -147,11 +147,11 @@ def test_bad_swin_window_and_mask_cell_are_named():
 
 
 def test_cli_stops_before_training_with_the_message(tmp_path, image_folder, capsys):
-    code = main(["pretrain", "--objective", "simmim", "--model", "swin_tiny", "--opt", "window_size=7",
+    code = main(["pretrain", "--objective", "simmim", "--model", "swin_tiny", "--set", "objective.window_size=7",
                  "--data", f"imagefolder:{image_folder}", "--out", str(tmp_path / "run"), "--no-progress"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "window_size 7 does not fit image size 32" in err and "--opt window_size=4" in err
+    assert "window_size 7 does not fit image size 32" in err and "--set objective.window_size=4" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -175,7 +175,7 @@ def test_a_few_cpu_steps_lower_the_loss(make):
 
 
 @pytest.mark.parametrize("model_args", [
-    ["--model", "vit_micro", "--img-size", "16", "--opt", "mask_patch_size=8"],
+    ["--model", "vit_micro", "--img-size", "16", "--set", "objective.mask_patch_size=8"],
     pytest.param(["--model", "swin_tiny", "--img-size", "32"],  # quick recipe: 8-px mask cells, window 4
                  marks=pytest.mark.slow),  # a full 28M-parameter Swin-T, built three times: ~50 s
 ], ids=["vit", "swin"])
@@ -224,7 +224,7 @@ def test_multistep_schedule_drives_a_run(tmp_path, image_folder):
 
     run = tmp_path / "run"
     assert main(["pretrain", "--objective", "simmim", "--model", "vit_micro", "--img-size", "16", "--patch-size", "4",
-                 "--opt", "mask_patch_size=8", "--data", f"imagefolder:{image_folder}", "--batch-size", "5",
+                 "--set", "objective.mask_patch_size=8", "--data", f"imagefolder:{image_folder}", "--batch-size", "5",
                  "--epochs", "3", "--warmup-epochs", "1", "--schedule", "multistep", "--milestones", "2",
                  "--lr", "1e-3", "--log-every", "1", "--out", str(run), "--no-progress"]) == 0
     rows = list(csv.DictReader((run / "metrics.csv").open()))

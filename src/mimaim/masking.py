@@ -54,12 +54,12 @@ def check_simmim_mask_sizes(img_size: int, mask_patch_size: int, model_patch_siz
         divisors = [d for d in range(model_patch_size, img_size + 1, model_patch_size) if img_size % d == 0]
         raise ValueError(f"simmim.mask_patch_size {mask_patch_size} does not divide the image size {img_size}; "
                          f"choose a mask patch size that divides it and is a multiple of the model patch size "
-                         f"{model_patch_size} (one of {', '.join(map(str, divisors))}), e.g. --opt mask_patch_size="
+                         f"{model_patch_size} (one of {', '.join(map(str, divisors))}), e.g. --set objective.mask_patch_size="
                          f"{divisors[-1] if divisors else model_patch_size}, or change --img-size")
     if mask_patch_size % model_patch_size:
         raise ValueError(f"simmim.mask_patch_size {mask_patch_size} is not a multiple of the model patch size "
                          f"{model_patch_size}: a mask cell must cover whole patches. Choose a multiple of "
-                         f"{model_patch_size} that divides {img_size}, e.g. --opt mask_patch_size="
+                         f"{model_patch_size} that divides {img_size}, e.g. --set objective.mask_patch_size="
                          f"{model_patch_size * max(1, mask_patch_size // model_patch_size)}")
 
 

@@ -39,7 +39,7 @@ def check_swin_sizes(img_size: int, patch_size: int, window_size: int, num_stage
             f"{name}: window_size {window_size} does not fit image size {img_size}: the stage grids are "
             f"{', '.join(map(str, grids))} tokens per side and each must be a multiple of the window or no larger "
             f"than it, but {bad[0]} is neither. Choose a window size from {', '.join(map(str, fits))} "
-            f"(e.g. --opt window_size={suggestion}), or an image size whose stage grids are multiples of "
+            f"(e.g. --set objective.window_size={suggestion}), or an image size whose stage grids are multiples of "
             f"{window_size} (e.g. {window_size * stride})")
 
 

@@ -70,7 +70,7 @@ class AIMOptions:
                              "bidirectional); drop --attention or use mode=autoregressive")
         if self.mode == "autoregressive" and self.mask_ratio != 0.5:
             raise ValueError(f"aim.mask_ratio={self.mask_ratio} only applies to the masked variant; "
-                             "add --opt mode=masked, or drop --mask-ratio")
+                             "add --set objective.mode=masked, or drop --mask-ratio")
         if self.attention == "causal" and (self.min_prefix, self.max_prefix) != (1, 0):
             raise ValueError("aim.min_prefix / max_prefix have no effect with attention=causal (no prefix); "
                              "drop them or use --attention prefix")

@@ -1,7 +1,7 @@
 """The seam between the engine and the objectives.
 
 The engine knows an objective only as an ``Objective`` (a new one is one file subclassing it):
-``Options`` (a dataclass of its settings with the paper's defaults, set with ``--opt name=value``),
+``Options`` (a dataclass of its settings with the paper's defaults, set with ``--set objective.name=value``),
 ``backbone_kwargs`` / ``family_backbone_kwargs`` (the backbone flavour the paper uses),
 ``augmentation``, ``sample_masking(generator)`` (one sample's masking, drawn in the data pipeline,
 see ``masking.py``), ``forward(images, masking) -> ObjectiveOutput``, ``reconstruct`` (named image
