@@ -33,7 +33,7 @@ from mimaim.data import build_source, make_epoch_loader, pretrain_transform, tra
 from mimaim.data.shards import build_shard_source, write_shards
 from mimaim.data.sources import decode_all
 from mimaim.engine.optim import build_optimizer
-from mimaim.engine.trainer import build_run_objective
+from mimaim.engine.build import build_run_objective
 
 
 def cpu_model() -> str:

@@ -33,11 +33,9 @@ class Progress:
         else:
             print(msg, file=sys.stderr, flush=True)
 
-    def update(self, **postfix) -> None:
+    def update(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            if postfix:
-                self.bar.set_postfix(**postfix)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -10,11 +10,8 @@ Each checkpoint folder holds ``run.json``, the *run record* (``run_record(cfg)``
 From it ``load_backbone`` rebuilds the encoder with ``models.create_model(name, **kwargs)``
 and loads the ``encoder.*`` weights of ``model.safetensors``, never building the objective,
 its heads or its tokenizer (a BEiT run trained with ``--tokenizer dalle:PATH`` loads after
-that file is gone). Checkpoints written before run records existed fall back to the run's
-``config.yaml``; the record derived from it is the same.
-
-``load_run`` still rebuilds the whole objective, for what needs the heads (reconstruction
-pictures, resuming).
+that file is gone). ``load_run`` rebuilds the whole objective, for what needs the heads
+(reconstruction pictures).
 """
 
 from __future__ import annotations
@@ -25,17 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from ..config import PretrainConfig, load_run_config, make_config
+from ..config import PretrainConfig, load_run_config
+from ..models import create_model, model_family
 from .checkpoint import (RECORD_FILE, SHARDED_INDEX, CheckpointError, check_weights_fit, latest_checkpoint,
                          list_checkpoints)
+from .dcp import consolidated_weights
 
 RECORD_FORMAT = 1
 ENCODER_PREFIX = "encoder."
 
 
-# --------------------------------------------------------------------------- the record
 def _json_safe(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}
@@ -53,7 +52,6 @@ def run_record(cfg: PretrainConfig) -> dict:
     and probe protocol): no objective, head or tokenizer is built, no file is opened.
     """
     from .. import __version__
-    from ..models import model_family
     from ..objectives import get_objective_class, parse_options
     from .build import resolved_objective_options
 
@@ -72,11 +70,6 @@ def run_record(cfg: PretrainConfig) -> dict:
         "probe_protocol": dataclasses.asdict(cls.probe_protocol),
         "config": cfg.to_dict(),
     })
-
-
-def record_config(record: dict) -> PretrainConfig:
-    """The run's ``PretrainConfig`` back from a record (e.g. for ``data``, ``val_fraction``, ``seed``)."""
-    return make_config(record["config"])
 
 
 def read_record(ckpt: str | Path) -> dict:
@@ -108,7 +101,7 @@ def resolve_checkpoint(path: str | Path, checkpoint: str | Path | None = None) -
             ckpt = path / "checkpoints" / ckpt
         if not ckpt.exists():
             raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} not found (nor in {path / 'checkpoints'}); "
-                                    f"available: {[p.name for p in available_checkpoints(path)]}")
+                                    f"available: {[p.name for p in list_checkpoints(path / 'checkpoints')]}")
         return ckpt
     if (path / "model.safetensors").exists() or (path / RECORD_FILE).exists() or (path / SHARDED_INDEX).exists():
         return path  # a checkpoint folder itself
@@ -119,16 +112,12 @@ def resolve_checkpoint(path: str | Path, checkpoint: str | Path | None = None) -
     return ckpt
 
 
-# --------------------------------------------------------------------------- weights
 def read_checkpoint_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
     """All weights of checkpoint folder ``ckpt`` (the objective's names: ``encoder.*``, heads), on CPU.
 
     A sharded FSDP checkpoint (``engine/dcp.py``) is consolidated in this one process.
     """
-    from safetensors.torch import load_file
-
     if (Path(ckpt) / SHARDED_INDEX).is_file():
-        from .dcp import consolidated_weights
         return consolidated_weights(ckpt)
     path = Path(ckpt) / "model.safetensors"
     if not path.is_file():
@@ -145,15 +134,12 @@ def encoder_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {k[len(ENCODER_PREFIX):]: v for k, v in weights.items() if k.startswith(ENCODER_PREFIX)}
 
 
-# --------------------------------------------------------------------------- backbones
 def build_backbone(record: dict, seed: int = 0) -> nn.Module:
     """The record's encoder architecture, freshly initialised from ``seed`` (random-init baselines).
 
     The init is the backbone's own; an objective that re-initialises part of its encoder
     (SimMIM's BEiT-style patch projection) is not rebuilt here.
     """
-    from ..models import create_model
-
     backbone = record["backbone"]
     torch.manual_seed(seed)
     return create_model(backbone["name"], **backbone["kwargs"])
@@ -181,7 +167,6 @@ def load_backbone(path: str | Path, device: str | torch.device = "cpu",
     return open_backbone(path, device, checkpoint)[0]
 
 
-# --------------------------------------------------------------------------- whole objective
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: str | torch.device = "cpu"):
     """-> (config, objective in eval mode, checkpoint path), heads and tokenizer included."""
     from .build import build_run_objective
@@ -198,6 +183,3 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
     objective.load_state_dict(weights)
     return cfg, objective.to(device).eval(), ckpt
 
-
-def available_checkpoints(run_dir: str | Path) -> list[Path]:
-    return list_checkpoints(Path(run_dir) / "checkpoints")
