@@ -73,20 +73,15 @@ def run_record(cfg: PretrainConfig) -> dict:
 
 
 def read_record(ckpt: str | Path) -> dict:
-    """The run record of checkpoint folder ``ckpt``: its ``run.json``, else derived from the run's config.yaml."""
-    ckpt = Path(ckpt)
-    path = ckpt / RECORD_FILE
-    if path.is_file():
-        record = json.loads(path.read_text())
-        if int(record.get("format", 0)) > RECORD_FORMAT:
-            raise CheckpointError(f"{path} has run-record format {record['format']}, newer than this mimaim "
-                                  f"understands ({RECORD_FORMAT}); upgrade mimaim to read it")
-        return record
-    run_dir = ckpt.parent.parent  # RUN_DIR/checkpoints/step-N
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} has no {RECORD_FILE} and no config.yaml two folders up "
-                                f"({run_dir}); pass the run directory of a `mimaim pretrain` run")
-    return run_record(load_run_config(run_dir))
+    """The run record (``run.json``) of checkpoint folder ``ckpt``."""
+    path = Path(ckpt) / RECORD_FILE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} has no {RECORD_FILE}; pass a checkpoint of a `mimaim pretrain` run")
+    record = json.loads(path.read_text())
+    if int(record.get("format", 0)) > RECORD_FORMAT:
+        raise CheckpointError(f"{path} has run-record format {record['format']}, newer than this mimaim "
+                              f"understands ({RECORD_FORMAT}); upgrade mimaim to read it")
+    return record
 
 
 def resolve_checkpoint(path: str | Path, checkpoint: str | Path | None = None) -> Path:
