@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .distributed import DistInfo
@@ -155,36 +156,14 @@ def _fsdp_no_sync(model):
         model.set_requires_gradient_sync(True)
 
 
-def clip_grad_norm(parameters, max_norm: float) -> float:
-    """``torch.nn.utils.clip_grad_norm_`` for plain and DTensor gradients; returns the global norm.
-
-    With FSDP2 the norm is computed over all shards (a ``Replicate`` DTensor, the same on
-    every rank), so clipping matches a single process.
-    """
-    total = torch.nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], max_norm)
-    return float(total.full_tensor() if hasattr(total, "full_tensor") else total)
-
-
 def all_finite(parameters) -> bool:
     """True when every parameter is finite on every rank (a collective under FSDP: each rank checks its shards)."""
     params = list(parameters)
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
     ok = torch.stack([t.detach().isfinite().all() for t in local]).all() if local else torch.tensor(True)
-    if any(hasattr(p, "to_local") for p in params) and dist.is_initialized():
+    if any(isinstance(p, DTensor) for p in params) and dist.is_initialized():
         flag = ok.to(torch.int32).reshape(1)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         ok = flag[0] > 0
     return bool(ok)
 
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's weights as plain CPU tensors (a collective under FSDP: every rank calls it).
-
-    Under FSDP only rank 0 receives them (the others get ``{}``, so that N ranks do not hold N
-    full copies in host memory). Names as in ``objective.state_dict()``.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    if not is_fsdp(model):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
