@@ -112,11 +112,8 @@ def _model_entries(metadata) -> dict[str, TensorStorageMetadata]:
 
 
 def consolidated_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """All weights of a sharded checkpoint as one ``{name: tensor}`` dict on CPU, in one process.
-
-    Names are the objective's (``encoder.*``, heads), as in ``model.safetensors``; no process
-    group is needed, whatever number of processes wrote the checkpoint.
-    """
+    """All weights of a sharded checkpoint as one ``{name: tensor}`` dict on CPU (names as in
+    ``model.safetensors``), in one process without a process group, whoever wrote it."""
     entries = _model_entries(read_index(path))
     weights = {name: torch.empty(tuple(m.size), dtype=m.properties.dtype) for name, m in entries.items()}
     with _single_process_quiet():
@@ -145,11 +142,8 @@ def _barrier() -> None:
 
 def save_sharded_checkpoint(ckpt_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                             state: dict, keep_last: int = 2, record: dict | None = None) -> Path:
-    """Write ``ckpt_dir/step-N/`` from every rank (a collective); returns its path on every rank.
-
-    ``model`` may be FSDP-sharded or plain (one process); ``state`` (step, epoch, RNG) is
-    rank 0's and goes to ``state.pt``, ``record`` to ``run.json``.
-    """
+    """Write ``ckpt_dir/step-N/`` from every rank (a collective; ``model`` sharded or plain); rank 0's
+    ``state`` (step, epoch, RNG) goes to ``state.pt``, ``record`` to ``run.json``."""
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"{PREFIX}{step:08d}"
     tmp = ckpt_dir / f".tmp-{final.name}"  # the same name on every rank
@@ -176,11 +170,8 @@ def save_sharded_checkpoint(ckpt_dir: str | Path, step: int, model: nn.Module, o
 
 def load_sharded_checkpoint(path: str | Path, model: nn.Module,
                             optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Load a sharded checkpoint into ``model`` (and ``optimizer``) in place; returns ``state.pt``.
-
-    A collective under FSDP (every rank calls it). The number of processes may differ from
-    the one that wrote it: each rank reads the slices that its shards cover.
-    """
+    """Load a sharded checkpoint into ``model`` (and ``optimizer``) in place; returns ``state.pt``. A
+    collective under FSDP; each rank reads the slices its shards cover, whatever the writers' number."""
     path = Path(path)
     if not is_sharded_checkpoint(path):
         raise CheckpointError(f"{path} is not a finished sharded checkpoint (it needs {METADATA_FILE} and "

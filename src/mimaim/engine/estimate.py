@@ -35,7 +35,6 @@ STRATEGIES = ("ddp", "fsdp")
 _SMALL = 1 << 16  # tensors up to this many elements are built on the CPU (tables, biases, indices)
 
 
-# --------------------------------------------------------------------------- building on meta
 def _numel(args, kwargs) -> int:
     size = kwargs.get("size")
     if size is None:
@@ -48,11 +47,8 @@ def _numel(args, kwargs) -> int:
 
 
 class _LargeTensorsOnMeta(TorchFunctionMode):
-    """Factory calls for large tensors (weights) go to ``meta``; small ones (tables, indices) stay on CPU.
-
-    A plain ``torch.device('meta')`` context would also put the few small tensors that
-    constructors read back (``linspace(...).tolist()``, sin-cos tables) on meta, and fail.
-    """
+    """Factory calls for large tensors (weights) go to ``meta``; small ones stay on CPU, since
+    constructors read some back (``linspace(...).tolist()``, sin-cos tables)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
@@ -70,7 +66,6 @@ def build_on_meta(build) -> nn.Module:
     return module.to("meta")
 
 
-# --------------------------------------------------------------------------- tracing one step
 def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
     """SDPA as CUDA's memory-efficient kernel (saves q, k, v, out, logsumexp; bool masks as a bias)."""
     bias = None
@@ -84,12 +79,8 @@ def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
 
 
 class _MetaTraceMode(TorchFunctionMode):
-    """Trace-time stand-ins on meta: SDPA as the fused kernel; boolean-mask indexing by its true count.
-
-    ``x[mask]`` has a data-dependent size that meta tensors cannot compute; the masking
-    was drawn for real on the CPU, so ``true_counts`` (shape -> number of True entries)
-    gives the size, and a slice of that length stands in (same shape, same gradient path).
-    """
+    """Trace-time stand-ins on meta: SDPA as the fused kernel; ``x[mask]`` (a data-dependent size) as
+    a slice of the mask's true count (``true_counts``: shape -> number of True entries, drawn on CPU)."""
 
     def __init__(self, true_counts: dict[tuple, int]):
         super().__init__()
@@ -112,12 +103,9 @@ def _storage_key(t: torch.Tensor) -> int:
 
 
 def trace_step(objective: nn.Module, batch_size: int, dtype: torch.dtype) -> dict[str, Any]:
-    """One forward + backward of ``objective`` (on meta) at ``batch_size``: saved bytes and FLOPs.
-
-    Returns ``flops`` (forward + backward, whole batch), ``saved_bytes`` (all distinct
-    storages saved for backward), ``outside_bytes`` (saved outside any transformer block),
-    ``block_bytes`` (per block) and ``block_input_bytes`` (each block's input).
-    """
+    """One forward + backward of ``objective`` (on meta) at ``batch_size``: ``flops`` (whole batch),
+    ``saved_bytes`` (distinct storages saved for backward), ``outside_bytes`` (outside any block),
+    ``block_bytes`` (per block) and ``block_input_bytes``."""
     objective = objective.to(dtype)
     objective.train()
     param_storages = {_storage_key(p) for p in objective.parameters()}
@@ -180,7 +168,6 @@ def trace_step(objective: nn.Module, batch_size: int, dtype: torch.dtype) -> dic
             "block_input_bytes": sum(block_inputs.values())}
 
 
-# --------------------------------------------------------------------------- the estimate
 def compute_dtype(precision: str) -> torch.dtype:
     """The estimate is for GPUs: ``auto`` means bf16 there."""
     if precision not in ("auto", "bf16", "fp32"):
@@ -201,11 +188,8 @@ def _as_meta_objective(objective_or_cfg) -> nn.Module:
 
 def estimate(objective_or_cfg, strategy: str = "ddp", precision: str = "bf16", batch_per_gpu: int = 64,
              world_size: int = 1, activation_checkpointing: bool = False, _trace: dict | None = None) -> dict[str, Any]:
-    """Memory per GPU (bytes) and FLOPs per image for one training configuration.
-
-    ``objective_or_cfg``: a ``PretrainConfig`` (built on meta here) or an objective module
-    (a meta copy is traced; a module already on meta is used, and cast, as it is).
-    """
+    """Memory per GPU (bytes) and FLOPs per image for one training configuration of
+    ``objective_or_cfg`` (a ``PretrainConfig`` or an objective module; see ``_as_meta_objective``)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: unknown value {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if batch_per_gpu < 1 or world_size < 1:
@@ -313,13 +297,9 @@ def format_choices(choices: dict[tuple[str, bool], dict[str, Any]]) -> str:
 
 
 def dry_run(cfg, world_size: int | None = None, gpu_memory_gib: float | None = 80.0, show: bool = True) -> str:
-    """The ``--dry-run`` report for a ``PretrainConfig``: its estimate and the alternatives.
-
-    ``world_size``: the number of GPUs planned (default: ``WORLD_SIZE``, so
-    ``WORLD_SIZE=8 mimaim pretrain ... --dry-run`` plans for 8 GPUs). The batch per GPU is
-    ``batch_size / (world_size * accum_steps)``. Printed (by rank 0 only) when ``show``;
-    returned either way.
-    """
+    """The ``--dry-run`` report for a ``PretrainConfig`` on ``world_size`` GPUs (default ``WORLD_SIZE``):
+    its estimate at ``batch_size / (world_size * accum_steps)`` per GPU and the alternatives.
+    Printed (by rank 0) when ``show``; returned either way."""
     world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     per_gpu = max(1, math.ceil(cfg.batch_size / (world_size * cfg.accum_steps)))
     choices = estimate_choices(cfg, cfg.precision, per_gpu, world_size)

@@ -37,12 +37,9 @@ BLOCK_LIST_SUFFIX = "blocks"  # ModuleLists/Sequentials whose children are the r
 
 
 def parallelize(objective: nn.Module, cfg, device: torch.device, dist_info: DistInfo) -> nn.Module:
-    """The module the training step calls: ``objective`` compiled and/or wrapped for ``cfg.strategy``.
-
-    ``fsdp`` shards ``objective`` in place and returns it (also in one process, where it joins
-    a one-rank group, so that one GPU writes the checkpoints N GPUs would); ``ddp`` returns a
-    wrapper around it (``objective`` itself in one process without ``--compile``).
-    """
+    """The module the training step calls: ``objective`` compiled and/or wrapped for ``cfg.strategy``:
+    ``fsdp`` shards it in place and returns it; ``ddp`` wraps it (``objective`` itself in one
+    process without ``--compile``)."""
     if cfg.strategy == "fsdp":
         return shard_objective(objective, device, cfg.precision, cfg.activation_checkpointing, cfg.compile)
     if cfg.activation_checkpointing:
@@ -88,11 +85,8 @@ def _checkpointed(inner):
 
 
 def mixed_precision_policy(device: torch.device, precision: str, root: bool = False) -> MixedPrecisionPolicy:
-    """bf16 all-gathered parameters with fp32 gradient reduction on CUDA bf16; fp32 otherwise.
-
-    On CPU the trainer's autocast already runs the Linears in bf16 when asked, and CPU
-    bf16 attention is slow (see ``models/layers.py``), so parameters stay fp32 there.
-    """
+    """bf16 all-gathered parameters with fp32 gradient reduction on CUDA bf16; fp32 otherwise (on CPU
+    autocast runs the Linears in bf16 when asked, and CPU bf16 attention is slow: ``models/layers.py``)."""
     if device.type == "cuda" and precision in ("bf16", "auto"):
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                     cast_forward_inputs=not root)
@@ -132,12 +126,8 @@ def is_fsdp(model: nn.Module) -> bool:
 
 
 def gradient_sync(model: nn.Module, enabled: bool):
-    """Context for one micro-batch: skip the gradient all-reduce / reduce-scatter unless ``enabled``.
-
-    DDP: ``no_sync()``. FSDP2: ``set_requires_gradient_sync(False)`` keeps unsharded
-    gradients until the last micro-batch of an accumulation, which then reduce-scatters
-    their sum. A plain module: nothing to skip.
-    """
+    """Context for one micro-batch: skip the gradient all-reduce (DDP ``no_sync``) / reduce-scatter
+    (FSDP2 ``set_requires_gradient_sync(False)``) unless ``enabled``, on the last micro-batch."""
     if enabled:
         return contextlib.nullcontext()
     if is_fsdp(model):

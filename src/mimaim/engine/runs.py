@@ -46,11 +46,8 @@ def _json_safe(value: Any) -> Any:
 
 
 def run_record(cfg: PretrainConfig) -> dict:
-    """What a checkpoint of ``cfg``'s run holds, JSON-serialisable (see the module docstring).
-
-    Reads only the config and the objective *class* (its options dataclass, backbone flavour
-    and probe protocol): no objective, head or tokenizer is built, no file is opened.
-    """
+    """What a checkpoint of ``cfg``'s run holds, JSON-serialisable, from the config and the objective
+    *class* only (options, backbone flavour, probe protocol): nothing is built, no file is opened."""
     from .. import __version__
     from ..objectives import get_objective_class, parse_options
     from .build import resolved_objective_options
@@ -108,10 +105,7 @@ def resolve_checkpoint(path: str | Path, checkpoint: str | Path | None = None) -
 
 
 def read_checkpoint_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
-    """All weights of checkpoint folder ``ckpt`` (the objective's names: ``encoder.*``, heads), on CPU.
-
-    A sharded FSDP checkpoint (``engine/dcp.py``) is consolidated in this one process.
-    """
+    """All weights of checkpoint folder ``ckpt`` (``encoder.*``, heads) on CPU; a sharded one consolidated."""
     if (Path(ckpt) / SHARDED_INDEX).is_file():
         return consolidated_weights(ckpt)
     path = Path(ckpt) / "model.safetensors"
@@ -130,11 +124,8 @@ def encoder_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def build_backbone(record: dict, seed: int = 0) -> nn.Module:
-    """The record's encoder architecture, freshly initialised from ``seed`` (random-init baselines).
-
-    The init is the backbone's own; an objective that re-initialises part of its encoder
-    (SimMIM's BEiT-style patch projection) is not rebuilt here.
-    """
+    """The record's encoder architecture, freshly initialised from ``seed`` (random-init baselines),
+    with the backbone's own init (an objective's re-init of part of it is not repeated)."""
     backbone = record["backbone"]
     torch.manual_seed(seed)
     return create_model(backbone["name"], **backbone["kwargs"])

@@ -128,9 +128,7 @@ def train_step(run: Run, cfg: PretrainConfig, batches, step: int, device: torch.
                bad: BadImages) -> tuple[torch.Tensor, bool]:
     """Optimiser step ``step`` over ``accum_steps`` micro-batches -> (mean loss tensor, finite).
 
-    lr from the schedule; forward under autocast and backward per micro-batch (under DDP the
-    gradients are all-reduced on the last one only); then ONE sync per step: the finiteness of
-    the loss (averaged over processes, so that all agree). A non-finite step returns before
+    The loss is averaged over processes, so that all agree; a non-finite step returns before
     clipping and the optimiser touch the weights, so it never reaches a checkpoint."""
     spe = run.steps_per_epoch
     set_lr(run.optimizer, lr_at(step / spe, cfg.effective_lr(), cfg.min_lr, cfg.warmup_epochs, cfg.epochs,
