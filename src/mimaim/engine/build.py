@@ -1,4 +1,4 @@
-"""A config -> the objective it describes (contract C7: re-exported by ``engine.trainer``)."""
+"""A config -> the objective it describes (its options resolved against the recipe)."""
 
 from __future__ import annotations
 
