@@ -273,9 +273,8 @@ def format_estimate(est: dict[str, Any], gpu_memory_gib: float | None = 80.0) ->
     lines.append(f"  {'(activations without / with checkpointing)':<46}"
                  f"{est['activations_without_checkpointing'] / GiB:>8.2f} / "
                  f"{est['activations_with_checkpointing'] / GiB:.2f}")
-    lines.append("")
-    lines.append(f"training FLOPs per image (forward + backward{' + recompute' if est['activation_checkpointing'] else ''}"
-                 f"): {est['flops_per_image'] / 1e9:,.1f} GFLOP")
+    recompute = " + recompute" if est["activation_checkpointing"] else ""
+    lines += ["", f"training FLOPs per image (forward + backward{recompute}): {est['flops_per_image'] / 1e9:,.1f} GFLOP"]
     if gpu_memory_gib and est["total_bytes"] / GiB > 0.9 * gpu_memory_gib:
         fixes = (["--strategy fsdp"] if ddp else []) + \
                 ([] if est["activation_checkpointing"] else ["--activation-checkpointing"]) + \
