@@ -13,9 +13,13 @@ you can see which one bounds a run. The settings are timed in interleaved rounds
 best round printed, with the CPU model and the load average before and after (other
 processes on the machine slow every row alike).
 
-    tar xzf ../shared/data/cifar10-train-jpeg.tar.gz -C /tmp/cifar
     python benchmarks/bench_loader.py --data imagefolder:/tmp/cifar/train --max-images 10000
     python benchmarks/bench_loader.py --data imagefolder:PATH --shards SHARD_DIR --workers 0,1,2,4
+
+``--data imagefolder:PATH`` is any folder of images with class sub-folders. The numbers in
+docs/results.md used the CIFAR-10 training split as an image-folder tree of JPEGs
+(``train/<class>/<n>.jpg``, 50,000 images), which you write yourself from the CIFAR-10 python
+batches (https://www.cs.toronto.edu/~kriz/cifar.html).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from mimaim.data import build_source, make_epoch_loader, pretrain_transform, tra
 from mimaim.data.shards import build_shard_source, write_shards
 from mimaim.data.sources import decode_all
 from mimaim.engine.optim import build_optimizer
-from mimaim.engine.trainer import build_run_objective
+from mimaim.engine.build import build_run_objective
 
 
 def cpu_model() -> str:
@@ -75,7 +79,8 @@ def model_rate(cfg, steps: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="imagefolder:PATH")
+    p.add_argument("--data", required=True, help="imagefolder:PATH, a folder of images with class sub-folders "
+                   "(e.g. the CIFAR-10 training split as JPEGs, train/<class>/<n>.jpg)")
     p.add_argument("--max-images", type=int, default=0,
                    help="use this many images, the same share of each class (0: all)")
     p.add_argument("--shards", help="existing shards of the same images (default: written to a temporary folder)")

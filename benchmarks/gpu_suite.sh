@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # The GPU suite: one command, under 8 minutes on one H100/H200, one summary at the end.
 #
-#   benchmarks/gpu_suite.sh                       # CUDA (bf16 + torch.compile, ViT-B/16 at 224 px)
+#   benchmarks/gpu_suite.sh CIFAR                 # CUDA (bf16 + torch.compile, ViT-B/16 at 224 px)
 #   DEVICE=cpu TINY=1 benchmarks/gpu_suite.sh     # smoke: the same steps on CPU, tiny shapes, no compile
+#
+# CIFAR (or the CIFAR env variable): the CIFAR-10 training split as an image-folder tree of JPEGs,
+# train/<class>/<n>.jpg (50,000 images), either that folder's parent or a .tar.gz of it. You make it
+# yourself from the CIFAR-10 python batches (https://www.cs.toronto.edu/~kriz/cifar.html), writing
+# each image as a JPEG under its class name. Without it a small synthetic image folder is used.
 #
 # Steps (each one's log is kept in $OUT/<step>.log; a failing step never stops the others):
 #   gpu-tests   pytest -m gpu tests/test_gpu.py: flex BlockMask vs dense SDPA (eager, compiled), FSDP2 bf16
@@ -15,14 +20,14 @@
 #   train-fsdp  torchrun FSDP2 AIM run with activation checkpointing + compile, killed by --max-steps, then
 #               resumed from its sharded (DCP) checkpoint; `mimaim export`-style consolidation of it
 #
-# Environment: CIFAR_TAR (default ../shared/data/cifar10-train-jpeg.tar.gz), OUT (default: a new temp dir),
+# Environment: OUT (default: a new temp dir),
 # TRAIN_SECONDS (default 120; the MAE run stops at its step budget or this many seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
 TINY=${TINY:-0}
 OUT=${OUT:-$(mktemp -d -t mimaim-gpu-suite-XXXX)}
-CIFAR_TAR=${CIFAR_TAR:-../shared/data/cifar10-train-jpeg.tar.gz}
+CIFAR=${1:-${CIFAR:-}}
 TRAIN_SECONDS=${TRAIN_SECONDS:-120}
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
@@ -49,14 +54,16 @@ fi
 # ---- data: the CIFAR-10 tree (smoke: 20 images per class of it)
 DATA="$OUT/cifar"
 mkdir -p "$DATA"
-if [ -f "$CIFAR_TAR" ]; then
+if [ -d "$CIFAR/train" ]; then
+    ln -s "$(cd "$CIFAR" && pwd)/train" "$DATA/train"
+elif [ -f "$CIFAR" ]; then
     if [ "$TINY" = 1 ]; then
-        tar xzf "$CIFAR_TAR" -C "$DATA" --wildcards 'train/*/00[01]?.jpg'
+        tar xzf "$CIFAR" -C "$DATA" --wildcards 'train/*/00[01]?.jpg'
     else
-        tar xzf "$CIFAR_TAR" -C "$DATA"
+        tar xzf "$CIFAR" -C "$DATA"
     fi
 else
-    echo "no $CIFAR_TAR: writing a small synthetic image folder instead" | tee -a "$SUMMARY" >&2
+    echo "no CIFAR-10 tree given: writing a small synthetic image folder instead" | tee -a "$SUMMARY" >&2
     python - "$DATA/train" <<'EOF'
 import sys, numpy as np
 from pathlib import Path

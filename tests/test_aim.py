@@ -412,7 +412,7 @@ def test_presets_load(name):
     from pathlib import Path
 
     from mimaim.config import load_yaml, make_config
-    from mimaim.engine.trainer import resolved_objective_options
+    from mimaim.engine.build import resolved_objective_options
 
     cfg = make_config(load_yaml(Path(__file__).parent.parent / "configs" / f"{name}.yaml"))
     assert (cfg.objective, cfg.recipe, cfg.lr, cfg.batch_size, tuple(cfg.betas)) == ("aim", "paper", 1e-3, 4096,

@@ -199,7 +199,7 @@ def test_presets_load_and_fit_their_sizes(name):
     from pathlib import Path
 
     from mimaim.config import load_yaml, make_config
-    from mimaim.engine.trainer import resolved_objective_options
+    from mimaim.engine.build import resolved_objective_options
     from mimaim.masking import check_simmim_mask_sizes
     from mimaim.models.swin import check_swin_sizes
     from mimaim.objectives import get_objective_class, parse_options

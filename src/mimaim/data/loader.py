@@ -1,7 +1,4 @@
-"""Deterministic, resumable, data-parallel loading.
-
-``make_epoch_loader`` is what the engine calls; for folders and the digits it is built
-from the two pieces below, for WebDataset shards see :mod:`mimaim.data.shards`.
+"""Deterministic, resumable, data-parallel loading of a :class:`Source`.
 
 * ``GlobalBatchSampler`` shuffles the whole split once per epoch from (seed, epoch), cuts
   it into *global* batches of ``batch_size`` images (the optimiser batch), and hands this
@@ -20,7 +17,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .sources import Source
+from .base import Source
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -32,11 +29,8 @@ class PretrainDataset(Dataset):
 
     def __init__(self, source: Source, transform: Callable, masking_fn: Callable | None, seed: int,
                  max_retries: int = 16):
-        self.source = source
-        self.transform = transform
-        self.masking_fn = masking_fn
-        self.seed = seed
-        self.max_retries = max_retries
+        self.source, self.transform, self.masking_fn = source, transform, masking_fn
+        self.seed, self.max_retries = seed, max_retries
 
     def __len__(self) -> int:
         return len(self.source)
@@ -68,20 +62,18 @@ def prepare_sample(img, label: int, bad: list, transform: Callable, masking_fn: 
         image = transform(img)
     masking = None
     if masking_fn is not None:
-        generator = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
-        masking = masking_fn(generator)
+        masking = masking_fn(torch.Generator().manual_seed(seed ^ 0x5DEECE66D))
     return {"image": image, "label": label, "masking": masking, "bad": bad}
 
 
 def collate(samples: list[dict]) -> dict:
-    batch = {
+    maskings = [s["masking"] for s in samples]
+    return {
         "image": torch.stack([s["image"] for s in samples]),
         "label": torch.tensor([s["label"] for s in samples]),
         "bad": [path for s in samples for path in s["bad"]],
+        "masking": None if maskings[0] is None else torch.stack(maskings),
     }
-    maskings = [s["masking"] for s in samples]
-    batch["masking"] = None if maskings[0] is None else torch.stack(maskings)
-    return batch
 
 
 def steps_per_epoch(num_samples: int, batch_size: int, accum_steps: int = 1, world_size: int = 1) -> int:
@@ -103,55 +95,43 @@ class GlobalBatchSampler(Sampler):
 
     def __init__(self, num_samples: int, batch_size: int, accum_steps: int = 1, rank: int = 0,
                  world_size: int = 1, seed: int = 0, epoch: int = 0, start_step: int = 0):
-        steps_per_epoch(num_samples, batch_size, accum_steps, world_size)  # validates the shape
-        per_step = batch_size // world_size
-        self.num_samples, self.batch_size = num_samples, batch_size
-        self.accum_steps, self.rank, self.world_size = accum_steps, rank, world_size
-        self.per_rank, self.micro = per_step, per_step // accum_steps
+        self.steps = steps_per_epoch(num_samples, batch_size, accum_steps, world_size)  # validates the shape
+        self.num_samples, self.batch_size, self.accum_steps, self.rank = num_samples, batch_size, accum_steps, rank
+        self.per_rank = batch_size // world_size
+        self.micro = self.per_rank // accum_steps
         self.seed, self.epoch, self.start_step = seed, epoch, start_step
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return steps_per_epoch(self.num_samples, self.batch_size, self.accum_steps, self.world_size)
-
     def __len__(self) -> int:
-        return (self.steps_per_epoch - self.start_step) * self.accum_steps
+        return (self.steps - self.start_step) * self.accum_steps
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
         order = torch.randperm(self.num_samples, generator=g).tolist()
-        for step in range(self.start_step, self.steps_per_epoch):
+        for step in range(self.start_step, self.steps):
             global_batch = order[step * self.batch_size:(step + 1) * self.batch_size]
             mine = global_batch[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
             for a in range(self.accum_steps):
                 yield [(self.epoch, i) for i in mine[a * self.micro:(a + 1) * self.micro]]
 
 
-def make_loader(dataset: PretrainDataset, sampler: GlobalBatchSampler, num_workers: int,
-                pin_memory: bool = False) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                      pin_memory=pin_memory, persistent_workers=False,
-                      prefetch_factor=4 if num_workers > 0 else None)
-
-
-def make_epoch_loader(train, transform: Callable, masking_fn: Callable | None, *, seed: int, epoch: int,
+def make_epoch_loader(train: Source, transform: Callable, masking_fn: Callable | None, *, seed: int, epoch: int,
                       start_step: int = 0, batch_size: int, accum_steps: int = 1, rank: int = 0,
                       world_size: int = 1, num_workers: int = 0, pin_memory: bool = False):
     """This rank's micro-batches of one epoch, from optimiser step ``start_step`` on.
 
     Each item is a dict: ``image`` (micro, 3, H, W), ``masking`` (stacked, or None),
     ``label`` and ``bad`` (descriptions of unreadable images skipped for this batch).
-    ``train`` is a :class:`Source` (digits, image folder) or a shard source
-    (``wds:...``, see :mod:`mimaim.data.shards`); both give the same guarantees: every
-    sample once per epoch across ranks and workers, order from (seed, epoch), augmentation
-    and masking from (seed, epoch, sample), and resuming at ``start_step`` reads exactly
-    the batches an uninterrupted run would have read next.
+    A source that streams (``wds:...``, :mod:`mimaim.data.shards`) builds its own loader
+    (``train.epoch_loader``) with the same guarantees: every sample once per epoch across
+    ranks and workers, order from (seed, epoch), augmentation and masking from (seed, epoch,
+    sample), and resuming at ``start_step`` reads exactly the batches an uninterrupted run
+    would have read next.
     """
-    if hasattr(train, "epoch_loader"):  # streaming sources build their own pipeline
+    if hasattr(train, "epoch_loader"):
         return train.epoch_loader(transform, masking_fn, seed=seed, epoch=epoch, start_step=start_step,
                                   batch_size=batch_size, accum_steps=accum_steps, rank=rank,
                                   world_size=world_size, num_workers=num_workers, pin_memory=pin_memory)
     dataset = PretrainDataset(train, transform, masking_fn, seed)
-    sampler = GlobalBatchSampler(len(train), batch_size, accum_steps, rank, world_size, seed, epoch,
-                                 start_step=start_step)
-    return make_loader(dataset, sampler, num_workers, pin_memory=pin_memory)
+    sampler = GlobalBatchSampler(len(train), batch_size, accum_steps, rank, world_size, seed, epoch, start_step)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
+                      pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None)

@@ -1,110 +1,21 @@
-"""Where images come from: the built-in digits set and image folders.
-
-A *source* is an indexable collection of images with optional labels:
-``len(source)``, ``source.load(i) -> PIL.Image`` (may raise for a broken file),
-``source.labels`` (list of int, -1 = unlabelled), ``source.classes`` and
-``source.describe(i)`` (a path or name for messages).
-
-A data spec names a source: ``digits`` (scikit-learn's bundled 8x8 digits, no download),
-``imagefolder:PATH``, or ``wds:SHARDS`` (WebDataset tar shards, streamed; see
-:mod:`mimaim.data.shards`). Every source splits into ``train`` and a held-out ``val``:
-the last ``val_fraction`` of each class in file order (for CIFAR-10's 5,000 per class
-and the default 0.1, the last 500 images of each class).
-"""
+"""Data specs: ``digits`` (scikit-learn's bundled 8x8 digits, no download), ``imagefolder:PATH``,
+``wds:SHARDS`` (WebDataset tar shards, streamed; :mod:`mimaim.data.shards`) -> a :class:`Source`."""
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+from .base import IMAGE_EXTENSIONS, DataError, Source, check_bad_fraction
+from .shards import build_shard_source
+
 DATA_SPEC_HELP = ("digits (built in, no download), imagefolder:PATH, or wds:SHARDS "
                   "(WebDataset shards written by `mimaim shards`: a folder or DIR/train-{000000..000127}.tar)")
-
-
-class DataError(ValueError):
-    """A data problem the user can fix; the message says how."""
-
-
-@dataclass
-class Source:
-    name: str
-    items: list  # paths (str) or uint8 arrays (H, W, 3)
-    labels: list[int]
-    classes: list[str] = field(default_factory=list)
-    bad: list[str] = field(default_factory=list)  # files found unreadable while caching
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def load(self, index: int) -> Image.Image:
-        item = self.items[index]
-        if isinstance(item, np.ndarray):
-            return Image.fromarray(item)
-        with Image.open(item) as img:
-            return img.convert("RGB")  # forces the decode, so a truncated file fails here
-
-    def describe(self, index: int) -> str:
-        item = self.items[index]
-        return item if isinstance(item, str) else f"{self.name}[{index}]"
-
-    @property
-    def in_memory(self) -> bool:
-        """Whether the images are already decoded (no file is read while training)."""
-        return not self.items or not isinstance(self.items[0], str)
-
-    @property
-    def has_labels(self) -> bool:
-        return bool(self.labels) and min(self.labels) >= 0 and len(self.classes) > 1
-
-    def subset(self, indices: list[int]) -> "Source":
-        return Source(self.name, [self.items[i] for i in indices], [self.labels[i] for i in indices],
-                      self.classes, self.bad)
-
-    def split(self, which: str, val_fraction: float) -> "Source":
-        """``train`` / ``val`` / ``all``: the last ``val_fraction`` of each class is held out."""
-        if which == "all":
-            return self
-        if which not in ("train", "val"):
-            raise DataError(f"unknown split {which!r}; choose train, val or all")
-        keep = []
-        for idx in group_by_class(self.labels).values():
-            n_val = int(math.floor(len(idx) * val_fraction)) if len(idx) > 1 else 0
-            cut = len(idx) - n_val
-            keep.extend(idx[:cut] if which == "train" else idx[cut:])
-        return self.subset(sorted(keep))
-
-
-def group_by_class(labels) -> dict[int, list[int]]:
-    """Indices of each label, in index order, keyed by label in sorted order (-1 = unlabelled)."""
-    by_class: dict[int, list[int]] = {}
-    for i, label in enumerate(labels):
-        by_class.setdefault(int(label), []).append(i)
-    return {label: by_class[label] for label in sorted(by_class)}
-
-
-def training_subset(train, fraction: float, seed: int):
-    """A deterministic ``fraction`` of each class of ``train`` (at least one image per class).
-
-    Each class is shuffled once from ``seed`` and its first share kept, so smaller
-    fractions are subsets of larger ones (0.1 inside 0.3 inside 1.0) for data-scaling runs.
-    """
-    if fraction >= 1.0:
-        return train
-    g = torch.Generator().manual_seed(seed)
-    keep = []
-    for idx in group_by_class(train.labels).values():
-        order = torch.randperm(len(idx), generator=g).tolist()
-        keep.extend(idx[j] for j in order[:max(1, round(len(idx) * fraction))])
-    return train.subset(sorted(keep))
 
 
 def load_digits_source() -> Source:
@@ -130,11 +41,8 @@ def scan_image_folder(root: str | os.PathLike) -> Source:
     if not root.is_dir():
         raise DataError(f"{str(root)!r} is not a folder; pass --data imagefolder:PATH with a folder of images")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    items, labels = [], []
-    for name in sorted(os.listdir(root)):
-        if _is_image(name) and (root / name).is_file():
-            items.append(str(root / name))
-            labels.append(-1)
+    items = [str(root / name) for name in sorted(os.listdir(root)) if _is_image(name) and (root / name).is_file()]
+    labels = [-1] * len(items)
     kept_classes = []
     for cls in classes:
         files = []
@@ -142,10 +50,9 @@ def scan_image_folder(root: str | os.PathLike) -> Source:
             dirnames.sort()
             files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
         if files:
-            label = len(kept_classes)
+            labels.extend([len(kept_classes)] * len(files))
             kept_classes.append(cls)
             items.extend(files)
-            labels.extend([label] * len(files))
     if not items:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS[:5])}, ...) found under {str(root)!r}; "
                         "point --data imagefolder:PATH at a folder that holds images or class sub-folders of images")
@@ -172,12 +79,15 @@ def decode_all(source: Source, max_bad_fraction: float, progress: bool = True) -
     return Source(source.name, items, labels, source.classes, bad)
 
 
-def check_bad_fraction(num_bad: int, num_seen: int, max_bad_fraction: float, examples=()) -> None:
-    if num_seen and num_bad / num_seen > max_bad_fraction:
-        raise DataError(
-            f"{num_bad} of {num_seen} images could not be read ({num_bad / num_seen:.1%} > the allowed "
-            f"{max_bad_fraction:.1%}), e.g. {', '.join(examples)}. Fix or remove the broken files, or raise "
-            "--max-bad-fraction if skipping them is intended.")
+def estimate_decoded_bytes(source: Source, sample: int = 16) -> int:
+    sizes = []
+    for i in np.linspace(0, len(source) - 1, min(sample, len(source))).astype(int):
+        try:
+            with Image.open(source.items[i]) as img:
+                sizes.append(img.size[0] * img.size[1] * 3)
+        except Exception:  # noqa: BLE001 - a broken file is found (and counted) when decoding
+            continue
+    return int(np.mean(sizes) * len(source)) if sizes else 0
 
 
 def parse_data_spec(spec: str) -> tuple[str, str | None]:
@@ -189,26 +99,13 @@ def parse_data_spec(spec: str) -> tuple[str, str | None]:
     raise DataError(f"unknown data spec {spec!r}; use {DATA_SPEC_HELP}")
 
 
-def estimate_decoded_bytes(source: Source, sample: int = 16) -> int:
-    sizes = []
-    for i in np.linspace(0, len(source) - 1, min(sample, len(source))).astype(int):
-        try:
-            with Image.open(source.items[i]) as img:
-                sizes.append(img.size[0] * img.size[1] * 3)
-        except Exception:  # noqa: BLE001
-            continue
-    return int(np.mean(sizes) * len(source)) if sizes else 0
-
-
 def build_source(spec: str, cache: str = "auto", max_bad_fraction: float = 0.01,
                  cache_limit_bytes: int = 4 << 30, progress: bool = True) -> Source:
-    """The whole (unsplit) source for a data spec; ``cache`` is auto | on | off."""
+    """The whole (unsplit) source for a data spec; ``cache`` (auto | on | off) decodes a folder into memory."""
     kind, arg = parse_data_spec(spec)
     if kind == "digits":
         return load_digits_source()
     if kind == "wds":  # streamed from tar shards, never decoded into memory
-        from .shards import build_shard_source
-
         if cache == "on":
             warnings.warn("--cache on does not apply to wds: shards, which are streamed; for data that fits in "
                           "memory use --data imagefolder:PATH --cache on")

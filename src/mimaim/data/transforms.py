@@ -76,25 +76,9 @@ class Augmentation:
         return tuple(float(v) for v in self.color_jitter)
 
 
-_LEGACY = ("crop_scale", "crop_ratio", "hflip", "color_jitter")
-
-
-def pretrain_transform(img_size: int, aug: Augmentation | None = None, *legacy, **legacy_kwargs):
-    """The pre-training transform for ``aug`` (an ``Augmentation``): crop, flip, jitter, normalise.
-
-    ``pretrain_transform(img_size, crop_scale, crop_ratio, hflip, color_jitter)`` (the older
-    signature, positional or by keyword) still works and means ``Augmentation(...)`` of them.
-    """
-    if not isinstance(aug, Augmentation):
-        values = dict(zip(_LEGACY, ((aug,) if aug is not None else ()) + legacy))
-        unknown = set(legacy_kwargs) - set(_LEGACY)
-        if unknown or len(legacy) > len(_LEGACY) - 1:
-            raise TypeError(f"pretrain_transform(img_size, aug: Augmentation): unexpected arguments "
-                            f"{sorted(unknown) or legacy}")
-        values.update(legacy_kwargs)
-        aug = Augmentation(**values)
-    elif legacy or legacy_kwargs:
-        raise TypeError("pretrain_transform: pass either an Augmentation or the separate crop/flip/jitter values")
+def pretrain_transform(img_size: int, aug: Augmentation | None = None):
+    """The pre-training transform for ``aug`` (default ``Augmentation()``): crop, flip, jitter, normalise."""
+    aug = aug or Augmentation()
     jitter = None
     if any(aug.jitter) and aug.jitter_prob > 0:
         jitter = T.ColorJitter(*aug.jitter)

@@ -1,11 +1,10 @@
 """Checkpoints that survive a crash or a ``kill -9``.
 
-A checkpoint is a folder ``checkpoints/step-00001234/`` holding ``model.safetensors``
-(the objective's weights: encoder, heads), ``state.pt`` (optimiser, RNG states,
-step, epoch) and ``run.json`` (the run record: what the weights are, so the encoder can be
-rebuilt without the objective; see ``engine/runs.py``). All are written into a hidden temporary folder, flushed to disk, and the
-folder is renamed into place in one atomic step: a reader sees a whole checkpoint or
-none. Loading uses safetensors and ``torch.load(weights_only=True)``, which never
+A checkpoint is a folder ``checkpoints/step-00001234/`` holding ``model.safetensors`` (the
+objective's weights), ``state.pt`` (optimiser, RNG states, step, epoch) and ``run.json`` (the
+run record, ``engine/runs.py``). All are written into a hidden temporary folder, flushed to
+disk, and the folder is renamed into place in one atomic step: a reader sees a whole
+checkpoint or none. Loading uses safetensors and ``torch.load(weights_only=True)``, which never
 unpickles arbitrary objects.
 """
 
@@ -61,20 +60,11 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model: torch.nn.Module, sta
     tmp.mkdir()
     save_file(state_dict_for_saving(model), str(tmp / "model.safetensors"), metadata=metadata or {})
     torch.save(state, tmp / "state.pt")
-    write_record(tmp, record)
-    publish(tmp, final)
-    for old in list_checkpoints(ckpt_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in ckpt_dir.glob(".tmp-*"):  # left by a process killed mid-save
-        if stale != tmp:
-            shutil.rmtree(stale, ignore_errors=True)
-    return final
-
-
-def write_record(folder: Path, record: dict | None) -> None:
-    """``run.json`` (the run record, ``runs.run_record``) into a checkpoint folder being written."""
     if record is not None:
-        (folder / RECORD_FILE).write_text(json.dumps(record, indent=2))
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2))
+    publish(tmp, final)
+    prune(ckpt_dir, keep_last)
+    return final
 
 
 def publish(tmp: Path, final: Path, files=None) -> None:
@@ -88,6 +78,14 @@ def publish(tmp: Path, final: Path, files=None) -> None:
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints, and what a save killed half-way left behind."""
+    for old in list_checkpoints(ckpt_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_dir.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
@@ -104,7 +102,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = True, what: str = "checkpoint") -> None:
+def load_weights(model: torch.nn.Module, path: str | Path, what: str = "checkpoint") -> None:
     """Load safetensors weights, explaining a mismatch (another model or objective) in words."""
     path = Path(path)
     if path.is_dir():
@@ -113,9 +111,8 @@ def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = True, 
         weights = load_file(str(path))
     except Exception as err:  # noqa: BLE001
         raise CheckpointError(f"cannot read {what} {path}: {err}") from None
-    if strict:
-        check_weights_fit(model.state_dict(), weights, f"{what} {path}")
-    model.load_state_dict(weights, strict=strict)
+    check_weights_fit(model.state_dict(), weights, f"{what} {path}")
+    model.load_state_dict(weights)
 
 
 def check_weights_fit(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], what: str) -> None:
@@ -139,8 +136,6 @@ def check_weights_fit(expected: dict[str, torch.Tensor], weights: dict[str, torc
                           "use the run's own config.yaml or a matching --model/--objective.")
 
 
-def load_state(path: str | Path) -> dict:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "state.pt"
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_state(ckpt: str | Path) -> dict:
+    """``state.pt`` of checkpoint folder ``ckpt`` (step, RNG states, and under DDP the optimiser)."""
+    return torch.load(Path(ckpt) / "state.pt", map_location="cpu", weights_only=True)

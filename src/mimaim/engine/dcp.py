@@ -1,30 +1,23 @@
 """Sharded checkpoints for FSDP runs, through ``torch.distributed.checkpoint`` (DCP).
 
-Under ``--strategy fsdp`` no rank holds the whole model, so no rank writes a
-``model.safetensors``. Instead every rank writes its own shard of the weights and of the
-AdamW moments into one folder, and DCP's ``.metadata`` records which slice of which tensor
-each file holds::
+Under ``--strategy fsdp`` no rank holds the whole model: every rank writes its shard of the
+weights and AdamW moments into one folder, and DCP's ``.metadata`` records which slice of
+which tensor each file holds::
 
     checkpoints/step-00001234/
         .metadata          the index (tensor shapes, dtypes, who wrote which slice)
         __0_0.distcp ...   one file per rank: its shards of "model.*" and "optimizer.*"
-        state.pt           step, epoch, RNG states (rank 0; torch.load(weights_only=True))
-        run.json           the run record (``runs.run_record``), so load_backbone can read it
+        state.pt           step, epoch, RNG states (rank 0)
+        run.json           the run record (``runs.run_record``)
 
-Like ``engine/checkpoint.py``, a checkpoint is written into a hidden temporary folder and
-renamed into place by rank 0 only after every rank has written and flushed its files:
-a reader (or a resumed run after ``kill -9``) sees a whole checkpoint or none. With
-several nodes the folder must be on a filesystem they all share.
+As in ``checkpoint.py``, the folder is renamed into place by rank 0 once every rank has
+written and flushed its files (with several nodes it must be on a shared filesystem). A
+checkpoint written by N processes loads into M (resharding), M = 1 without a process group
+included; :func:`consolidated_weights` gives a plain ``{name: tensor}`` dict on one process.
 
-Because DCP stores global shapes and slices, a checkpoint written by N processes loads
-into M processes (resharding), including M = 1 without a process group, and
-:func:`consolidated_weights` turns one into an ordinary ``{name: tensor}`` dict on one
-process (for ``load_backbone``, ``export`` and probes).
-
-Loading never unpickles arbitrary objects: DCP's own reader unpickles ``.metadata`` and
-its non-tensor entries with plain ``pickle``; here the index is read by an unpickler that
-admits only DCP's metadata classes and torch's size/dtype types, and non-tensor entries
-(the optimiser's hyper-parameters) go through ``torch.load(weights_only=True)``.
+Loading never unpickles arbitrary objects: the index is read by an unpickler that admits only
+DCP's metadata classes and torch's size/dtype types, and non-tensor entries (the optimiser's
+hyper-parameters) go through ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -32,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import pickle
 import shutil
 import warnings
@@ -43,8 +35,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
-from .checkpoint import PREFIX, RECORD_FILE, CheckpointError, _fsync_dir, check_weights_fit
+from .checkpoint import PREFIX, RECORD_FILE, CheckpointError, check_weights_fit, prune, publish
 
 METADATA_FILE = ".metadata"
 STATE_FILE = "state.pt"
@@ -85,9 +80,7 @@ class SafeFileSystemReader(FileSystemReader):
     def read_metadata(self, *args, **kwargs):
         with open(Path(self.path) / METADATA_FILE, "rb") as fh:
             metadata = _MetadataUnpickler(fh).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            from torch.distributed.checkpoint.metadata import StorageMeta
-            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta = metadata.storage_meta or StorageMeta()  # as FileSystemReader.read_metadata
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
@@ -111,24 +104,16 @@ def read_index(path: str | Path):
         raise CheckpointError(f"cannot read the index of checkpoint {path}: {err}") from None
 
 
-def _model_entries(metadata) -> dict[str, object]:
+def _model_entries(metadata) -> dict[str, TensorStorageMetadata]:
     """``{parameter name: TensorStorageMetadata}`` of the checkpoint's model part."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    out = {}
-    for key, meta in metadata.state_dict_metadata.items():
-        path = metadata.planner_data.get(key, tuple(key.split(".", 1))) if metadata.planner_data else None
-        if path and path[0] == MODEL_KEY and isinstance(meta, TensorStorageMetadata):
-            out[".".join(str(p) for p in path[1:])] = meta
-    return out
+    prefix = MODEL_KEY + "."
+    return {key[len(prefix):]: meta for key, meta in metadata.state_dict_metadata.items()
+            if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
 
 
 def consolidated_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """All weights of a sharded checkpoint as one ``{name: tensor}`` dict on CPU, in one process.
-
-    Names are the objective's (``encoder.*``, heads), as in ``model.safetensors``; no process
-    group is needed, whatever number of processes wrote the checkpoint.
-    """
+    """All weights of a sharded checkpoint as one ``{name: tensor}`` dict on CPU (names as in
+    ``model.safetensors``), in one process without a process group, whoever wrote it."""
     entries = _model_entries(read_index(path))
     weights = {name: torch.empty(tuple(m.size), dtype=m.properties.dtype) for name, m in entries.items()}
     with _single_process_quiet():
@@ -157,13 +142,8 @@ def _barrier() -> None:
 
 def save_sharded_checkpoint(ckpt_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                             state: dict, keep_last: int = 2, record: dict | None = None) -> Path:
-    """Write ``ckpt_dir/step-N/`` from every rank (a collective); returns its path on every rank.
-
-    ``model`` may be FSDP-sharded or plain (one process); ``state`` (step, epoch, RNG) is
-    rank 0's and goes to ``state.pt``, ``record`` to ``run.json``.
-    """
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
+    """Write ``ckpt_dir/step-N/`` from every rank (a collective; ``model`` sharded or plain); rank 0's
+    ``state`` (step, epoch, RNG) goes to ``state.pt``, ``record`` to ``run.json``."""
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"{PREFIX}{step:08d}"
     tmp = ckpt_dir / f".tmp-{final.name}"  # the same name on every rank
@@ -177,51 +157,28 @@ def save_sharded_checkpoint(ckpt_dir: str | Path, step: int, model: nn.Module, o
     with _single_process_quiet():
         dcp.save({MODEL_KEY: model_sd, OPTIMIZER_KEY: optim_sd},
                  storage_writer=FileSystemWriter(str(tmp), sync_files=True), no_dist=not dist.is_initialized())
-    # dcp.save returns on rank 0 after every rank's files are written and the index is on disk
+    # dcp.save returns on rank 0 after every rank's files are written (and flushed) and the index is on disk
     if _rank() == 0:
         torch.save(state, tmp / STATE_FILE)
         if record is not None:
             (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2))
-        for name in (STATE_FILE, METADATA_FILE):
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
-        _prune(ckpt_dir, keep_last)
+        publish(tmp, final, files=(STATE_FILE, METADATA_FILE, RECORD_FILE))
+        prune(ckpt_dir, keep_last)
     _barrier()
     return final
 
 
-def _prune(ckpt_dir: Path, keep_last: int) -> None:
-    finished = sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-                       and ((p / STATE_FILE).is_file())), key=lambda p: int(p.name[len(PREFIX):]))
-    for old in finished[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in ckpt_dir.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
 def load_sharded_checkpoint(path: str | Path, model: nn.Module,
                             optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Load a sharded checkpoint into ``model`` (and ``optimizer``) in place; returns ``state.pt``.
-
-    A collective under FSDP (every rank calls it). The number of processes may differ from
-    the one that wrote it: each rank reads the slices that its shards cover.
-    """
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
-
+    """Load a sharded checkpoint into ``model`` (and ``optimizer``) in place; returns ``state.pt``. A
+    collective under FSDP; each rank reads the slices its shards cover, whatever the writers' number."""
     path = Path(path)
     if not is_sharded_checkpoint(path):
         raise CheckpointError(f"{path} is not a finished sharded checkpoint (it needs {METADATA_FILE} and "
                               f"{STATE_FILE})")
     entries = _model_entries(read_index(path))
     expected = get_model_state_dict(model)
-    check_weights_fit({k: v for k, v in expected.items()},
-                      {k: torch.empty(tuple(m.size), device="meta") for k, m in entries.items()},
+    check_weights_fit(expected, {k: torch.empty(tuple(m.size), device="meta") for k, m in entries.items()},
                       f"checkpoint {path}")
     sd = {MODEL_KEY: expected}
     if optimizer is not None:

@@ -50,14 +50,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def all_reduce_sum(value: float, device: torch.device, info: DistInfo) -> float:
-    if not info.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item())
-
-
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,48 +1,40 @@
 """``mimaim pretrain --dry-run``: memory per GPU and FLOPs per image, before renting GPUs.
 
-Nothing is allocated: the objective is built with its large tensors on PyTorch's ``meta``
-device (shapes without storage) and one training step is traced there.
-
-* **Parameters** are counted exactly (the same modules the run builds).
-* **Weights, gradients, optimiser state** follow from the count. AdamW keeps two fp32
-  moments per trainable parameter. DDP: every GPU holds fp32 weights (the master copy;
-  bf16 runs under autocast), fp32 gradients, and DDP's gradient buckets, a second fp32
-  copy of the gradients. FSDP2 (``fully_shard``): the fp32 weights, gradients and moments
-  are split evenly over the GPUs (``/ world_size``); the bf16 copies that FSDP all-gathers
-  for the unit it is running (and the next one, prefetched) are counted as buffers.
-* **Activations** are *measured*: one forward on meta tensors at the chosen batch per GPU,
-  summing the distinct storages autograd saves for backward (parameters excluded).
-  Attention is traced as the fused memory-efficient SDPA kernel, which keeps q, k, v,
-  its output and the log-sum-exp rather than the T x T scores (what CUDA runs). With
-  activation checkpointing each block keeps only its input, plus one block's activations
-  while it is recomputed in backward. Tensors are traced in the compute dtype (bf16 or
-  fp32); under DDP's autocast LayerNorm outputs and the residual stream stay fp32, so
-  measured CUDA peaks run somewhat above the bf16 figure there.
-* **FLOPs per image** are counted by ``torch.utils.flop_counter.FlopCounterMode`` over the
-  forward and backward of that step (matmuls, convolutions, attention), the count MFU
-  uses; activation checkpointing adds one more forward of the blocks.
-
-Not counted: the CUDA context (~0.5 GB), the allocator's fragmentation and cache, NCCL
-buffers, the data loader. Keep 10-20% free.
+Nothing is allocated: the objective is built with its large tensors on the ``meta`` device and
+one training step is traced there. Parameters are counted exactly; weights, gradients and AdamW's
+two fp32 moments follow from the count (DDP: replicated, plus its gradient buckets and autocast's
+bf16 weight copies; FSDP2: split over the GPUs, plus the all-gathered units). Activations are
+*measured*: the distinct storages autograd saves for backward in one forward at the batch per
+GPU, with attention traced as CUDA's fused memory-efficient SDPA kernel (q, k, v, output and
+log-sum-exp, not the T x T scores); with activation checkpointing each block keeps its input,
+plus one block's activations while it is recomputed. FLOPs are counted by ``FlopCounterMode``
+over forward and backward (the count MFU uses). Not counted: the CUDA context (~0.5 GB), the
+allocator's cache, NCCL buffers, the data loader: keep 10-20% free.
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import math
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..objectives import build_objective
+from .build import resolved_objective_options
+from .fsdp import transformer_blocks
 
 GiB = 1024 ** 3
 STRATEGIES = ("ddp", "fsdp")
 _SMALL = 1 << 16  # tensors up to this many elements are built on the CPU (tables, biases, indices)
 
 
-# --------------------------------------------------------------------------- building on meta
 def _numel(args, kwargs) -> int:
     size = kwargs.get("size")
     if size is None:
@@ -55,15 +47,10 @@ def _numel(args, kwargs) -> int:
 
 
 class _LargeTensorsOnMeta(TorchFunctionMode):
-    """Factory calls for large tensors (weights) go to ``meta``; small ones (tables, indices) stay on CPU.
-
-    A plain ``torch.device('meta')`` context would also put the few small tensors that
-    constructors read back (``linspace(...).tolist()``, sin-cos tables) on meta, and fail.
-    """
+    """Factory calls for large tensors (weights) go to ``meta``; small ones stay on CPU, since
+    constructors read some back (``linspace(...).tolist()``, sin-cos tables)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        from torch.utils._device import _device_constructors
-
         kwargs = dict(kwargs or {})
         if (func in _device_constructors() and kwargs.get("device") is None
                 and func not in (torch.arange, torch.linspace, torch.tensor, torch.as_tensor)
@@ -79,16 +66,6 @@ def build_on_meta(build) -> nn.Module:
     return module.to("meta")
 
 
-def objective_from_config(cfg) -> nn.Module:
-    """The objective a ``PretrainConfig`` describes, on meta."""
-    from ..objectives import build_objective
-    from .build import resolved_objective_options
-
-    return build_on_meta(lambda: build_objective(cfg.objective, cfg.model, cfg.img_size, cfg.patch_size,
-                                                 resolved_objective_options(cfg)))
-
-
-# --------------------------------------------------------------------------- tracing one step
 def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
     """SDPA as CUDA's memory-efficient kernel (saves q, k, v, out, logsumexp; bool masks as a bias)."""
     bias = None
@@ -102,12 +79,8 @@ def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
 
 
 class _MetaTraceMode(TorchFunctionMode):
-    """Trace-time stand-ins on meta: SDPA as the fused kernel; boolean-mask indexing by its true count.
-
-    ``x[mask]`` has a data-dependent size that meta tensors cannot compute; the masking
-    was drawn for real on the CPU, so ``true_counts`` (shape -> number of True entries)
-    gives the size, and a slice of that length stands in (same shape, same gradient path).
-    """
+    """Trace-time stand-ins on meta: SDPA as the fused kernel; ``x[mask]`` (a data-dependent size) as
+    a slice of the mask's true count (``true_counts``: shape -> number of True entries, drawn on CPU)."""
 
     def __init__(self, true_counts: dict[tuple, int]):
         super().__init__()
@@ -130,16 +103,9 @@ def _storage_key(t: torch.Tensor) -> int:
 
 
 def trace_step(objective: nn.Module, batch_size: int, dtype: torch.dtype) -> dict[str, Any]:
-    """One forward + backward of ``objective`` (on meta) at ``batch_size``: saved bytes and FLOPs.
-
-    Returns ``flops`` (forward + backward, whole batch), ``saved_bytes`` (all distinct
-    storages saved for backward), ``outside_bytes`` (saved outside any transformer block),
-    ``block_bytes`` (per block) and ``block_input_bytes`` (each block's input).
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .fsdp import transformer_blocks
-
+    """One forward + backward of ``objective`` (on meta) at ``batch_size``: ``flops`` (whole batch),
+    ``saved_bytes`` (distinct storages saved for backward), ``outside_bytes`` (outside any block),
+    ``block_bytes`` (per block) and ``block_input_bytes``."""
     objective = objective.to(dtype)
     objective.train()
     param_storages = {_storage_key(p) for p in objective.parameters()}
@@ -202,7 +168,6 @@ def trace_step(objective: nn.Module, batch_size: int, dtype: torch.dtype) -> dic
             "block_input_bytes": sum(block_inputs.values())}
 
 
-# --------------------------------------------------------------------------- the estimate
 def compute_dtype(precision: str) -> torch.dtype:
     """The estimate is for GPUs: ``auto`` means bf16 there."""
     if precision not in ("auto", "bf16", "fp32"):
@@ -211,31 +176,26 @@ def compute_dtype(precision: str) -> torch.dtype:
 
 
 def _as_meta_objective(objective_or_cfg) -> nn.Module:
-    if isinstance(objective_or_cfg, nn.Module):
-        objective = objective_or_cfg
-        if next(objective.parameters()).device.type != "meta":
-            import copy
-            objective = copy.deepcopy(objective).to("meta")
-        return objective
-    return objective_from_config(objective_or_cfg)
+    """A ``PretrainConfig``'s objective built on meta, or a meta copy of an objective module."""
+    if not isinstance(objective_or_cfg, nn.Module):
+        cfg = objective_or_cfg
+        return build_on_meta(lambda: build_objective(cfg.objective, cfg.model, cfg.img_size, cfg.patch_size,
+                                                     resolved_objective_options(cfg)))
+    if next(objective_or_cfg.parameters()).device.type == "meta":
+        return objective_or_cfg
+    return copy.deepcopy(objective_or_cfg).to("meta")
 
 
 def estimate(objective_or_cfg, strategy: str = "ddp", precision: str = "bf16", batch_per_gpu: int = 64,
              world_size: int = 1, activation_checkpointing: bool = False, _trace: dict | None = None) -> dict[str, Any]:
-    """Memory per GPU (bytes) and FLOPs per image for one training configuration.
-
-    ``objective_or_cfg``: a ``PretrainConfig`` (built on meta here) or an objective module
-    (a meta copy is traced; a module already on meta is used, and cast, as it is).
-    """
+    """Memory per GPU (bytes) and FLOPs per image for one training configuration of
+    ``objective_or_cfg`` (a ``PretrainConfig`` or an objective module; see ``_as_meta_objective``)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: unknown value {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if batch_per_gpu < 1 or world_size < 1:
         raise ValueError(f"batch per GPU ({batch_per_gpu}) and world size ({world_size}) must be at least 1")
     dtype = compute_dtype(precision)
     objective = _as_meta_objective(objective_or_cfg)
-
-    from .fsdp import transformer_blocks
-
     params = sum(p.numel() for p in objective.parameters())
     trainable = sum(p.numel() for p in objective.parameters() if p.requires_grad)
     encoder_params = sum(p.numel() for p in objective.encoder.parameters())
@@ -291,20 +251,14 @@ def estimate_choices(objective_or_cfg, precision: str = "bf16", batch_per_gpu: i
             for strategy in STRATEGIES for ac in (False, True)}
 
 
-ROW_NOTES = {
-    "weights": ("weights", "fp32 master copy"),
-    "gradients": ("gradients", "fp32"),
-    "optimizer": ("optimizer state", "AdamW: 2 fp32 moments"),
-    "buffers": ("buffers", None),
-    "activations": ("activations", "traced on meta tensors"),
-}
-
-
 def format_estimate(est: dict[str, Any], gpu_memory_gib: float | None = 80.0) -> str:
     """A small table of one estimate; warns when the total passes 90% of ``gpu_memory_gib``."""
-    rows = est["bytes"]
-    where = "sharded over" if est["strategy"] == "fsdp" else "replicated on"
-    buffers = "DDP buckets, autocast copies" if est["strategy"] == "ddp" else "all-gathered units"
+    rows, ddp = est["bytes"], est["strategy"] == "ddp"
+    where = "replicated on" if ddp else "sharded over"
+    labels = {"weights": "weights (fp32 master copy)", "gradients": "gradients (fp32)",
+              "optimizer": "optimizer state (AdamW: 2 fp32 moments)",
+              "buffers": f"buffers ({'DDP buckets, autocast copies' if ddp else 'all-gathered units'})",
+              "activations": "activations (traced on meta tensors)"}
     lines = [
         f"{est['objective']}: {est['parameters'] / 1e6:,.1f}M parameters ({est['encoder_parameters'] / 1e6:,.1f}M "
         f"in the encoder, {est['trainable_parameters'] / 1e6:,.1f}M trainable)",
@@ -314,19 +268,15 @@ def format_estimate(est: dict[str, Any], gpu_memory_gib: float | None = 80.0) ->
         "",
         f"{'memory per GPU':<48}{'GiB':>8}",
     ]
-    for key in ("weights", "gradients", "optimizer", "buffers", "activations"):
-        label, note = ROW_NOTES[key]
-        note = note or buffers
-        lines.append(f"  {label + ' (' + note + ')':<46}{rows[key] / GiB:>8.2f}")
+    lines += [f"  {label:<46}{rows[key] / GiB:>8.2f}" for key, label in labels.items()]
     lines.append(f"  {'total':<46}{est['total_bytes'] / GiB:>8.2f}")
     lines.append(f"  {'(activations without / with checkpointing)':<46}"
                  f"{est['activations_without_checkpointing'] / GiB:>8.2f} / "
                  f"{est['activations_with_checkpointing'] / GiB:.2f}")
-    lines.append("")
-    lines.append(f"training FLOPs per image (forward + backward{' + recompute' if est['activation_checkpointing'] else ''}"
-                 f"): {est['flops_per_image'] / 1e9:,.1f} GFLOP")
+    recompute = " + recompute" if est["activation_checkpointing"] else ""
+    lines += ["", f"training FLOPs per image (forward + backward{recompute}): {est['flops_per_image'] / 1e9:,.1f} GFLOP"]
     if gpu_memory_gib and est["total_bytes"] / GiB > 0.9 * gpu_memory_gib:
-        fixes = ([] if est["strategy"] == "fsdp" else ["--strategy fsdp"]) + \
+        fixes = (["--strategy fsdp"] if ddp else []) + \
                 ([] if est["activation_checkpointing"] else ["--activation-checkpointing"]) + \
                 ["a smaller batch per GPU with --accum-steps (the global batch stays)", "more GPUs"]
         lines.append(f"warning: {est['total_bytes'] / GiB:.1f} GiB is above 90% of a {gpu_memory_gib:g} GiB GPU; "
@@ -346,19 +296,13 @@ def format_choices(choices: dict[tuple[str, bool], dict[str, Any]]) -> str:
 
 
 def dry_run(cfg, world_size: int | None = None, gpu_memory_gib: float | None = 80.0, show: bool = True) -> str:
-    """The ``--dry-run`` report for a ``PretrainConfig``: its estimate and the alternatives.
-
-    ``world_size``: the number of GPUs planned (default: ``WORLD_SIZE``, so
-    ``WORLD_SIZE=8 mimaim pretrain ... --dry-run`` plans for 8 GPUs). The batch per GPU is
-    ``batch_size / (world_size * accum_steps)``. Printed (by rank 0 only) when ``show``;
-    returned either way.
-    """
-    import os
-
+    """The ``--dry-run`` report for a ``PretrainConfig`` on ``world_size`` GPUs (default ``WORLD_SIZE``):
+    its estimate at ``batch_size / (world_size * accum_steps)`` per GPU and the alternatives.
+    Printed (by rank 0) when ``show``; returned either way."""
     world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     per_gpu = max(1, math.ceil(cfg.batch_size / (world_size * cfg.accum_steps)))
     choices = estimate_choices(cfg, cfg.precision, per_gpu, world_size)
-    chosen = choices[(getattr(cfg, "strategy", "ddp"), bool(getattr(cfg, "activation_checkpointing", False)))]
+    chosen = choices[(cfg.strategy, bool(cfg.activation_checkpointing))]
     text = "\n".join([f"dry run: {cfg.objective} on {cfg.model}/{cfg.patch_size} at {cfg.img_size}px, global batch "
                       f"{cfg.batch_size} = {world_size} GPU(s) x {cfg.accum_steps} accumulation x {per_gpu}",
                       format_estimate(chosen, gpu_memory_gib), "", format_choices(choices)])

@@ -1,8 +1,6 @@
 """Bookkeeping beside the training loop: progress bar, skipped-image counts, the logging window.
 
-Nothing here is on the hot path: the loop adds detached loss *tensors* (no ``.item()``) and
-``LogWindow.flush`` syncs once per logging interval, with one ``all_reduce`` across processes.
-"""
+Off the hot path: the loop adds detached loss tensors; ``LogWindow.flush`` syncs once per log line."""
 
 from __future__ import annotations
 
@@ -33,11 +31,9 @@ class Progress:
         else:
             print(msg, file=sys.stderr, flush=True)
 
-    def update(self, **postfix) -> None:
+    def update(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            if postfix:
-                self.bar.set_postfix(**postfix)
 
     def close(self) -> None:
         if self.bar is not None:

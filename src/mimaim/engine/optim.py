@@ -52,13 +52,8 @@ SCHEDULES = ("cosine", "multistep")
 
 def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: float,
           schedule: str = "cosine", milestones=(), gamma: float = 0.1) -> float:
-    """The learning rate at fractional ``epoch`` (the engine calls it once per optimiser step).
-
-    Both schedules warm up linearly from 0 over ``warmup_epochs``. ``cosine`` then follows a
-    half-cosine from ``lr`` to ``min_lr`` at ``epochs``; ``multistep`` holds ``lr`` and multiplies
-    it by ``gamma`` once for every milestone (in epochs) already reached, as SimMIM's
-    ``MultiStepLRScheduler`` does with ``bisect_right`` (``min_lr`` is unused there).
-    """
+    """The learning rate at fractional ``epoch`` (once per optimiser step). ``multistep`` multiplies
+    ``lr`` by ``gamma`` for every milestone reached (``bisect_right``, as SimMIM); ``min_lr`` is unused there."""
     if schedule == "cosine":
         return cosine_lr(epoch, lr, min_lr, warmup_epochs, epochs)
     if schedule != "multistep":

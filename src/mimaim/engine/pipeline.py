@@ -11,11 +11,7 @@ from ..data import make_epoch_loader, pretrain_transform
 
 
 class MultiView:
-    """``num_views`` draws of ``transform`` from the same image -> a (k, 3, H, W) tensor.
-
-    The loader seeds each sample's augmentation from (seed, epoch, index), so the k views
-    are different from one another and the same on every re-run; a batch is (B, k, 3, H, W).
-    """
+    """``num_views`` draws of ``transform`` from the same image -> (k, 3, H, W); a batch is (B, k, 3, H, W)."""
 
     def __init__(self, transform, num_views: int):
         self.transform, self.num_views = transform, num_views
@@ -28,10 +24,9 @@ def build_transform(objective, cfg):
     """The objective's paper augmentation (``cfg.augmentation`` overrides fields), ``num_views`` times."""
     aug = objective.augmentation
     if cfg.augmentation:  # e.g. one crop scale for every objective in a comparison
-        aug = replace(aug, **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.augmentation.items()})
+        aug = replace(aug, **cfg.augmentation)  # Augmentation turns YAML lists into tuples
     transform = pretrain_transform(cfg.img_size, aug)
-    views = int(getattr(objective, "num_views", 1))
-    return MultiView(transform, views) if views > 1 else transform
+    return MultiView(transform, objective.num_views) if objective.num_views > 1 else transform
 
 
 def default_num_workers(cfg, in_memory: bool) -> int:
@@ -48,7 +43,7 @@ def default_num_workers(cfg, in_memory: bool) -> int:
 
 def epoch_loader(train, transform, objective, cfg, info, epoch: int, start_step: int, num_workers: int,
                  device: torch.device):
-    """This rank's micro-batches of ``epoch`` from optimiser step ``start_step`` (contract C4)."""
+    """This rank's micro-batches of ``epoch`` from optimiser step ``start_step``."""
     return make_epoch_loader(train, transform, objective.sample_masking, seed=cfg.seed, epoch=epoch,
                              start_step=start_step, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
                              rank=info.rank, world_size=info.world_size, num_workers=num_workers,

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import torch
 
-#: x86 flags of native bf16 matrix instructions (AVX512-BF16, AMX-BF16); without them PyTorch
-#: emulates bf16 on the CPU: ``benchmarks/bench_mae.py`` measured 5.8 vs 117 img/s (bf16 vs fp32)
-#: for mimaim's MAE on a 2-core CPU without them, and the same ratio for HF ViTMAE.
+#: x86 flags of native bf16 matrix instructions; without them PyTorch emulates bf16 on the CPU, about 20x
+#: slower than fp32 (``benchmarks/bench_mae.py``, docs/results.md)
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 

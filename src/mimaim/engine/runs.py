@@ -10,11 +10,8 @@ Each checkpoint folder holds ``run.json``, the *run record* (``run_record(cfg)``
 From it ``load_backbone`` rebuilds the encoder with ``models.create_model(name, **kwargs)``
 and loads the ``encoder.*`` weights of ``model.safetensors``, never building the objective,
 its heads or its tokenizer (a BEiT run trained with ``--tokenizer dalle:PATH`` loads after
-that file is gone). Checkpoints written before run records existed fall back to the run's
-``config.yaml``; the record derived from it is the same.
-
-``load_run`` still rebuilds the whole objective, for what needs the heads (reconstruction
-pictures, resuming).
+that file is gone). ``load_run`` rebuilds the whole objective, for what needs the heads
+(reconstruction pictures).
 """
 
 from __future__ import annotations
@@ -25,17 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from ..config import PretrainConfig, load_run_config, make_config
+from ..config import PretrainConfig, load_run_config
+from ..models import create_model, model_family
 from .checkpoint import (RECORD_FILE, SHARDED_INDEX, CheckpointError, check_weights_fit, latest_checkpoint,
                          list_checkpoints)
+from .dcp import consolidated_weights
 
 RECORD_FORMAT = 1
 ENCODER_PREFIX = "encoder."
 
 
-# --------------------------------------------------------------------------- the record
 def _json_safe(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}
@@ -47,13 +46,9 @@ def _json_safe(value: Any) -> Any:
 
 
 def run_record(cfg: PretrainConfig) -> dict:
-    """What a checkpoint of ``cfg``'s run holds, JSON-serialisable (see the module docstring).
-
-    Reads only the config and the objective *class* (its options dataclass, backbone flavour
-    and probe protocol): no objective, head or tokenizer is built, no file is opened.
-    """
+    """What a checkpoint of ``cfg``'s run holds, JSON-serialisable, from the config and the objective
+    *class* only (options, backbone flavour, probe protocol): nothing is built, no file is opened."""
     from .. import __version__
-    from ..models import model_family
     from ..objectives import get_objective_class, parse_options
     from .build import resolved_objective_options
 
@@ -74,26 +69,16 @@ def run_record(cfg: PretrainConfig) -> dict:
     })
 
 
-def record_config(record: dict) -> PretrainConfig:
-    """The run's ``PretrainConfig`` back from a record (e.g. for ``data``, ``val_fraction``, ``seed``)."""
-    return make_config(record["config"])
-
-
 def read_record(ckpt: str | Path) -> dict:
-    """The run record of checkpoint folder ``ckpt``: its ``run.json``, else derived from the run's config.yaml."""
-    ckpt = Path(ckpt)
-    path = ckpt / RECORD_FILE
-    if path.is_file():
-        record = json.loads(path.read_text())
-        if int(record.get("format", 0)) > RECORD_FORMAT:
-            raise CheckpointError(f"{path} has run-record format {record['format']}, newer than this mimaim "
-                                  f"understands ({RECORD_FORMAT}); upgrade mimaim to read it")
-        return record
-    run_dir = ckpt.parent.parent  # RUN_DIR/checkpoints/step-N
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} has no {RECORD_FILE} and no config.yaml two folders up "
-                                f"({run_dir}); pass the run directory of a `mimaim pretrain` run")
-    return run_record(load_run_config(run_dir))
+    """The run record (``run.json``) of checkpoint folder ``ckpt``."""
+    path = Path(ckpt) / RECORD_FILE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} has no {RECORD_FILE}; pass a checkpoint of a `mimaim pretrain` run")
+    record = json.loads(path.read_text())
+    if int(record.get("format", 0)) > RECORD_FORMAT:
+        raise CheckpointError(f"{path} has run-record format {record['format']}, newer than this mimaim "
+                              f"understands ({RECORD_FORMAT}); upgrade mimaim to read it")
+    return record
 
 
 def resolve_checkpoint(path: str | Path, checkpoint: str | Path | None = None) -> Path:
@@ -108,7 +93,7 @@ def resolve_checkpoint(path: str | Path, checkpoint: str | Path | None = None) -
             ckpt = path / "checkpoints" / ckpt
         if not ckpt.exists():
             raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} not found (nor in {path / 'checkpoints'}); "
-                                    f"available: {[p.name for p in available_checkpoints(path)]}")
+                                    f"available: {[p.name for p in list_checkpoints(path / 'checkpoints')]}")
         return ckpt
     if (path / "model.safetensors").exists() or (path / RECORD_FILE).exists() or (path / SHARDED_INDEX).exists():
         return path  # a checkpoint folder itself
@@ -119,16 +104,9 @@ def resolve_checkpoint(path: str | Path, checkpoint: str | Path | None = None) -
     return ckpt
 
 
-# --------------------------------------------------------------------------- weights
 def read_checkpoint_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
-    """All weights of checkpoint folder ``ckpt`` (the objective's names: ``encoder.*``, heads), on CPU.
-
-    A sharded FSDP checkpoint (``engine/dcp.py``) is consolidated in this one process.
-    """
-    from safetensors.torch import load_file
-
+    """All weights of checkpoint folder ``ckpt`` (``encoder.*``, heads) on CPU; a sharded one consolidated."""
     if (Path(ckpt) / SHARDED_INDEX).is_file():
-        from .dcp import consolidated_weights
         return consolidated_weights(ckpt)
     path = Path(ckpt) / "model.safetensors"
     if not path.is_file():
@@ -145,15 +123,9 @@ def encoder_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {k[len(ENCODER_PREFIX):]: v for k, v in weights.items() if k.startswith(ENCODER_PREFIX)}
 
 
-# --------------------------------------------------------------------------- backbones
 def build_backbone(record: dict, seed: int = 0) -> nn.Module:
-    """The record's encoder architecture, freshly initialised from ``seed`` (random-init baselines).
-
-    The init is the backbone's own; an objective that re-initialises part of its encoder
-    (SimMIM's BEiT-style patch projection) is not rebuilt here.
-    """
-    from ..models import create_model
-
+    """The record's encoder architecture, freshly initialised from ``seed`` (random-init baselines),
+    with the backbone's own init (an objective's re-init of part of it is not repeated)."""
     backbone = record["backbone"]
     torch.manual_seed(seed)
     return create_model(backbone["name"], **backbone["kwargs"])
@@ -181,7 +153,6 @@ def load_backbone(path: str | Path, device: str | torch.device = "cpu",
     return open_backbone(path, device, checkpoint)[0]
 
 
-# --------------------------------------------------------------------------- whole objective
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: str | torch.device = "cpu"):
     """-> (config, objective in eval mode, checkpoint path), heads and tokenizer included."""
     from .build import build_run_objective
@@ -198,6 +169,3 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
     objective.load_state_dict(weights)
     return cfg, objective.to(device).eval(), ckpt
 
-
-def available_checkpoints(run_dir: str | Path) -> list[Path]:
-    return list_checkpoints(Path(run_dir) / "checkpoints")

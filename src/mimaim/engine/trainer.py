@@ -12,7 +12,7 @@
     diverged    a non-finite loss stops the run; checkpoints written as it blew up are set aside
 
 Everything objective-specific lives behind ``Objective`` (objectives/base.py); the multi-process
-wrapper behind ``parallelize`` (parallel.py); data in pipeline.py; bookkeeping in meters.py.
+wrapper behind ``parallelize`` (fsdp.py); data in pipeline.py; bookkeeping in meters.py.
 """
 
 from __future__ import annotations
@@ -29,20 +29,19 @@ from typing import Callable
 import torch
 
 from ..config import PretrainConfig, save_config
-from ..data import build_source, check_bad_fraction, steps_per_epoch, training_subset  # noqa: F401 (re-export)
+from ..data import build_source, check_bad_fraction, steps_per_epoch, training_subset
 from ..objectives import Objective
-from .build import build_run_objective, resolved_objective_options  # noqa: F401 (contract C7)
+from .build import build_run_objective
 from .checkpoint import latest_checkpoint, list_checkpoints, load_state, load_weights, save_checkpoint
 from .dcp import is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
 from .distributed import DistInfo, cleanup, init_distributed, resolve_device
-from .fsdp import all_finite
+from .fsdp import all_finite, gradient_sync, is_fsdp, parallelize
 from .logging import MetricsLogger, read_metrics
 from .meters import BadImages, LogWindow, Progress
 from .optim import build_optimizer, lr_at, set_lr
-from .parallel import grad_sync, is_sharded, parallelize
 from .pipeline import build_transform, default_num_workers, epoch_loader
+from .precision import autocast_context, slow_bf16_warning
 from .runs import run_record
-from .precision import autocast_context, slow_bf16_warning  # noqa: F401 (autocast_context: re-export)
 
 
 class TrainingDiverged(RuntimeError):
@@ -89,10 +88,10 @@ def train(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
         logger.truncate_after(step)
 
     def checkpoint(at: int) -> None:
-        if not finite_weights(run.objective):
+        if not all_finite(run.objective.parameters()):  # each rank checks its shards under FSDP
             raise TrainingDiverged(diverged(run_dir, losses, start_step, at, spe, "non-finite weights",
                                             info.is_main))
-        if info.is_main or is_sharded(run.model):  # sharded: every rank writes its shard
+        if info.is_main or is_fsdp(run.model):  # sharded: every rank writes its shard
             save(cfg, ckpt_dir, at, run, device)
 
     t_start, last_loss = time.perf_counter(), float("nan")
@@ -132,9 +131,7 @@ def train_step(run: Run, cfg: PretrainConfig, batches, step: int, device: torch.
                bad: BadImages) -> tuple[torch.Tensor, bool]:
     """Optimiser step ``step`` over ``accum_steps`` micro-batches -> (mean loss tensor, finite).
 
-    lr from the schedule; forward under autocast and backward per micro-batch (under DDP the
-    gradients are all-reduced on the last one only); then ONE sync per step: the finiteness of
-    the loss (averaged over processes, so that all agree). A non-finite step returns before
+    The loss is averaged over processes, so that all agree; a non-finite step returns before
     clipping and the optimiser touch the weights, so it never reaches a checkpoint."""
     spe = run.steps_per_epoch
     set_lr(run.optimizer, lr_at(step / spe, cfg.effective_lr(), cfg.min_lr, cfg.warmup_epochs, cfg.epochs,
@@ -146,7 +143,7 @@ def train_step(run: Run, cfg: PretrainConfig, batches, step: int, device: torch.
         images = batch["image"].to(device, non_blocking=True)
         masking = batch["masking"]
         masking = masking.to(device, non_blocking=True) if masking is not None else None
-        with grad_sync(run.model, micro == cfg.accum_steps - 1):
+        with gradient_sync(run.model, micro == cfg.accum_steps - 1):
             with autocast_context(device, cfg.precision):
                 loss = run.model(images, masking).loss
             (loss / cfg.accum_steps).backward()
@@ -212,7 +209,7 @@ def restore(ckpt: Path, objective: Objective, optimizer, cfg: PretrainConfig, de
     (``--strategy fsdp``) loads into any number of processes, sharded or not."""
     if is_sharded_checkpoint(ckpt):
         state = load_sharded_checkpoint(ckpt, objective, optimizer)  # a collective under FSDP
-    elif is_sharded(objective):
+    elif is_fsdp(objective):
         raise ValueError(f"checkpoint {ckpt} was written under --strategy ddp (one whole model.safetensors); "
                          "resume it with --strategy ddp: its sharded checkpoints start with a --strategy fsdp run")
     else:
@@ -234,7 +231,7 @@ def save(cfg: PretrainConfig, ckpt_dir: Path, step: int, run: Run, device: torch
     state = {"rng": rng_state(device), "step": step, "epoch": step / run.steps_per_epoch,
              "objective": cfg.objective, "model": cfg.model}
     record = run_record(cfg)
-    if is_sharded(run.model):
+    if is_fsdp(run.model):
         return save_sharded_checkpoint(ckpt_dir, step, run.objective, run.optimizer, state,
                                        keep_last=cfg.keep_last, record=record)
     state["optimizer"] = run.optimizer.state_dict()
@@ -270,11 +267,6 @@ def log(logger, window: LogWindow, bad: BadImages, info: DistInfo, run: Run, cfg
     if progress.bar is not None:
         progress.bar.set_postfix(loss=f"{w['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['images_per_s']:.0f}")
     return w["loss"]
-
-
-def finite_weights(objective: torch.nn.Module) -> bool:
-    """Every weight finite, on every rank (each checks its own shards under FSDP)."""
-    return all_finite(objective.parameters())
 
 
 #: a checkpoint whose first step's loss exceeds this multiple of the median loss before it was

@@ -1,63 +1,13 @@
-"""``mimaim finetune``: end-to-end fine-tuning of a pre-trained encoder.
+"""``mimaim finetune``: end-to-end fine-tuning of a pre-trained encoder, as MAE (2111.06377, App. A.1)
+fine-tunes in ``main_finetune.py`` / ``models_vit.py`` / ``lr_decay.py``.
 
-Two recipes (``FinetuneConfig(recipe=...)``; a flag set explicitly wins over the recipe):
-
-* ``paper`` — MAE (2111.06377) App. A.1 / Table 9 as ``facebookresearch/mae``
-  ``main_finetune.py`` runs it on ImageNet: 100 epochs (5 of warm-up), batch 1024, blr 5e-4,
-  layer decay 0.75, drop path 0.1, RandomResizedCrop (0.08, 1) + flip + RandAugment
-  m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8 / cutmix 1.0, label smoothing 0.1.
-* ``quick`` (the default) — the same model, optimiser and layer-wise decay, sized for small
-  data and a few hundred steps: an affine-free BatchNorm in front of the head (the head of
-  MAE's own linear probe, ``main_linprobe.py``), blr 1e-2, 10 epochs with 1 of warm-up,
-  smoothing 0.1, a milder crop (0.5, 1) without flips, no mixup / cutmix / RandAugment /
-  erasing.
-
-Why the quick recipe (measured on the built-in digits, 1.4k training images, 22 steps per
-epoch, MAE ViT-Micro/4 at 32 px): with the paper recipe fine-tuning stayed at chance (10%)
-for 5 epochs. The main cause is the head, not a bug: the pooled features of the pre-trained
-encoder share a large common component (after ``fc_norm`` each feature varies across images
-by ~6% of its magnitude: std 0.047 vs mean |0.80| on a 2-epoch checkpoint), so a head initialised at std 2e-5 needs
-far more AdamW steps than 100 to grow large enough to separate the classes (fine over
-ImageNet's ~125k steps). A head alone fitted by AdamW on those frozen features stays at chance
-after 66 steps at any lr from 5e-4 to 5e-3, and reaches 69% (the converged logistic
-regression: 65%) with the BatchNorm in front. On top of that, the ImageNet regularisation
-(mixup + cutmix + smoothing; RandomResizedCrop down to 8% of an 8x8 digit; RandAugment;
-erasing) and ``5e-4 x 64/256`` with 0.75-per-layer decay slow the little training there is.
-Measured with the quick recipe on the default digits MAE run (``mimaim finetune RUN_DIR``,
-220 steps): 95.8% top-1 vs 88.7% for the linear probe of the same frozen encoder, but 96.6%
-from random init (``--init random``): 20 epochs on the same 1,442 digits lift the linear probe
-only 0.8 points over random init, so there is little to inherit (``tests/test_finetune.py``
-fails if fine-tuning does not beat the probe). On CIFAR-10 (45k images, ViT-Micro/4, one
-fine-tuning epoch at lr 5e-3 with flips; README) it beats the same trunk at random init by
-4.1 points after one epoch of AIM, 3.3 after SimMIM and 6.3 after five epochs of MAE.
-
-Common to both, as ``main_finetune.py`` / ``models_vit.py`` / ``lr_decay.py`` have them:
-
-* the run's backbone is rebuilt with stochastic depth and loaded with the pre-trained
-  weights (``engine.runs.open_backbone``; the objective is never built); a head reads the
-  **global average of the patch tokens** of the last block through ``fc_norm`` (the final
-  norm is dropped, as MAE's ``global_pool``), initialised truncated normal std 2e-5;
-* MAE's fixed sin-cos table is loaded into a **trainable** ``pos_embed`` (``models_vit.py``
-  is timm's ViT with a learned table), layer id 0, no weight decay;
-* BEiT / SimMIM's shared relative position bias is **copied into one table per block**
-  (``blocks.i.attn.relative_position_bias_table``; BEiT ``run_class_finetuning.py``, SimMIM
-  ``utils.py``), each at layer id i + 1 **with** weight decay (neither repo excludes it);
-* AdamW (0.9, 0.999), weight decay 0.05 on matrices (not on 1-D parameters, position table,
-  cls); ``lr = blr x batch / 256``; linear warm-up then cosine to ``min_lr``, per iteration;
-* layer-wise lr decay (BEiT 2106.08254 Sec. 3; docs/methods.md sec. 7): layer id 0 = cls /
-  position table / patch embedding, block i -> i + 1, the rest (fc_norm, head) -> depth + 1;
-  a parameter's lr is scaled by ``layer_decay ** (depth + 1 - id)``. The groups are built by
-  timm's ``param_groups_layer_decay`` from ``Classifier.group_matcher``; Swin blocks are
-  numbered over all stages as SimMIM's ``get_swin_layer``.
-
-Fine-tuning at another resolution than pre-training re-derives the position tables: a
-fixed sin-cos table is recomputed for the new grid (exact), a learned one is resampled by
-timm's ``resample_abs_pos_embed`` (bicubic), relative-bias tables by timm's
-``resize_rel_pos_bias_table`` (BEiT's geometric-progression interpolation).
-
-Departures, stated: the reported top-1 is the one after the last epoch (MAE's log reports
-the best epoch, which selects on the evaluation set); no EMA, no gradient accumulation (the
-``paper`` recipe's batch of 1024 is one batch).
+Two recipes (``FinetuneConfig(recipe=...)``; a flag set explicitly wins over the recipe): ``paper``,
+MAE's ImageNet recipe (Table 9), and ``quick`` (the default), the same model, optimiser and
+layer-wise lr decay sized for small data and a few hundred steps, with an affine-free BatchNorm in
+front of the head as MAE's linear probe has: with the paper recipe a head initialised at std 2e-5
+cannot grow in ~100 steps (docs/results.md, "Fine-tuning"). The head reads the global average of
+the patch tokens through ``fc_norm``; position tables and relative-bias tables are carried over and
+resized as docs/methods.md section 7 lists, with the departures stated there.
 """
 
 from __future__ import annotations
