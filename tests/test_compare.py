@@ -1,7 +1,6 @@
 """`mimaim compare`: same budget per cell, protocol per cell, random-init row per trunk flavour, resume/skip, dry run, bad input."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

@@ -70,7 +70,7 @@ def test_cli_run_with_a_corrupt_image_counts_it_in_the_metrics(tmp_path, image_f
     result = subprocess.run([sys.executable, "-m", "mimaim", "pretrain", "--data", f"imagefolder:{image_folder}",
                              "--model", "vit_micro", "--img-size", "16", "--patch-size", "4", "--batch-size", "11",
                              "--epochs", "1", "--log-every", "1", "--cache", "off", "--max-bad-fraction", "0.5", "--no-progress",
-                             "--opt", "decoder_depth=1", "--out", str(out)], capture_output=True, text=True)
+                             "--set", "objective.decoder_depth=1", "--out", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "skipping unreadable image" in result.stderr and "0broken.jpg" in result.stderr
     rows = (out / "metrics.csv").read_text().splitlines()

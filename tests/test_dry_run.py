@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from mimaim.engine.estimate import GiB, build_on_meta, dry_run, estimate, estimate_choices, format_estimate

@@ -11,7 +11,7 @@ import mimaim
 
 PACKAGE = Path(mimaim.__file__).parent
 #: the layers, lowest first; a module may import its own layer (without circles) and the ones below
-LAYERS = [{"models", "masking", "data", "tokenizers", "config"}, {"objectives"}, {"engine"}, {"eval", "interop"},
+LAYERS = [{"models", "masking", "data", "tokenizers", "config", "version"}, {"objectives"}, {"engine"}, {"eval", "interop"},
           {"studies"}, {"cli", "__main__", ""}]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

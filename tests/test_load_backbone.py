@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import mimaim
-from mimaim.config import make_config, save_config
+from mimaim.config import make_config
+from mimaim.engine.runs import save_config
 from mimaim.engine.checkpoint import CheckpointError, save_checkpoint
 from mimaim.engine.dcp import save_sharded_checkpoint
 from mimaim.engine.runs import build_backbone, open_backbone, read_record, run_record
@@ -44,19 +45,7 @@ def test_record_resolves_quick_options(tmp_path):
     json.dumps(record)
 
 
-def test_old_checkpoint_without_record_loads_from_config_yaml(tmp_path):
-    run, obj = make_run(tmp_path / "run", "mae", record=False)
-    ckpt = run / "checkpoints" / "step-00000001"
-    assert not (ckpt / "run.json").exists()
-    encoder, record, path = open_backbone(ckpt)  # the checkpoint folder itself
-    assert path == ckpt and record["objective"] == "mae"
-    x = images()
-    with torch.no_grad():
-        torch.testing.assert_close(encoder(x), obj.encoder(x), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("with_record", [True, False])
-def test_beit_with_a_dalle_tokenizer_loads_after_the_file_is_gone(tmp_path, with_record):
+def test_beit_with_a_dalle_tokenizer_loads_after_the_file_is_gone(tmp_path):
     """The objective cannot be built (its tokenizer file is missing); the encoder still loads."""
     run = tmp_path / "run"
     cfg = make_config(objective="beit", model="vit_micro", img_size=32, patch_size=4, out=str(run),
@@ -69,7 +58,7 @@ def test_beit_with_a_dalle_tokenizer_loads_after_the_file_is_gone(tmp_path, with
         torch.zeros(1, 1, 128))
     run.mkdir()
     save_config(cfg, run / "config.yaml")
-    save_checkpoint(run / "checkpoints", 3, heads, {"step": 3}, record=record if with_record else None)
+    save_checkpoint(run / "checkpoints", 3, heads, {"step": 3}, record=record)
     loaded = mimaim.load_backbone(run)
     x = images()
     with torch.no_grad():

@@ -97,7 +97,7 @@ def test_generated_arguments_leave_untyped_fields_out():
 
 def test_pretrain_resume_refuses_a_config_that_is_not_the_run_s(tmp_path):
     from mimaim.cli.pretrain import resolve_pretrain
-    from mimaim.config import save_config
+    from mimaim.engine.runs import save_config
 
     (tmp_path / "run").mkdir()
     save_config(make_config(out=str(tmp_path / "run"), lr=1e5), tmp_path / "run" / "config.yaml")

@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from mimaim.cli import main
-from mimaim.config import ConfigError, load_yaml, make_config, resolve_config, save_config
+from mimaim.config import ConfigError, load_yaml, make_config, resolve_config
+from mimaim.engine.runs import save_config
 from mimaim.engine.checkpoint import latest_checkpoint
 from mimaim.engine.logging import read_metrics
 

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 
-from mimaim.config import make_config, save_config
+from mimaim.config import make_config
+from mimaim.engine.runs import save_config
 from mimaim.engine.checkpoint import save_checkpoint
 from mimaim.engine.runs import run_record
-from mimaim.engine.trainer import build_run_objective
+from mimaim.engine.build import build_run_objective
 
 
 def randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
@@ -22,8 +23,8 @@ def randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> to
     return module
 
 
-def make_run(root: Path, objective: str = "mae", record: bool = True, step: int = 1, **overrides):
-    """-> (run dir, objective with random weights); ``record=False`` writes an old-style checkpoint (no run.json)."""
+def make_run(root: Path, objective: str = "mae", step: int = 1, **overrides):
+    """-> (run dir, objective with random weights), saved as the trainer saves a checkpoint."""
     values = dict(objective=objective, model="vit_micro", img_size=32, patch_size=4, progress=False,
                   out=str(root))
     values.update(overrides)
@@ -31,7 +32,7 @@ def make_run(root: Path, objective: str = "mae", record: bool = True, step: int 
     obj = randomize(build_run_objective(cfg)).eval()
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root / "config.yaml")
-    save_checkpoint(root / "checkpoints", step, obj, {"step": step}, record=run_record(cfg) if record else None)
+    save_checkpoint(root / "checkpoints", step, obj, {"step": step}, record=run_record(cfg))
     return root, obj
 
 

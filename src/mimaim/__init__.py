@@ -3,7 +3,7 @@
 ``mimaim.load_backbone(RUN_DIR)`` returns a run's trained encoder (see ``engine/runs.py``).
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["__version__", "load_backbone", "open_backbone"]
 

@@ -9,8 +9,6 @@ objective's name and options are checked where the run is built (``engine/build.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,25 +282,3 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of setting: value")
     return data
-
-
-def save_config(cfg: PretrainConfig, path: str | Path) -> None:
-    """Write ``config.yaml`` atomically: a reader (or a relaunch after a kill) sees the old file or the new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_run_config(run_dir: str | Path) -> PretrainConfig:
-    if not (Path(run_dir) / "config.yaml").exists():
-        raise ConfigError(f"{str(run_dir)!r} is not a mimaim run directory (no config.yaml); "
-                          "pass the --out folder of a `mimaim pretrain` run")
-    return make_config(load_yaml(Path(run_dir) / "config.yaml"))

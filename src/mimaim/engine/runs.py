@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file
 from torch import nn
 
-from ..config import PretrainConfig, load_run_config
+from ..config import ConfigError, PretrainConfig, load_yaml, make_config
 from ..models import create_model, model_family
+from ..version import __version__
 from .checkpoint import (RECORD_FILE, SHARDED_INDEX, CheckpointError, check_weights_fit, latest_checkpoint,
                          list_checkpoints)
 from .dcp import consolidated_weights
@@ -48,7 +52,6 @@ def _json_safe(value: Any) -> Any:
 def run_record(cfg: PretrainConfig) -> dict:
     """What a checkpoint of ``cfg``'s run holds, JSON-serialisable, from the config and the objective
     *class* only (options, backbone flavour, probe protocol): nothing is built, no file is opened."""
-    from .. import __version__
     from ..objectives import get_objective_class, parse_options
     from .build import resolved_objective_options
 
@@ -169,3 +172,24 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
     objective.load_state_dict(weights)
     return cfg, objective.to(device).eval(), ckpt
 
+
+def save_config(cfg: PretrainConfig, path: str | Path) -> None:
+    """Write ``config.yaml`` atomically: a reader (or a relaunch after a kill) sees the old file or the new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_run_config(run_dir: str | Path) -> PretrainConfig:
+    if not (Path(run_dir) / "config.yaml").exists():
+        raise ConfigError(f"{str(run_dir)!r} is not a mimaim run directory (no config.yaml); "
+                          "pass the --out folder of a `mimaim pretrain` run")
+    return make_config(load_yaml(Path(run_dir) / "config.yaml"))

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from ..config import PretrainConfig, save_config
+from ..config import PretrainConfig
 from ..data import build_source, check_bad_fraction, steps_per_epoch, training_subset
 from ..objectives import Objective
 from .build import build_run_objective
@@ -41,7 +41,7 @@ from .meters import BadImages, LogWindow, Progress
 from .optim import build_optimizer, lr_at, set_lr
 from .pipeline import build_transform, default_num_workers, epoch_loader
 from .precision import autocast_context, slow_bf16_warning
-from .runs import run_record
+from .runs import run_record, save_config
 
 
 class TrainingDiverged(RuntimeError):

@@ -72,7 +72,7 @@ class BEiT(Objective):
                                    source="BEiT paper, linear probing on mean-pooled patch tokens (the official "
                                           "run_linear_eval.py concatenates cls and mean per block and reports the "
                                           "best block: not reproduced, docs/methods.md section 7)")
-    #: ``recipe: quick``: see the README's timing note; the paper's values otherwise
+    #: ``recipe: quick``: see docs/results.md for its timing; the paper's values otherwise
     quick_options: dict = {}
     #: the built-in run in under 3 minutes on a 2-core CPU without AVX512: BEiT runs the trunk over all
     #: 64 tokens and a k-means fit (MAE over 16)
