@@ -127,7 +127,7 @@ def test_hf_export_of_mae_keeps_the_decoder(tmp_path):
 def test_beit_hf_export_needs_no_tokenizer_file(tmp_path):
     """A dalle run whose tokenizer file is gone still exports (the lm_head is in the checkpoint)."""
     from test_load_backbone import test_beit_with_a_dalle_tokenizer_loads_after_the_file_is_gone as make
-    make(tmp_path, with_record=True)
+    make(tmp_path)
     from mimaim.interop.hf_export import export_hf
     export_hf(tmp_path / "run", tmp_path / "hf")
     hf = transformers.BeitForMaskedImageModeling.from_pretrained(tmp_path / "hf")

@@ -25,14 +25,6 @@ def test_finetune_flags_are_the_finetune_config_fields():
     assert set(args.fields) == {f.name for f in dataclasses.fields(FinetuneConfig)}
 
 
-def test_every_pretrain_setting_is_a_flag_or_listed_under_set():
-    help_text = build_parser()._subparsers._group_actions[0].choices["pretrain"].format_help()
-    for f in dataclasses.fields(PretrainConfig):
-        flag = f.metadata.get("flag", True)
-        shown = f"  {f.name}: " if flag is False else (flag if isinstance(flag, str) else "--" + f.name.replace("_", "-"))
-        assert shown in help_text, f.name
-
-
 def test_one_dotted_override_for_settings_objective_options_and_augmentation():
     sets = parse_overrides(["warmup-epochs=5", "objective.decoder_depth=8", "objective.attention=causal",
                             "augmentation.crop_scale=0.4,1", "a = b=c"])

@@ -127,11 +127,9 @@ class PretrainConfig:
                                  "folder or a timm checkpoint file", W, metavar="SOURCE")
     data: str = opt("digits", f"training data: {DATA_HELP}", D)
     val_fraction: float = opt(0.2, "share of each class held out for probes (its last files)", D, must="in (0, 1)")
-    cache: str = opt("auto", "decode images into memory once (auto: when under 4 GB)", D, choices=("auto", "on", "off"),
-                     flag=False)
+    cache: str = opt("auto", "decode images into memory once (auto: when under 4 GB)", D, choices=("auto", "on", "off"))
     num_workers: int = opt(-1, "DataLoader workers per process (-1: from the CPU count)", D)
-    max_bad_fraction: float = opt(0.01, "stop if a larger share of images is unreadable", D, flag=False,
-                                  must="in [0, 1]")
+    max_bad_fraction: float = opt(0.01, "stop if a larger share of images is unreadable", D, must="in [0, 1]")
     data_fraction: float = opt(1.0, "train on this nested, seeded, per-class share", D, flag=False, must="in (0, 1]")
     augmentation: dict = opt(help="the objective's augmentation, e.g. augmentation.crop_scale=0.4,1", factory=dict,
                              flag=False)
@@ -142,12 +140,12 @@ class PretrainConfig:
     accum_steps: int = opt(1, "gradient accumulation micro-steps", O, must="> 0")
     blr: float = opt(1e-3, "base learning rate, lr = blr x batch/256 (official MAE code default)", O)
     lr: float | None = opt(None, "absolute learning rate (overrides --blr)", O)
-    min_lr: float = opt(0.0, "floor of the cosine schedule", O, flag=False)
+    min_lr: float = opt(0.0, "floor of the cosine schedule", O)
     warmup_epochs: float = opt(2.0, "linear warm-up epochs", O, must=">= 0")
     schedule: str = opt("cosine", "cosine: warm-up, half-cosine to min_lr; multistep: warm-up, flat, x lr_gamma at "
-                                  "each milestone (SimMIM)", O, choices=("cosine", "multistep"), flag=False)
-    milestones: tuple = opt((), "multistep's epochs, e.g. 700,750", O, flag=False)
-    lr_gamma: float = opt(0.1, "multistep factor at each milestone", O, flag=False, must="> 0")
+                                  "each milestone (SimMIM)", O, choices=("cosine", "multistep"))
+    milestones: tuple = opt((), "multistep's epochs, e.g. 700,750", O)
+    lr_gamma: float = opt(0.1, "multistep factor at each milestone", O, must="> 0")
     weight_decay: float = opt(0.05, "AdamW weight decay", O)
     betas: tuple = opt((0.9, 0.95), "AdamW betas", O, flag=False)
     clip_grad: float | None = opt(None, "clip the gradient norm to this value (default off)", O)
