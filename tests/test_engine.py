@@ -1,5 +1,6 @@
 """The training engine: config errors, checkpoints, resume after kill -9, DDP, NaN handling."""
 
+import json
 import os
 import signal
 import subprocess
@@ -165,13 +166,21 @@ def test_run_directory_holds_config_metrics_events_checkpoints_and_picture(tmp_p
     check_picture(run / "reconstruction.png", columns=4, rows=2)  # MAE's 4 columns, the 2 held-out images
 
 
-def test_resume_after_a_clean_stop_matches_an_uninterrupted_run(tmp_path, image_folder):
+def test_resume_after_a_clean_stop_matches_an_uninterrupted_run(tmp_path, image_folder, capsys):
     full = pretrain(tiny_cfg(tmp_path / "a", image_folder))
+    done_full = capsys.readouterr().err.splitlines()[-1]
     part = tiny_cfg(tmp_path / "b", image_folder, max_steps=3)  # stops mid-epoch 2 (2 steps per epoch)
     pretrain(part)
     part.max_steps = None
     resumed = pretrain(part, resume=True)
     assert_same_weights(final_weights(full), final_weights(resumed))
+    # the closing line and summary.json give the last step's loss: the same number for the same final weights
+    done_resumed = capsys.readouterr().err.splitlines()[-1]
+    assert "loss of the last step" in done_full
+    last = [line.split("loss of the last step ")[1].split()[0] for line in (done_full, done_resumed)]
+    assert last[0] == last[1], last
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (full, resumed)]
+    assert summaries[0]["final_loss"] == summaries[1]["final_loss"]
 
 
 @pytest.mark.slow

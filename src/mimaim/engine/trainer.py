@@ -123,7 +123,8 @@ def train(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
     finally:
         progress.close()
         logger.close()
-    finish(cfg, run, info, start_step, step, time.perf_counter() - t_start, last_loss, bad)
+    last_step_loss = losses[step - start_step - 1].item() if step > start_step else float("nan")  # one sync, at the end
+    finish(cfg, run, info, start_step, step, time.perf_counter() - t_start, last_step_loss, bad)
     return run_dir
 
 
@@ -310,7 +311,7 @@ def diverged(run_dir: Path, losses: torch.Tensor, start_step: int, step: int, sp
 def finish(cfg: PretrainConfig, run: Run, info: DistInfo, start_step: int, step: int, wall: float,
            last_loss: float, bad: BadImages) -> None:
     run_dir = Path(cfg.out)
-    if not math.isfinite(last_loss):  # nothing logged in this session (e.g. resuming a finished run)
+    if not math.isfinite(last_loss):  # no step in this session (a resume of a finished run): the last logged loss
         rows = read_metrics(run_dir) if info.is_main else []
         last_loss = float(rows[-1]["loss"]) if rows else float("nan")
     if step == start_step and (run_dir / "summary.json").exists():
@@ -323,8 +324,8 @@ def finish(cfg: PretrainConfig, run: Run, info: DistInfo, start_step: int, step:
                    "images_per_s": round((step - start_step) * cfg.batch_size / max(wall, 1e-9), 2),
                    "encoder_parameters": n_params, "skipped_images": bad.bad + len(run.source.bad)}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        _say(info, f"done: {step} steps in {wall:.1f}s, final loss {last_loss:.4f}. Next: `mimaim probe {run_dir}` "
-                   f"and `mimaim reconstruct {run_dir}`")
+        _say(info, f"done: {step} steps in {wall:.1f}s, loss of the last step {last_loss:.4f} (the same for a "
+                   f"resumed run). Next: `mimaim probe {run_dir}` and `mimaim reconstruct {run_dir}`")
 
 
 def _describe(cfg: PretrainConfig, run: Run, info: DistInfo, device: torch.device) -> None:
