@@ -78,7 +78,10 @@ from ..config import ConfigError, opt
 from ..data import IMAGENET_MEAN, IMAGENET_STD, Source, eval_transform
 from ..engine.optim import lr_at, set_lr
 from ..engine.precision import autocast_context
-from ..models.layers import sincos_2d
+from ..engine.runs import open_backbone
+from ..models import create_model
+from ..models.layers import num_relative_distance, sincos_2d
+from .probes import labelled_splits
 
 INITS = ("pretrained", "random")
 
@@ -195,8 +198,6 @@ def resize_rel_pos_bias_table(table: torch.Tensor, old_grid: tuple[int, int],
     ``resize_rel_pos_bias_table``: BEiT's interpolation; the 3 cls rows kept)."""
     from timm.layers import resize_rel_pos_bias_table as timm_resize
 
-    from ..models.layers import num_relative_distance
-
     old_grid, new_grid = tuple(old_grid), tuple(new_grid)
     if old_grid == new_grid:
         return table
@@ -255,7 +256,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.encoder.norm = nn.Identity()  # MAE deletes the final norm under global pooling; fc_norm replaces it
-        width = getattr(encoder, "num_features", encoder.embed_dim)  # Swin: the last stage's width
+        width = encoder.num_features  # Swin: the last stage's width
         self.fc_norm = nn.LayerNorm(width, eps=1e-6)
         # MAE main_linprobe.py: BatchNorm1d(affine=False, eps=1e-6) before the head; standardises each feature
         self.head_bn = nn.BatchNorm1d(width, affine=False, eps=1e-6) if head_bn else nn.Identity()
@@ -264,7 +265,7 @@ class Classifier(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in getattr(self.encoder, "no_weight_decay", lambda: set())()}
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
 
     def group_matcher(self, coarse: bool = False):
         """timm's hook for ``param_groups_layer_decay``: parameter name -> layer id (:func:`layer_id`)."""
@@ -272,9 +273,9 @@ class Classifier(nn.Module):
         return lambda name: layer_id(name, depth, depths)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.encoder.forward_tokens(self.encoder.embed(images), norm=False)  # (B, prefix + N, D)
-        x = x[:, self.encoder.num_prefix_tokens:].mean(dim=1)  # (B, D)
-        return self.head(self.head_bn(self.fc_norm(x)))  # (B, classes)
+        # the last block's (Swin: stage's) patch tokens without the final norm, (B, D, h, w), cls left out
+        x = self.encoder.forward_intermediates(images, indices=1, norm=False, intermediates_only=True)[-1]
+        return self.head(self.head_bn(self.fc_norm(x.mean(dim=(2, 3)))))  # (B, classes)
 
 
 def expand_shared_rel_pos_bias(state: dict, depth: int) -> dict:
@@ -293,8 +294,6 @@ def build_finetune_encoder(record: dict, img_size: int, drop_path: float, pretra
     """The record's backbone rebuilt for fine-tuning at ``img_size``: stochastic depth, one
     relative-bias table per block, a trainable position table; loaded with ``pretrained``'s
     weights (tables resized) unless it is None (then freshly initialised from ``seed``)."""
-    from ..models import create_model
-
     kwargs = dict(record["backbone"]["kwargs"])
     kwargs["img_size"] = img_size
     if drop_path:
@@ -361,70 +360,43 @@ def evaluate(model: nn.Module, source: Source, img_size: int, device, batch_size
     return 100.0 * correct / max(total, 1)
 
 
-# --------------------------------------------------------------------------- the loop
-def finetune(run_dir: str | Path, fcfg: FinetuneConfig | None = None) -> dict:
-    """Fine-tune the encoder of ``run_dir``; returns (and saves to RUN_DIR/finetune*.json) the result."""
+# --------------------------------------------------------------------------- the recipe
+def build_optimizer(model: Classifier, fcfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW (0.9, 0.999) over the layer-decay groups (``param_groups_lrd``)."""
+    groups = param_groups_lrd(model, fcfg.weight_decay, fcfg.layer_decay)
+    return torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
+                             lr=fcfg.effective_lr(), betas=(0.9, 0.999))
+
+
+def build_criterion(fcfg: FinetuneConfig, num_classes: int):
+    """-> (timm ``Mixup`` or None, loss): soft-target CE under mixup/cutmix (smoothing folded into the
+    mixed targets), else label-smoothing CE, else plain CE."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if fcfg.uses_mixup():
+        return Mixup(mixup_alpha=fcfg.mixup, cutmix_alpha=fcfg.cutmix, label_smoothing=fcfg.smoothing,
+                     num_classes=num_classes), SoftTargetCrossEntropy()
+    return None, LabelSmoothingCrossEntropy(fcfg.smoothing) if fcfg.smoothing > 0 else nn.CrossEntropyLoss()
+
+
+def train_epochs(model: nn.Module, dataset, optimizer, criterion, mixup, fcfg: FinetuneConfig, device,
+                 desc: str) -> tuple[int, float]:
+    """The training loop: shuffled batches (drop_last, as MAE), per-step warm-up + cosine lr; stops after
+    ``fcfg.epochs`` (or ``max_steps``). -> (steps, last loss)."""
     from tqdm.auto import tqdm
-
-    from ..engine.runs import open_backbone
-    from .probe_run import labelled_splits
-
-    fcfg = (fcfg or FinetuneConfig()).validate()
-    run_dir = Path(run_dir)
-    pretrained, record, ckpt = open_backbone(run_dir)
-    run_cfg = record["config"]
-    objective, model_name, patch_size = record["objective"], record["backbone"]["name"], record["patch_size"]
-    data = fcfg.data or run_cfg["data"]
-    img_size = fcfg.img_size or record["img_size"]
-    if img_size % patch_size:
-        raise ConfigError(f"fine-tuning img_size {img_size} is not a multiple of the run's patch size "
-                          f"{patch_size}; pass --img-size as a multiple of {patch_size}")
-    train, val, num_classes = labelled_splits(data, run_cfg["val_fraction"])  # fails early on unlabelled data
-    if fcfg.batch_size > len(train):
-        raise ConfigError(f"finetune batch size {fcfg.batch_size} is larger than the {len(train)} labelled "
-                          "training images; lower --batch-size")
-    device = torch.device(fcfg.device)
-
-    encoder = build_finetune_encoder(record, img_size, fcfg.drop_path,
-                                     pretrained if fcfg.init == "pretrained" else None, seed=run_cfg.get("seed", 0))
-    del pretrained
-    torch.manual_seed(fcfg.seed)
-    model = Classifier(encoder, num_classes, head_bn=fcfg.head_bn).to(device)
-    lr = fcfg.effective_lr()
-    groups = param_groups_lrd(model, fcfg.weight_decay, fcfg.layer_decay)
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
-                                  lr=lr, betas=(0.9, 0.999))
-
-    mixup = Mixup(mixup_alpha=fcfg.mixup, cutmix_alpha=fcfg.cutmix, label_smoothing=fcfg.smoothing,
-                  num_classes=num_classes) if fcfg.uses_mixup() else None
-    if mixup is not None:
-        criterion = SoftTargetCrossEntropy()  # smoothing is folded into the mixed targets
-    elif fcfg.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(fcfg.smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
 
     random.seed(fcfg.seed)  # timm's Mixup and RandAugment draw from Python's and numpy's generators
     np.random.seed(fcfg.seed)
-    dataset = LabelledDataset(train, train_transform(img_size, fcfg))
-    steps_per_epoch = len(train) // fcfg.batch_size  # drop_last, as MAE
-    total = steps_per_epoch * fcfg.epochs
+    steps_per_epoch = len(dataset) // fcfg.batch_size
+    lr, total = fcfg.effective_lr(), steps_per_epoch * fcfg.epochs
     max_steps = total if fcfg.max_steps is None else min(total, fcfg.max_steps)
-    tag = (f"finetune{'' if img_size == record['img_size'] else f'-{img_size}px'}"
-           f"{'' if fcfg.init == 'pretrained' else '-random'}")
-    print(f"mimaim finetune: {objective} {model_name} ({fcfg.init}) at {img_size}px on {data}, {fcfg.recipe} "
-          f"recipe: {len(train)} train / {len(val)} held-out images, {num_classes} classes, {steps_per_epoch} "
-          f"steps/epoch x {fcfg.epochs} epochs, lr {lr:.3g}, layer decay {fcfg.layer_decay}, drop path "
-          f"{fcfg.drop_path}{', BatchNorm head' if fcfg.head_bn else ''}", file=sys.stderr, flush=True)
-    bar = tqdm(total=max_steps, desc=f"{objective} {tag}", unit="step", disable=not fcfg.progress,
-               dynamic_ncols=True, mininterval=0.5)
-    step, last_loss, t0 = 0, float("nan"), time.perf_counter()
+    bar = tqdm(total=max_steps, desc=desc, unit="step", disable=not fcfg.progress, dynamic_ncols=True,
+               mininterval=0.5)
+    step, last_loss = 0, float("nan")
     model.train()
     while step < max_steps:
-        epoch = step // steps_per_epoch
-        g = torch.Generator().manual_seed(fcfg.seed * 7919 + epoch)
+        g = torch.Generator().manual_seed(fcfg.seed * 7919 + step // steps_per_epoch)
         loader = torch.utils.data.DataLoader(dataset, batch_size=fcfg.batch_size, shuffle=True, drop_last=True,
                                              generator=g, num_workers=fcfg.num_workers)
         for images, labels in loader:
@@ -434,33 +406,63 @@ def finetune(run_dir: str | Path, fcfg: FinetuneConfig | None = None) -> dict:
                 images, labels = mixup(images, labels)  # labels become (B, classes) soft targets
             with autocast_context(device, "auto"):
                 loss = criterion(model(images), labels)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"fine-tuning loss became {loss.item()} at step {step}; "
+            last_loss = loss.item()
+            if not math.isfinite(last_loss):
+                raise FloatingPointError(f"fine-tuning loss became {last_loss} at step {step}; "
                                          "lower --blr or --layer-decay")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            last_loss = loss.item()
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.3f}")
             if step >= max_steps:
                 break
     bar.close()
+    return step, last_loss
+
+
+def finetune(run_dir: str | Path, fcfg: FinetuneConfig | None = None) -> dict:
+    """Fine-tune the encoder of ``run_dir``; returns (and saves to RUN_DIR/finetune*.json) the result."""
+    fcfg = (fcfg or FinetuneConfig()).validate()
+    run_dir = Path(run_dir)
+    pretrained, record, ckpt = open_backbone(run_dir)
+    data, img_size = fcfg.data or record["config"]["data"], fcfg.img_size or record["img_size"]
+    if img_size % record["patch_size"]:
+        raise ConfigError(f"fine-tuning img_size {img_size} is not a multiple of the run's patch size "
+                          f"{record['patch_size']}; pass --img-size as a multiple of {record['patch_size']}")
+    train, val, num_classes = labelled_splits(data, record["config"]["val_fraction"])  # fails early if unlabelled
+    if fcfg.batch_size > len(train):
+        raise ConfigError(f"finetune batch size {fcfg.batch_size} is larger than the {len(train)} labelled "
+                          "training images; lower --batch-size")
+    device = torch.device(fcfg.device)
+    encoder = build_finetune_encoder(record, img_size, fcfg.drop_path, pretrained if fcfg.init == "pretrained"
+                                     else None, seed=record["config"].get("seed", 0))
+    torch.manual_seed(fcfg.seed)
+    model = Classifier(encoder, num_classes, head_bn=fcfg.head_bn).to(device)
+    optimizer = build_optimizer(model, fcfg)
+    mixup, criterion = build_criterion(fcfg, num_classes)
+    tag = (f"finetune{'' if img_size == record['img_size'] else f'-{img_size}px'}"
+           f"{'' if fcfg.init == 'pretrained' else '-random'}")
+    objective, model_name = record["objective"], record["backbone"]["name"]
+    print(f"mimaim finetune: {objective} {model_name} ({fcfg.init}) at {img_size}px on {data}, {fcfg.recipe} "
+          f"recipe: {len(train)} train / {len(val)} held-out images, {num_classes} classes, "
+          f"{len(train) // fcfg.batch_size} steps/epoch x {fcfg.epochs} epochs, lr {fcfg.effective_lr():.3g}, "
+          f"layer decay {fcfg.layer_decay}, drop path {fcfg.drop_path}{', BatchNorm head' if fcfg.head_bn else ''}",
+          file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    steps, last_loss = train_epochs(model, LabelledDataset(train, train_transform(img_size, fcfg)), optimizer,
+                                    criterion, mixup, fcfg, device, desc=f"{objective} {tag}")
     wall = time.perf_counter() - t0
     top1 = evaluate(model, val, img_size, device)
     config = {k: v for k, v in asdict(fcfg).items() if k not in ("progress", "device")}
     config["crop_scale"] = list(config["crop_scale"])
     result = {"run": str(run_dir), "checkpoint": Path(ckpt).name, "objective": objective, "model": model_name,
-              "init": fcfg.init, "recipe": fcfg.recipe,
-              "data": data, "train_images": len(train), "val_images": len(val), "num_classes": num_classes,
-              "pretrain_img_size": record["img_size"], "img_size": img_size, "steps": step, "final_loss": last_loss,
-              "top1": round(top1, 2), "wall_time_s": round(wall, 2), "lr": lr, "config": config}
+              "init": fcfg.init, "recipe": fcfg.recipe, "data": data, "train_images": len(train),
+              "val_images": len(val), "num_classes": num_classes, "pretrain_img_size": record["img_size"],
+              "img_size": img_size, "steps": steps, "final_loss": last_loss, "top1": round(top1, 2),
+              "wall_time_s": round(wall, 2), "lr": fcfg.effective_lr(), "config": config}
     (run_dir / f"{tag}.json").write_text(json.dumps(result, indent=2))
-    print(f"fine-tuned top-1 on the held-out split: {top1:.2f}% ({step} steps, {wall:.1f}s) -> "
+    print(f"fine-tuned top-1 on the held-out split: {top1:.2f}% ({steps} steps, {wall:.1f}s) -> "
           f"{run_dir / (tag + '.json')}", file=sys.stderr, flush=True)
     return result
-
-
-__all__ = ["FinetuneConfig", "RECIPES", "Classifier", "finetune", "build_finetune_encoder", "param_groups_lrd",
-           "layer_id", "resize_pos_embed", "resize_rel_pos_bias_table", "expand_shared_rel_pos_bias"]
