@@ -70,11 +70,8 @@ def probe_encoder(backbone, train, val, num_classes: int, img_size: int, probes:
         feats[name] = cached_features(cache_dir if cache_key else None, key, lambda s=split, n=name: extract_features(
             backbone, s, img_size, layers=layers, pool=pool, norm=norm, keep_tokens=keep_tokens, device=device,
             progress=progress, desc=f"{n} features"))
-    results = {}
-    for spec in specs:
-        results[spec.name] = spec.fn(feats["train"], feats["val"], num_classes,
-                                     num_heads=getattr(backbone, "num_heads", 1))
-    return results
+    heads = getattr(backbone, "num_heads", 1)
+    return {spec.name: spec.fn(feats["train"], feats["val"], num_classes, num_heads=heads) for spec in specs}
 
 
 def _run_dir_of(path: Path) -> Path:
