@@ -29,19 +29,12 @@ def hf_beit_config(encoder, vocab_size: int):
                       layer_scale_init_value=layer_scale, drop_path_rate=0.0)
 
 
-def beit_names(layout: int, prefix: str = "beit.") -> dict:
-    """Ours -> HF for ``BeitForMaskedImageModeling`` (``prefix`` "": a ``BeitModel`` without mean pooling)."""
-    p = prefix
-    top = {"mask_token": f"{p}embeddings.mask_token", "encoder.cls_token": f"{p}embeddings.cls_token",
-           "encoder.patch_embed.proj.weight": f"{p}embeddings.patch_embeddings.projection.weight",
-           "encoder.patch_embed.proj.bias": f"{p}embeddings.patch_embeddings.projection.bias",
-           "encoder.pos_embed": f"{p}embeddings.position_embeddings",
-           "encoder.rel_pos_bias.relative_position_bias_table": f"{p}shared_position_bias.relative_position_bias_table"
-           if layout == keymap.NEW else f"{p}encoder.relative_position_bias.relative_position_bias_table",
-           "encoder.norm.weight": "layernorm.weight", "encoder.norm.bias": "layernorm.bias",
-           "lm_head.weight": "lm_head.weight", "lm_head.bias": "lm_head.bias"}
-    blocks = f"{p}layers.{{}}." if layout == keymap.NEW else f"{p}encoder.layer.{{}}."
-    return keymap.table(top, {"encoder.blocks.{}.": blocks}, layout, "beit")
+def beit_names(layout: int, base: str = "beit.") -> dict:
+    """Ours -> HF for ``BeitForMaskedImageModeling`` (``base`` "": a ``BeitModel`` without mean pooling)."""
+    shared = "shared_position_bias" if layout == keymap.NEW else "encoder.relative_position_bias"
+    return {**keymap.vit_names(base, layout, "beit", norm="layernorm"), "mask_token": f"{base}embeddings.mask_token",
+            "encoder.rel_pos_bias.relative_position_bias_table": f"{base}{shared}.relative_position_bias_table",
+            "lm_head.weight": "lm_head.weight", "lm_head.bias": "lm_head.bias"}
 
 
 def to_hf_state_dict(objective, new_layout: bool | None = None) -> dict[str, torch.Tensor]:
@@ -63,12 +56,12 @@ def hf_model(encoder, state: dict[str, torch.Tensor], vocab_size: int | None = N
 
     config = hf_beit_config(encoder, vocab_size or 1)
     if vocab_size:
-        model, prefix = BeitForMaskedImageModeling(config), "beit."
+        model, base = BeitForMaskedImageModeling(config), "beit."
     else:
         config.use_mask_token, config.use_mean_pooling = False, False
-        model, prefix = BeitModel(config, add_pooling_layer=False), ""
+        model, base = BeitModel(config, add_pooling_layer=False), ""
     state = {k: v for k, v in state.items() if not k.startswith("tokenizer.")}
-    weights = keymap.to_hf(state, beit_names(keymap.installed(None), prefix))
+    weights = keymap.to_hf(state, beit_names(keymap.installed(None), base))
     return keymap.load_into(model, weights, f"{type(model).__name__} does not fit").eval()
 
 

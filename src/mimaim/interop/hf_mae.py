@@ -29,13 +29,7 @@ __all__ = [
     "mae_from_hf", "mae_state_dict_from_hf", "mae_to_hf", "mae_to_hf_model", "save_pretrained",
 ]
 
-_TOP = {  # ours -> HF, outside the blocks (same in both layouts)
-    "encoder.cls_token": "vit.embeddings.cls_token",
-    "encoder.pos_embed": "vit.embeddings.position_embeddings",
-    "encoder.patch_embed.proj.weight": "vit.embeddings.patch_embeddings.projection.weight",
-    "encoder.patch_embed.proj.bias": "vit.embeddings.patch_embeddings.projection.bias",
-    "encoder.norm.weight": "vit.layernorm.weight",
-    "encoder.norm.bias": "vit.layernorm.bias",
+_DECODER = {  # ours -> HF, outside the blocks
     "mask_token": "decoder.mask_token",
     "decoder_pos_embed": "decoder.decoder_pos_embed",
     **{f"decoder_{m}.{p}": f"decoder.decoder_{m}.{p}" for m in ("embed", "norm", "pred") for p in ("weight", "bias")},
@@ -43,9 +37,8 @@ _TOP = {  # ours -> HF, outside the blocks (same in both layouts)
 
 
 def _names(layout: int) -> dict:
-    encoder = ("vit.layers.{}." if layout == keymap.NEW else "vit.encoder.layer.{}.")
-    return keymap.table(_TOP, {"encoder.blocks.{}.": encoder, "decoder_blocks.{}.": "decoder.decoder_layers.{}."},
-                       layout)
+    decoder = keymap.table(_DECODER, {"decoder_blocks.{}.": "decoder.decoder_layers.{}."}, layout)
+    return {**keymap.vit_names("vit.", layout), **decoder}
 
 
 # --------------------------------------------------------------------------- ours -> HF

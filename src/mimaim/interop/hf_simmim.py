@@ -29,31 +29,22 @@ __all__ = [
     "simmim_to_hf", "simmim_to_hf_model",
 ]
 
-_VIT_TOP = {
-    "encoder.cls_token": "vit.embeddings.cls_token",
-    "mask_token": "vit.embeddings.mask_token",
-    "encoder.pos_embed": "vit.embeddings.position_embeddings",
-}
 _SWIN_TOP = {
     "mask_token": "swin.embeddings.mask_token",
-    "encoder.patch_embed.norm.weight": "swin.embeddings.norm.weight",
-    "encoder.patch_embed.norm.bias": "swin.embeddings.norm.bias",
+    **{f"encoder.patch_embed.{m}.{p}": f"swin.embeddings.{h}.{p}"
+       for m, h in (("proj", "patch_embeddings.projection"), ("norm", "norm")) for p in ("weight", "bias")},
+    **{f"encoder.norm.{p}": f"swin.layernorm.{p}" for p in ("weight", "bias")},
     **{f"encoder.layers.{{}}.downsample.{p}": f"swin.encoder.layers.{{}}.downsample.{p}"
        for p in ("reduction.weight", "norm.weight", "norm.bias")},  # stage numbers shifted apart
 }
+_HEAD = {"decoder.{}.weight": "decoder.{}.weight", "decoder.{}.bias": "decoder.{}.bias"}
 
 
 def _names(swin: bool, layout: int) -> dict:
-    model = "swin" if swin else "vit"
-    top = {**(_SWIN_TOP if swin else _VIT_TOP),
-           "encoder.patch_embed.proj.weight": f"{model}.embeddings.patch_embeddings.projection.weight",
-           "encoder.patch_embed.proj.bias": f"{model}.embeddings.patch_embeddings.projection.bias",
-           "encoder.norm.weight": f"{model}.layernorm.weight", "encoder.norm.bias": f"{model}.layernorm.bias",
-           "decoder.{}.weight": "decoder.{}.weight", "decoder.{}.bias": "decoder.{}.bias"}
     if swin:
-        return keymap.table(top, {"encoder.layers.{}.blocks.{}.": "swin.encoder.layers.{}.blocks.{}."}, layout, "swin")
-    return keymap.table(top, {"encoder.blocks.{}.": "vit.layers.{}." if layout == keymap.NEW
-                             else "vit.encoder.layer.{}."}, layout)
+        blocks = {"encoder.layers.{}.blocks.{}.": "swin.encoder.layers.{}.blocks.{}."}
+        return keymap.table({**_SWIN_TOP, **_HEAD}, blocks, layout, "swin")
+    return {**keymap.vit_names("vit.", layout), "mask_token": "vit.embeddings.mask_token", **_HEAD}
 
 
 def _shift_downsample(state: dict, by: int) -> dict:

@@ -50,12 +50,12 @@ def block_names(layout: int, flavour: str = "vit") -> dict[str, str | tuple[str,
     if layout == NEW:
         q, k, v, o = (f"attention.{n}_proj" for n in "qkvo")
         fc1, fc2 = "mlp.fc1", "mlp.fc2"
-        table = "attention.relative_position_bias.relative_position_bias_table"
+        bias_table = "attention.relative_position_bias.relative_position_bias_table"
     else:
         inner = "self" if flavour == "swin" else "attention"
         q, k, v = (f"attention.{inner}.{n}" for n in ("query", "key", "value"))
         o, fc1, fc2 = "attention.output.dense", "intermediate.dense", "output.dense"
-        table = "attention.self.relative_position_bias_table"
+        bias_table = "attention.self.relative_position_bias_table"
     modules = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": o, "mlp.fc1": fc1,
                "mlp.fc2": fc2}
     names: dict = {f"{ours}.{p}": f"{hf}.{p}" for ours, hf in modules.items() for p in ("weight", "bias")}
@@ -66,7 +66,7 @@ def block_names(layout: int, flavour: str = "vit") -> dict[str, str | tuple[str,
     else:
         names["attn.qkv.bias"] = (f"{q}.bias", f"{k}.bias", f"{v}.bias")
     if flavour == "swin":
-        names["attn.relative_position_bias_table"] = table
+        names["attn.relative_position_bias_table"] = bias_table
     return names
 
 
@@ -77,6 +77,17 @@ def table(top: dict[str, str], blocks: dict[str, str], layout: int, flavour: str
         for name, theirs in block_names(layout, flavour).items():
             out[ours + name] = tuple(hf + t for t in theirs) if isinstance(theirs, tuple) else hf + theirs
     return out
+
+
+def vit_names(base: str, layout: int, flavour: str = "vit", norm: str = "") -> dict:
+    """Our ViT encoder (``encoder.*``) under an HF ViT-family model whose encoder sits at ``base``
+    ("vit.", "beit.", or "" in a base model); ``norm``: its final LayerNorm, if not ``{base}layernorm``."""
+    emb, norm = f"{base}embeddings.", norm or f"{base}layernorm"
+    top = {"encoder.cls_token": f"{emb}cls_token", "encoder.pos_embed": f"{emb}position_embeddings",
+           **{f"encoder.patch_embed.proj.{p}": f"{emb}patch_embeddings.projection.{p}" for p in ("weight", "bias")},
+           **{f"encoder.norm.{p}": f"{norm}.{p}" for p in ("weight", "bias")}}
+    blocks = f"{base}layers.{{}}." if layout == NEW else f"{base}encoder.layer.{{}}."
+    return table(top, {"encoder.blocks.{}.": blocks}, layout, flavour)
 
 
 def to_hf(state: dict[str, torch.Tensor], names: dict) -> dict[str, torch.Tensor]:
