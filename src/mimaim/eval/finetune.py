@@ -438,6 +438,7 @@ def finetune(run_dir: str | Path, fcfg: FinetuneConfig | None = None) -> dict:
     device = torch.device(fcfg.device)
     encoder = build_finetune_encoder(record, img_size, fcfg.drop_path, pretrained if fcfg.init == "pretrained"
                                      else None, seed=record["config"].get("seed", 0))
+    del pretrained  # its weights are in the encoder now
     torch.manual_seed(fcfg.seed)
     model = Classifier(encoder, num_classes, head_bn=fcfg.head_bn).to(device)
     optimizer = build_optimizer(model, fcfg)
