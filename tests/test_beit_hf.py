@@ -41,7 +41,7 @@ def test_same_logits_and_loss_as_hf(rel_pos_bias):
 def test_round_trip_from_hf():
     obj = randomised_beit()
     hf = to_hf(obj)
-    back = from_hf_state_dict(hf.state_dict(), depth=2)
+    back = from_hf_state_dict(hf.state_dict())
     ours = {k: v for k, v in obj.state_dict().items() if not k.startswith("tokenizer.")
             and "relative_position_index" not in k}
     assert set(back) == set(ours)
@@ -57,7 +57,7 @@ def test_round_trip_from_hf():
 
 def test_transformers_4_names_are_understood():
     obj = randomised_beit()
-    v4 = to_hf_state_dict(obj, layout="v4")
+    v4 = to_hf_state_dict(obj, new_layout=False)
     assert "beit.encoder.layer.0.attention.attention.query.weight" in v4
-    back = from_hf_state_dict(v4, depth=2)
+    back = from_hf_state_dict(v4)
     assert torch.equal(back["encoder.blocks.1.attn.qkv.weight"], obj.state_dict()["encoder.blocks.1.attn.qkv.weight"])

@@ -68,7 +68,8 @@ def test_timm_export_of_aim_keeps_its_probe_protocol_reachable(tmp_path):
     encoder = mimaim.load_backbone(run)
     x = images()
     with torch.no_grad():
-        ours = encoder.forward_intermediates(x, indices=encoder.depth, output_fmt="NLC", intermediates_only=True)
+        ours = encoder.forward_intermediates(x, indices=encoder.depth, norm=False, output_fmt="NLC",
+                                             intermediates_only=True)
         theirs = model.forward_intermediates(x, indices=6, norm=False, output_fmt="NLC", intermediates_only=True)
     assert len(theirs) == 6 == len(ours)
     torch.testing.assert_close(torch.stack(theirs).mean(0), torch.stack(ours).mean(0), **TOL)

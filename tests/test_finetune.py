@@ -7,9 +7,9 @@ import torch
 
 from mimaim.config import ConfigError, make_config
 from mimaim.data import DataError
-from mimaim.eval.finetune import (RECIPES, Classifier, FinetuneConfig, build_finetune_encoder,
-                                  expand_shared_rel_pos_bias, finetune, layer_id, param_groups_lrd,
-                                  resize_pos_embed, resize_rel_pos_bias_table)
+from mimaim.eval.finetune import (Classifier, build_finetune_encoder, expand_shared_rel_pos_bias, finetune, layer_id,
+                                  param_groups_lrd, resize_pos_embed, resize_rel_pos_bias_table)
+from mimaim.eval.recipes import RECIPES, FinetuneConfig
 from mimaim.models import create_model
 from mimaim.models.layers import sincos_2d
 
@@ -106,7 +106,7 @@ def test_head_init_and_pooling():
     model = Classifier(tiny_vit(), num_classes=4)
     assert model.head.weight.std().item() < 1e-4 and model.head.bias.abs().sum() == 0  # trunc normal std 2e-5
     x = torch.randn(2, 3, 16, 16)
-    tokens = model.encoder.forward_tokens(model.encoder.embed(x), norm=False)
+    tokens = model.encoder.forward_features(x)  # (B, 1 + N, D); the final norm is dropped (an Identity)
     expected = model.head(model.fc_norm(tokens[:, 1:].mean(1)))  # mean of patch tokens, cls left out
     torch.testing.assert_close(model(x), expected)
 

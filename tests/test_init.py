@@ -64,7 +64,7 @@ def test_hf_encoder_only_folder_leaves_the_decoder_initialised(tmp_path):
 
 def test_hf_decoder_of_another_size_is_a_clear_error(tmp_path):
     hf_vitmae(decoder_width=2 * fresh("mae").options.decoder_embed_dim).save_pretrained(tmp_path / "hf")
-    with pytest.raises(ValueError, match=r"decoder.*another head size.*--opt decoder_"):
+    with pytest.raises(ValueError, match=r"decoder.*another head size.*--set objective.decoder_"):
         initialize_from(fresh("mae"), tmp_path / "hf")
 
 

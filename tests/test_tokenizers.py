@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mimaim.objectives import build_objective
-from mimaim.tokenizers import (DalleTokenizer, DiscreteVAE, DVAEConfig, KMeansTokenizer, TrainedTokenizer,
-                               build_tokenizer, codebook_usage, save_dvae)
+from mimaim.tokenizers import DalleTokenizer, KMeansTokenizer, TrainedTokenizer, build_tokenizer
+from mimaim.tokenizers.dvae import DiscreteVAE, DVAEConfig, codebook_usage, save_dvae
 
 dall_e = pytest.importorskip("dall_e")
 

@@ -1,38 +1,21 @@
 """The attentive probe: AIM's attention-pooling classifier on frozen tokens (2401.08541, Sec. 4 and App. D).
 
 ``AttentionPoolingClassifier`` as ``apple/ml-aim`` ``aim/v1/torch/layers.py`` defines it:
+BatchNorm1d over channels (``affine=False``, eps 1e-6); one learned query, N(0, 0.02), split
+into the trunk's ``num_heads`` heads; bias-free per-head key and value projections of the
+tokens; scaled dot-product attention of the query over all tokens; a bias-free linear
+classifier. It runs on tokens extracted once from the frozen trunk (``features.py``; no mask);
+a cls token (MAE) is one of the pooled tokens.
 
-* BatchNorm1d over channels, ``affine=False``, eps 1e-6 (batch statistics while
-  training, running statistics at evaluation);
-* one learned query, initialised N(0, 0.02), split into ``num_heads`` heads (the trunk's
-  head count); bias-free per-head key and value projections of the tokens;
-* scaled dot-product attention of the query over all tokens, heads concatenated;
-* a bias-free linear classifier.
-
-It runs on tokens extracted once from the frozen trunk (``features.py``; the trunk runs
-bidirectionally, with no mask), so it trains in seconds on small data sets. For a
-backbone with a cls token (MAE) the cls token is one of the pooled tokens.
-
-Training recipe (AIM App. D is not reproduced here; these are our choices): AdamW,
-weight decay 0.05, linear warm-up then cosine, batch 256, no augmentation (the features are
-cached from the evaluation view). Two fits:
-
-* ``fast=True`` (default): the BatchNorm's statistics are computed once over all training
-  tokens (the values its running averages converge to; with 256 x T tokens per batch the
-  batch statistics sit within about 1% of them) and every token is standardised once, so
-  the loop neither normalises nor converts; then 15 epochs at base lr 8e-3 x batch/256,
-  1.5 warm-up epochs (``FAST``).
-* ``fast=False``: BatchNorm on batch statistics as ml-aim trains it, 50 epochs at base lr
-  1e-3 x batch/256, 5 warm-up epochs (``SLOW``).
-
-Measured on 9,600 CIFAR-10 token maps (64 x 128, AIM's trunk at init, 2,400 held out), one
-thread: the slow fit 44.3% top-1 in 29 s of CPU (66 s before the read-out became two matrix
-products), the fast fit 45.8% in 7.7 s; on digits the two agree within 4 points
-(``tests/test_attentive_probe.py``).
+Training recipe (AIM App. D is not reproduced here; these are our choices): AdamW, weight
+decay 0.05, linear warm-up then cosine, batch 256, no augmentation. ``fast=True`` (default)
+fixes the BatchNorm's statistics once over all training tokens (what its running averages
+converge to) and standardises every token once, then trains ``FAST``; ``fast=False`` trains
+BatchNorm on batch statistics as ml-aim does, ``SLOW``. On digits the two agree within 4
+points (``tests/test_attentive_probe.py``).
 """
 
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
@@ -74,10 +57,8 @@ class AttentionPoolingClassifier(nn.Module):
     def pool_fast(self, x: torch.Tensor, normalized: bool = False) -> torch.Tensor:
         """The same read-out without projecting every token: O(B T D H + B D^2) instead of O(B T D^2).
 
-        With one query, q . (W_k x_t) = (W_k^T q) . x_t, and sum_t a_t W_v x_t = W_v sum_t a_t x_t,
-        so keys and values are never formed per token. Same parameters, same function; written as
-        two plain matrix products over contiguous tokens (one GEMM for the scores, one batched GEMM
-        for the weighted sum), which is what makes it fast on a CPU.
+        With one query, q . (W_k x_t) = (W_k^T q) . x_t and sum_t a_t W_v x_t = W_v sum_t a_t x_t: two
+        plain matrix products over contiguous tokens, which is what makes it fast on a CPU.
         """
         B, T, D = x.shape
         H, dh = self.num_heads, D // self.num_heads
@@ -98,26 +79,22 @@ class AttentionPoolingClassifier(nn.Module):
     def fix_statistics(self, tokens: torch.Tensor, chunk: int = 2048) -> None:
         """Set the BatchNorm's running mean/variance to the per-channel statistics of all ``tokens`` (N, T, D).
 
-        Chunk sums in float32, chunk moments and their combination in float64 (Chan et al.'s pairwise update).
+        Chunk sums in float32 (torch.var_mean over dim 0 is ~5x slower on a CPU), totals in float64.
         """
         D = tokens.shape[-1]
-        n, mean, m2 = 0, torch.zeros(D, dtype=torch.float64), torch.zeros(D, dtype=torch.float64)
+        n, total, squares = 0, torch.zeros(D, dtype=torch.float64), torch.zeros(D, dtype=torch.float64)
         for i in range(0, len(tokens), chunk):
             t = tokens[i:i + chunk].reshape(-1, D).float()
-            n_c = t.shape[0]
-            mean_c = t.sum(0).double() / n_c  # plain sums: torch.var_mean over dim 0 is ~5x slower on a CPU
-            var_c = ((t * t).sum(0).double() / n_c - mean_c * mean_c).clamp_min(0)
-            delta = mean_c - mean
-            total = n + n_c
-            mean = mean + delta * (n_c / total)
-            m2 = m2 + var_c * n_c + delta * delta * (n * n_c / total)
-            n = total
+            n += t.shape[0]
+            total += t.sum(0).double()
+            squares += (t * t).sum(0).double()
+        mean = total / n
         self.bn.running_mean.copy_(mean.float())
-        self.bn.running_var.copy_((m2 / max(1, n - 1)).float())  # unbiased, as BatchNorm keeps it
+        self.bn.running_var.copy_(((squares - n * mean * mean).clamp_min(0) / max(1, n - 1)).float())  # unbiased
 
     @torch.no_grad()
     def standardize(self, tokens: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-        """``tokens`` standardised with the running statistics as float32 (``normalize`` at evaluation), in place by chunk."""
+        """``tokens`` standardised with the running statistics, as float32 (``normalize`` at evaluation), by chunk."""
         mean, inv_std = self.bn.running_mean, (self.bn.running_var + self.bn.eps).rsqrt()
         out = torch.empty(tokens.shape, dtype=torch.float32)
         for i in range(0, len(tokens), chunk):
@@ -138,10 +115,8 @@ class _Standardized(nn.Module):
         return self.head(x, normalized=True)
 
 
-#: the reference recipe (our choice, AIM App. D is not reproduced): BatchNorm on batch statistics
+#: BatchNorm on batch statistics (``fast=False``), and the fit on statistics fixed once (``fast=True``)
 SLOW = dict(epochs=50, batch_size=256, base_lr=1e-3, warmup_epochs=5)
-#: the fast recipe: statistics fixed once, larger batches, fewer epochs (checked against SLOW on digits:
-#: tests/test_attentive_probe.py)
 FAST = dict(epochs=15, batch_size=256, base_lr=8e-3, warmup_epochs=1.5)
 
 
@@ -151,24 +126,18 @@ def attentive_probe(train: dict, val: dict, num_classes: int, num_heads: int = 1
                     warmup_epochs: float | None = None, seed: int = 0, fast: bool = True, **_) -> float:
     """Fit on ``train["tokens"]`` (N, T, D), report top-1 (%) on ``val["tokens"]``.
 
-    ``fast=True`` (default): the BatchNorm's statistics are computed once over all training
-    tokens (the values its running averages converge to) and every token is standardised
-    once, so the training loop reads float32 tokens with no normalisation pass; with the
-    ``FAST`` schedule. ``fast=False``: BatchNorm on batch statistics, ``SLOW`` schedule.
-    Explicit ``epochs`` / ``batch_size`` / ``base_lr`` / ``warmup_epochs`` override either.
+    ``fast`` picks the fit and its recipe (module docstring); explicit ``epochs`` / ``batch_size`` /
+    ``base_lr`` / ``warmup_epochs`` override the recipe's.
     """
     recipe = FAST if fast else SLOW
-    epochs = recipe["epochs"] if epochs is None else epochs
-    batch_size = recipe["batch_size"] if batch_size is None else batch_size
-    base_lr = recipe["base_lr"] if base_lr is None else base_lr
-    warmup_epochs = recipe["warmup_epochs"] if warmup_epochs is None else warmup_epochs
+    given = dict(epochs=epochs, batch_size=batch_size, base_lr=base_lr, warmup_epochs=warmup_epochs)
+    epochs, batch_size, base_lr, warmup_epochs = (recipe[k] if v is None else v for k, v in given.items())
     x_tr, y_tr = train["tokens"], train["labels"]
     x_va, y_va = val["tokens"], val["labels"]
     g = torch.Generator().manual_seed(seed)
-    torch_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # nn.Linear's default init draws from the global generator
-    head = AttentionPoolingClassifier(x_tr.shape[-1], num_classes, num_heads, generator=g)
-    torch.random.set_rng_state(torch_state)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # nn.Linear's default init draws from the global generator
+        head = AttentionPoolingClassifier(x_tr.shape[-1], num_classes, num_heads, generator=g)
     batch_size = min(batch_size, len(x_tr))
     lr = base_lr * batch_size / 256
     decay = [p for n, p in head.named_parameters() if p.ndim > 1 and n != "query"]

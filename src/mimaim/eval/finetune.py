@@ -17,102 +17,22 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..config import ConfigError, opt
+from ..config import ConfigError
 from ..data import IMAGENET_MEAN, IMAGENET_STD, Source, eval_transform
 from ..engine.optim import lr_at, set_lr
 from ..engine.precision import autocast_context
-from ..models.layers import sincos_2d
-
-INITS = ("pretrained", "random")
-
-#: Recipe values; a ``FinetuneConfig`` field left at None takes its recipe's value.
-RECIPES: dict[str, dict] = {
-    "quick": dict(epochs=10, batch_size=64, blr=1e-2, warmup_epochs=1.0, layer_decay=0.75, drop_path=0.1,
-                  smoothing=0.1, mixup=0.0, cutmix=0.0, auto_augment="none", reprob=0.0, crop_scale=(0.5, 1.0),
-                  hflip=False, head_bn=True),
-    # MAE FINETUNE.md / Table 9 (ViT-B; the repo's command uses layer decay 0.65)
-    "paper": dict(epochs=100, batch_size=1024, blr=5e-4, warmup_epochs=5.0, layer_decay=0.75, drop_path=0.1,
-                  smoothing=0.1, mixup=0.8, cutmix=1.0, auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25,
-                  crop_scale=(0.08, 1.0), hflip=True, head_bn=False),
-}
-
-
-@dataclass
-class FinetuneConfig:
-    recipe: str = opt("quick", "quick: sized to show learning in minutes on a CPU; "
-                               "paper: MAE's ViT-B recipe (FINETUNE.md)", choices=tuple(RECIPES))
-    epochs: int | None = opt(None, "fine-tuning epochs (default: the recipe's)")
-    batch_size: int | None = opt(None, "batch (default: the recipe's)")
-    blr: float | None = opt(None, "base lr, lr = blr x batch/256 (default: the recipe's)")
-    lr: float | None = opt(None, "absolute lr (overrides the base lr)")
-    min_lr: float = opt(1e-6, "floor of the cosine schedule")
-    warmup_epochs: float | None = opt(None, "warm-up epochs (default: the recipe's)")
-    weight_decay: float = opt(0.05, "AdamW weight decay")
-    layer_decay: float | None = opt(None, "layer-wise lr decay, 1 = off (default: the recipe's)")
-    drop_path: float | None = opt(None, "stochastic depth (default: the recipe's)")
-    smoothing: float | None = opt(None, "label smoothing (default: the recipe's)")
-    mixup: float | None = opt(None, "mixup alpha, 0 = off (default: the recipe's)")
-    cutmix: float | None = opt(None, "cutmix alpha, 0 = off (default: the recipe's)")
-    auto_augment: str | None = opt(None, "timm RandAugment spec, 'none' = off (default: the recipe's)")
-    reprob: float | None = opt(None, "random erasing probability (default: the recipe's)")
-    crop_scale: tuple | None = opt(None, "RandomResizedCrop area range LOW,HIGH (default: the recipe's)")
-    hflip: bool | None = opt(None, "random horizontal flip (default: the recipe's)")
-    head_bn: bool | None = opt(None, "affine-free BatchNorm before the head, as MAE's linear probe "
-                                     "(default: the recipe's)")
-    img_size: int | None = opt(None, "fine-tuning resolution (default: the pre-training one; "
-                                     "position tables are resized)")
-    data: str | None = opt(None, "labelled data (default: the run's own data)")
-    init: str = opt("pretrained", "pretrained (default) | random: the same trunk at random init "
-                                  "(training from scratch)", choices=INITS)
-    seed: int = opt(0, "random seed")
-    device: str = opt("cpu", "cpu | cuda")
-    num_workers: int = opt(0, "DataLoader workers")
-    max_steps: int | None = opt(None, "stop after N steps (smoke tests; the schedule still follows epochs)")
-    progress: bool = opt(True, "no progress bars")
-
-    def __post_init__(self):
-        if self.recipe not in RECIPES:
-            raise ConfigError(f"finetune recipe {self.recipe!r} is unknown; choose one of {', '.join(RECIPES)}")
-        for key, value in RECIPES[self.recipe].items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
-        if isinstance(self.auto_augment, str) and self.auto_augment.lower() in ("none", "off", ""):
-            self.auto_augment = "none"
-        self.crop_scale = tuple(self.crop_scale)
-
-    def effective_lr(self) -> float:
-        return self.lr if self.lr is not None else self.blr * self.batch_size / 256
-
-    def uses_mixup(self) -> bool:
-        return self.mixup > 0 or self.cutmix > 0
-
-    def validate(self) -> "FinetuneConfig":
-        def need(cond, msg):
-            if not cond:
-                raise ConfigError(msg)
-        need(self.epochs > 0, f"finetune epochs must be positive, got {self.epochs}")
-        need(self.batch_size > 0, f"finetune batch_size must be positive, got {self.batch_size}")
-        need(0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], got {self.layer_decay}; 1 turns it off")
-        need(0 <= self.drop_path < 1, f"drop_path must be in [0, 1), got {self.drop_path}")
-        need(0 <= self.smoothing < 1, f"smoothing must be in [0, 1), got {self.smoothing}")
-        need(self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0 (0 turns each off)")
-        need(not self.uses_mixup() or self.batch_size % 2 == 0,
-             f"mixup/cutmix pair images within a batch and need an even batch size, got {self.batch_size}; "
-             "pass an even --batch-size or --mixup 0 --cutmix 0")
-        need(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
-             f"crop_scale must be two numbers 0 < lo <= hi <= 1, got {self.crop_scale}")
-        need(0 <= self.reprob <= 1, f"reprob must be in [0, 1], got {self.reprob}")
-        need(self.init in INITS, f"init: unknown value {self.init!r}; choose one of {', '.join(INITS)}")
-        need(self.img_size is None or self.img_size > 0, f"img_size must be positive, got {self.img_size}")
-        return self
-
+from ..engine.runs import open_backbone
+from ..models import create_model
+from ..models.layers import num_relative_distance, sincos_2d
+from .probes import labelled_splits
+from .recipes import FinetuneConfig
 
 # --------------------------------------------------------------------------- position tables
 def resize_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int],
@@ -144,8 +64,6 @@ def resize_rel_pos_bias_table(table: torch.Tensor, old_grid: tuple[int, int],
     """BEiT's ((2h-1)(2w-1) + 3, heads) table -> the table for a new grid (timm's
     ``resize_rel_pos_bias_table``: BEiT's interpolation; the 3 cls rows kept)."""
     from timm.layers import resize_rel_pos_bias_table as timm_resize
-
-    from ..models.layers import num_relative_distance
 
     old_grid, new_grid = tuple(old_grid), tuple(new_grid)
     if old_grid == new_grid:
@@ -205,7 +123,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.encoder.norm = nn.Identity()  # MAE deletes the final norm under global pooling; fc_norm replaces it
-        width = getattr(encoder, "num_features", encoder.embed_dim)  # Swin: the last stage's width
+        width = encoder.num_features  # Swin: the last stage's width
         self.fc_norm = nn.LayerNorm(width, eps=1e-6)
         # MAE main_linprobe.py: BatchNorm1d(affine=False, eps=1e-6) before the head; standardises each feature
         self.head_bn = nn.BatchNorm1d(width, affine=False, eps=1e-6) if head_bn else nn.Identity()
@@ -214,7 +132,7 @@ class Classifier(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in getattr(self.encoder, "no_weight_decay", lambda: set())()}
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
 
     def group_matcher(self, coarse: bool = False):
         """timm's hook for ``param_groups_layer_decay``: parameter name -> layer id (:func:`layer_id`)."""
@@ -222,9 +140,9 @@ class Classifier(nn.Module):
         return lambda name: layer_id(name, depth, depths)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.encoder.forward_tokens(self.encoder.embed(images), norm=False)  # (B, prefix + N, D)
-        x = x[:, self.encoder.num_prefix_tokens:].mean(dim=1)  # (B, D)
-        return self.head(self.head_bn(self.fc_norm(x)))  # (B, classes)
+        # the last block's (Swin: stage's) patch tokens without the final norm, (B, D, h, w), cls left out
+        x = self.encoder.forward_intermediates(images, indices=1, norm=False, intermediates_only=True)[-1]
+        return self.head(self.head_bn(self.fc_norm(x.mean(dim=(2, 3)))))  # (B, classes)
 
 
 def expand_shared_rel_pos_bias(state: dict, depth: int) -> dict:
@@ -243,8 +161,6 @@ def build_finetune_encoder(record: dict, img_size: int, drop_path: float, pretra
     """The record's backbone rebuilt for fine-tuning at ``img_size``: stochastic depth, one
     relative-bias table per block, a trainable position table; loaded with ``pretrained``'s
     weights (tables resized) unless it is None (then freshly initialised from ``seed``)."""
-    from ..models import create_model
-
     kwargs = dict(record["backbone"]["kwargs"])
     kwargs["img_size"] = img_size
     if drop_path:
@@ -311,70 +227,43 @@ def evaluate(model: nn.Module, source: Source, img_size: int, device, batch_size
     return 100.0 * correct / max(total, 1)
 
 
-# --------------------------------------------------------------------------- the loop
-def finetune(run_dir: str | Path, fcfg: FinetuneConfig | None = None) -> dict:
-    """Fine-tune the encoder of ``run_dir``; returns (and saves to RUN_DIR/finetune*.json) the result."""
+# --------------------------------------------------------------------------- the recipe
+def build_optimizer(model: Classifier, fcfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW (0.9, 0.999) over the layer-decay groups (``param_groups_lrd``)."""
+    groups = param_groups_lrd(model, fcfg.weight_decay, fcfg.layer_decay)
+    return torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
+                             lr=fcfg.effective_lr(), betas=(0.9, 0.999))
+
+
+def build_criterion(fcfg: FinetuneConfig, num_classes: int):
+    """-> (timm ``Mixup`` or None, loss): soft-target CE under mixup/cutmix (smoothing folded into the
+    mixed targets), else label-smoothing CE, else plain CE."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if fcfg.uses_mixup():
+        return Mixup(mixup_alpha=fcfg.mixup, cutmix_alpha=fcfg.cutmix, label_smoothing=fcfg.smoothing,
+                     num_classes=num_classes), SoftTargetCrossEntropy()
+    return None, LabelSmoothingCrossEntropy(fcfg.smoothing) if fcfg.smoothing > 0 else nn.CrossEntropyLoss()
+
+
+def train_epochs(model: nn.Module, dataset, optimizer, criterion, mixup, fcfg: FinetuneConfig, device,
+                 desc: str) -> tuple[int, float]:
+    """The training loop: shuffled batches (drop_last, as MAE), per-step warm-up + cosine lr; stops after
+    ``fcfg.epochs`` (or ``max_steps``). -> (steps, last loss)."""
     from tqdm.auto import tqdm
-
-    from ..engine.runs import open_backbone
-    from .probe_run import labelled_splits
-
-    fcfg = (fcfg or FinetuneConfig()).validate()
-    run_dir = Path(run_dir)
-    pretrained, record, ckpt = open_backbone(run_dir)
-    run_cfg = record["config"]
-    objective, model_name, patch_size = record["objective"], record["backbone"]["name"], record["patch_size"]
-    data = fcfg.data or run_cfg["data"]
-    img_size = fcfg.img_size or record["img_size"]
-    if img_size % patch_size:
-        raise ConfigError(f"fine-tuning img_size {img_size} is not a multiple of the run's patch size "
-                          f"{patch_size}; pass --img-size as a multiple of {patch_size}")
-    train, val, num_classes = labelled_splits(data, run_cfg["val_fraction"])  # fails early on unlabelled data
-    if fcfg.batch_size > len(train):
-        raise ConfigError(f"finetune batch size {fcfg.batch_size} is larger than the {len(train)} labelled "
-                          "training images; lower --batch-size")
-    device = torch.device(fcfg.device)
-
-    encoder = build_finetune_encoder(record, img_size, fcfg.drop_path,
-                                     pretrained if fcfg.init == "pretrained" else None, seed=run_cfg.get("seed", 0))
-    del pretrained
-    torch.manual_seed(fcfg.seed)
-    model = Classifier(encoder, num_classes, head_bn=fcfg.head_bn).to(device)
-    lr = fcfg.effective_lr()
-    groups = param_groups_lrd(model, fcfg.weight_decay, fcfg.layer_decay)
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
-                                  lr=lr, betas=(0.9, 0.999))
-
-    mixup = Mixup(mixup_alpha=fcfg.mixup, cutmix_alpha=fcfg.cutmix, label_smoothing=fcfg.smoothing,
-                  num_classes=num_classes) if fcfg.uses_mixup() else None
-    if mixup is not None:
-        criterion = SoftTargetCrossEntropy()  # smoothing is folded into the mixed targets
-    elif fcfg.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(fcfg.smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
 
     random.seed(fcfg.seed)  # timm's Mixup and RandAugment draw from Python's and numpy's generators
     np.random.seed(fcfg.seed)
-    dataset = LabelledDataset(train, train_transform(img_size, fcfg))
-    steps_per_epoch = len(train) // fcfg.batch_size  # drop_last, as MAE
-    total = steps_per_epoch * fcfg.epochs
+    steps_per_epoch = len(dataset) // fcfg.batch_size
+    lr, total = fcfg.effective_lr(), steps_per_epoch * fcfg.epochs
     max_steps = total if fcfg.max_steps is None else min(total, fcfg.max_steps)
-    tag = (f"finetune{'' if img_size == record['img_size'] else f'-{img_size}px'}"
-           f"{'' if fcfg.init == 'pretrained' else '-random'}")
-    print(f"mimaim finetune: {objective} {model_name} ({fcfg.init}) at {img_size}px on {data}, {fcfg.recipe} "
-          f"recipe: {len(train)} train / {len(val)} held-out images, {num_classes} classes, {steps_per_epoch} "
-          f"steps/epoch x {fcfg.epochs} epochs, lr {lr:.3g}, layer decay {fcfg.layer_decay}, drop path "
-          f"{fcfg.drop_path}{', BatchNorm head' if fcfg.head_bn else ''}", file=sys.stderr, flush=True)
-    bar = tqdm(total=max_steps, desc=f"{objective} {tag}", unit="step", disable=not fcfg.progress,
-               dynamic_ncols=True, mininterval=0.5)
-    step, last_loss, t0 = 0, float("nan"), time.perf_counter()
+    bar = tqdm(total=max_steps, desc=desc, unit="step", disable=not fcfg.progress, dynamic_ncols=True,
+               mininterval=0.5)
+    step, last_loss = 0, float("nan")
     model.train()
     while step < max_steps:
-        epoch = step // steps_per_epoch
-        g = torch.Generator().manual_seed(fcfg.seed * 7919 + epoch)
+        g = torch.Generator().manual_seed(fcfg.seed * 7919 + step // steps_per_epoch)
         loader = torch.utils.data.DataLoader(dataset, batch_size=fcfg.batch_size, shuffle=True, drop_last=True,
                                              generator=g, num_workers=fcfg.num_workers)
         for images, labels in loader:
@@ -384,33 +273,64 @@ def finetune(run_dir: str | Path, fcfg: FinetuneConfig | None = None) -> dict:
                 images, labels = mixup(images, labels)  # labels become (B, classes) soft targets
             with autocast_context(device, "auto"):
                 loss = criterion(model(images), labels)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"fine-tuning loss became {loss.item()} at step {step}; "
+            last_loss = loss.item()
+            if not math.isfinite(last_loss):
+                raise FloatingPointError(f"fine-tuning loss became {last_loss} at step {step}; "
                                          "lower --blr or --layer-decay")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            last_loss = loss.item()
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.3f}")
             if step >= max_steps:
                 break
     bar.close()
+    return step, last_loss
+
+
+def finetune(run_dir: str | Path, fcfg: FinetuneConfig | None = None) -> dict:
+    """Fine-tune the encoder of ``run_dir``; returns (and saves to RUN_DIR/finetune*.json) the result."""
+    fcfg = (fcfg or FinetuneConfig()).validate()
+    run_dir = Path(run_dir)
+    pretrained, record, ckpt = open_backbone(run_dir)
+    data, img_size = fcfg.data or record["config"]["data"], fcfg.img_size or record["img_size"]
+    if img_size % record["patch_size"]:
+        raise ConfigError(f"fine-tuning img_size {img_size} is not a multiple of the run's patch size "
+                          f"{record['patch_size']}; pass --img-size as a multiple of {record['patch_size']}")
+    train, val, num_classes = labelled_splits(data, record["config"]["val_fraction"])  # fails early if unlabelled
+    if fcfg.batch_size > len(train):
+        raise ConfigError(f"finetune batch size {fcfg.batch_size} is larger than the {len(train)} labelled "
+                          "training images; lower --batch-size")
+    device = torch.device(fcfg.device)
+    encoder = build_finetune_encoder(record, img_size, fcfg.drop_path, pretrained if fcfg.init == "pretrained"
+                                     else None, seed=record["config"].get("seed", 0))
+    del pretrained  # its weights are in the encoder now
+    torch.manual_seed(fcfg.seed)
+    model = Classifier(encoder, num_classes, head_bn=fcfg.head_bn).to(device)
+    optimizer = build_optimizer(model, fcfg)
+    mixup, criterion = build_criterion(fcfg, num_classes)
+    tag = (f"finetune{'' if img_size == record['img_size'] else f'-{img_size}px'}"
+           f"{'' if fcfg.init == 'pretrained' else '-random'}")
+    objective, model_name = record["objective"], record["backbone"]["name"]
+    print(f"mimaim finetune: {objective} {model_name} ({fcfg.init}) at {img_size}px on {data}, {fcfg.recipe} "
+          f"recipe: {len(train)} train / {len(val)} held-out images, {num_classes} classes, "
+          f"{len(train) // fcfg.batch_size} steps/epoch x {fcfg.epochs} epochs, lr {fcfg.effective_lr():.3g}, "
+          f"layer decay {fcfg.layer_decay}, drop path {fcfg.drop_path}{', BatchNorm head' if fcfg.head_bn else ''}",
+          file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    steps, last_loss = train_epochs(model, LabelledDataset(train, train_transform(img_size, fcfg)), optimizer,
+                                    criterion, mixup, fcfg, device, desc=f"{objective} {tag}")
     wall = time.perf_counter() - t0
     top1 = evaluate(model, val, img_size, device)
     config = {k: v for k, v in asdict(fcfg).items() if k not in ("progress", "device")}
     config["crop_scale"] = list(config["crop_scale"])
     result = {"run": str(run_dir), "checkpoint": Path(ckpt).name, "objective": objective, "model": model_name,
-              "init": fcfg.init, "recipe": fcfg.recipe,
-              "data": data, "train_images": len(train), "val_images": len(val), "num_classes": num_classes,
-              "pretrain_img_size": record["img_size"], "img_size": img_size, "steps": step, "final_loss": last_loss,
-              "top1": round(top1, 2), "wall_time_s": round(wall, 2), "lr": lr, "config": config}
+              "init": fcfg.init, "recipe": fcfg.recipe, "data": data, "train_images": len(train),
+              "val_images": len(val), "num_classes": num_classes, "pretrain_img_size": record["img_size"],
+              "img_size": img_size, "steps": steps, "final_loss": last_loss, "top1": round(top1, 2),
+              "wall_time_s": round(wall, 2), "lr": fcfg.effective_lr(), "config": config}
     (run_dir / f"{tag}.json").write_text(json.dumps(result, indent=2))
-    print(f"fine-tuned top-1 on the held-out split: {top1:.2f}% ({step} steps, {wall:.1f}s) -> "
+    print(f"fine-tuned top-1 on the held-out split: {top1:.2f}% ({steps} steps, {wall:.1f}s) -> "
           f"{run_dir / (tag + '.json')}", file=sys.stderr, flush=True)
     return result
-
-
-__all__ = ["FinetuneConfig", "RECIPES", "Classifier", "finetune", "build_finetune_encoder", "param_groups_lrd",
-           "layer_id", "resize_pos_embed", "resize_rel_pos_bias_table", "expand_shared_rel_pos_bias"]

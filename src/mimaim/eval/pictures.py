@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import denormalize
+from ..data import build_source, denormalize, eval_transform
 
 
 def save_image_grid(columns: dict[str, torch.Tensor], path: str | Path, max_rows: int = 8,
@@ -21,13 +21,10 @@ def save_image_grid(columns: dict[str, torch.Tensor], path: str | Path, max_rows
     fig, axes = plt.subplots(rows, len(names), figsize=(1.9 * len(names), 1.9 * rows + 0.4), squeeze=False)
     for c, name in enumerate(names):
         imgs = denormalize(columns[name][:rows].detach().float().cpu())
+        axes[0][c].set_title(name, fontsize=9)
         for r in range(rows):
-            ax = axes[r][c]
-            ax.imshow(imgs[r].permute(1, 2, 0).numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(name, fontsize=9)
+            axes[r][c].imshow(imgs[r].permute(1, 2, 0).numpy(), interpolation="nearest")
+            axes[r][c].set(xticks=[], yticks=[])
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -41,8 +38,6 @@ def save_image_grid(columns: dict[str, torch.Tensor], path: str | Path, max_rows
 def load_images(paths: list[str], img_size: int) -> torch.Tensor:
     from PIL import Image
 
-    from ..data import eval_transform
-
     transform = eval_transform(img_size)
     out = []
     for p in paths:
@@ -55,8 +50,6 @@ def load_images(paths: list[str], img_size: int) -> torch.Tensor:
 
 def held_out_images(cfg, count: int = 8) -> torch.Tensor:
     """The first ``count`` held-out images of a run's data, one per class where possible."""
-    from ..data import build_source, eval_transform
-
     source = build_source(cfg.data, cache="off", progress=False).split("val", cfg.val_fraction)
     transform = eval_transform(cfg.img_size)
     picked, seen_labels = [], set()
@@ -86,4 +79,5 @@ def reconstruction_figure(objective, cfg, path: str | Path, images: torch.Tensor
     masking = masking.to(device) if masking is not None else None
     columns = objective.reconstruct(images, masking)
     objective.train(was_training)
-    return save_image_grid(columns, path, title=f"{cfg.objective} · {cfg.model}/{cfg.patch_size} · {Path(cfg.out).name}")
+    title = f"{cfg.objective} · {cfg.model}/{cfg.patch_size} · {Path(cfg.out).name}"
+    return save_image_grid(columns, path, title=title)

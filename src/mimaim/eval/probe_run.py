@@ -14,27 +14,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from ..data import DataError, build_source
 from ..engine.runs import build_backbone, open_backbone
-from ..objectives.base import ProbeProtocol
+from ..objectives import ProbeProtocol, get_objective_class
 from .features import POOLS, cached_features, extract_features
 from . import attentive  # noqa: F401  (registers the "attentive" probe)
-from .probes import get_probe
+from .probes import get_probe, labelled_splits
 
 DEFAULT_PROBES = ("linear", "attentive", "knn")
 
 
-def record_value(record: dict, key: str, default=None):
-    """A run setting from the run record: top level first, then its saved config."""
-    if key in record and record[key] is not None:
-        return record[key]
-    return (record.get("config") or {}).get(key, default)
-
-
 def objective_protocol(objective: str) -> ProbeProtocol:
     """The probe protocol ``objective`` declares (``ProbeProtocol()`` for an unknown name)."""
-    from ..objectives import get_objective_class
-
     try:
         return get_objective_class(objective).probe_protocol
     except (KeyError, ValueError):
@@ -67,17 +57,6 @@ def describe_protocol(proto: ProbeProtocol) -> str:
     return f"{pooled} of {where}, {'after the final norm' if proto.norm else 'no final norm'}"
 
 
-def labelled_splits(data: str, val_fraction: float):
-    source = build_source(data, progress=False)
-    if not source.has_labels:
-        raise DataError(f"data {data!r} has no labels: probes need class sub-folders "
-                        "(imagefolder:PATH/<class>/<image>); pass a labelled --data")
-    train, val = source.split("train", val_fraction), source.split("val", val_fraction)
-    if len(val) == 0:
-        raise DataError(f"the held-out split of {data!r} is empty; raise --val-fraction")
-    return train, val, len(source.classes)
-
-
 def probe_encoder(backbone, train, val, num_classes: int, img_size: int, probes: Sequence[str],
                   layers: Sequence[int] | None = None, pool: str = "mean", device="cpu",
                   cache_dir: Path | None = None, cache_key: str = "", progress: bool = False,
@@ -92,11 +71,8 @@ def probe_encoder(backbone, train, val, num_classes: int, img_size: int, probes:
         feats[name] = cached_features(cache_dir if cache_key else None, key, lambda s=split, n=name: extract_features(
             backbone, s, img_size, layers=layers, pool=pool, norm=norm, keep_tokens=keep_tokens, device=device,
             progress=progress, desc=f"{n} features"))
-    results = {}
-    for spec in specs:
-        results[spec.name] = spec.fn(feats["train"], feats["val"], num_classes,
-                                     num_heads=getattr(backbone, "num_heads", 1))
-    return results
+    heads = getattr(backbone, "num_heads", 1)
+    return {spec.name: spec.fn(feats["train"], feats["val"], num_classes, num_heads=heads) for spec in specs}
 
 
 def _run_dir_of(path: Path) -> Path:
@@ -117,43 +93,33 @@ def probe_run(run_dir: str | Path, data: str | None = None, probes: Sequence[str
     protocol (the objective's, see ``resolve_protocol``), recorded in each row.
     """
     backbone, record, ckpt = open_backbone(run_dir, device=device, checkpoint=checkpoint)
-    ckpt = Path(ckpt)
-    out_dir = _run_dir_of(Path(run_dir))
-    objective = record_value(record, "objective", "")
+    ckpt, out_dir, run_cfg = Path(ckpt), _run_dir_of(Path(run_dir)), record["config"]
+    objective, model, img_size = record["objective"], record["backbone"]["name"], record["img_size"]
+    seed, data = run_cfg["seed"], data or run_cfg["data"]
     proto = resolve_protocol(objective, pool, layers, norm)
-    data = data or record_value(record, "data")
-    img_size = int(record_value(record, "img_size"))
-    seed = int(record_value(record, "seed", 0))
-    train, val, num_classes = labelled_splits(data, float(record_value(record, "val_fraction", 0.2)))
-    model = (record.get("backbone") or {}).get("name") or record_value(record, "model", "?")
+    layers = list(proto.layers) if proto.layers is not None else None
+    train, val, num_classes = labelled_splits(data, run_cfg["val_fraction"])
     encoders = [("pre-trained", backbone, f"{ckpt}")]
     if random_init:
         encoders.append(("random init", build_backbone(record, seed=seed), f"random-{model}-{objective}-{seed}"))
     rows = []
     for label, encoder, key in encoders:
-        scores = probe_encoder(encoder.to(device).eval(), train, val, num_classes, img_size, probes,
-                               list(proto.layers) if proto.layers is not None else None, proto.pool, device,
-                               cache_dir=out_dir / "features", cache_key=f"{key}|{data}", progress=progress,
-                               norm=proto.norm)
+        scores = probe_encoder(encoder.to(device).eval(), train, val, num_classes, img_size, probes, layers,
+                               proto.pool, device, cache_dir=out_dir / "features", cache_key=f"{key}|{data}",
+                               progress=progress, norm=proto.norm)
         rows.append({"encoder": label, "checkpoint": ckpt.name if label == "pre-trained" else "-",
                      "objective": objective, "model": model, "data": data, "train_images": len(train),
-                     "val_images": len(val), "pool": proto.pool,
-                     "layers": list(proto.layers) if proto.layers is not None else None, "norm": proto.norm,
+                     "val_images": len(val), "pool": proto.pool, "layers": layers, "norm": proto.norm,
                      "protocol": describe_protocol(proto), "protocol_source": proto.source,
                      **{f"{p}_top1": round(v, 2) for p, v in scores.items()}})
     (out_dir / "probe.json").write_text(json.dumps(rows, indent=2))
     return rows
 
 
-def format_protocol(row: dict) -> str:
-    return f"probe protocol: {row['protocol']} (source: {row['protocol_source']})"
-
-
 def format_table(rows: list[dict]) -> str:
     """The protocol line, then a markdown table of top-1 per probe and encoder."""
     cols = [c for c in rows[0] if c.endswith("_top1")]
-    header = "| encoder | " + " | ".join(c.replace("_top1", " top-1 (%)") for c in cols) + " |"
-    sep = "|---|" + "---|" * len(cols)
-    lines = [header, sep] + [f"| {r['encoder']} | " + " | ".join(f"{r[c]:.2f}" for c in cols) + " |" for r in rows]
-    head = [format_protocol(rows[0])] if "protocol" in rows[0] else []
-    return "\n".join(head + lines)
+    lines = ["| encoder | " + " | ".join(c.replace("_top1", " top-1 (%)") for c in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    lines += [f"| {r['encoder']} | " + " | ".join(f"{r[c]:.2f}" for c in cols) + " |" for r in rows]
+    return "\n".join([f"probe protocol: {rows[0]['protocol']} (source: {rows[0]['protocol_source']})"] + lines)

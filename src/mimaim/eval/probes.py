@@ -22,7 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import DataError, Source, build_source
 from ..engine.optim import cosine_lr, set_lr
+
+
+def labelled_splits(data: str, val_fraction: float) -> tuple[Source, Source, int]:
+    """(train, held-out, number of classes) of a labelled data spec; names what is missing."""
+    source = build_source(data, progress=False)
+    if not source.has_labels:
+        raise DataError(f"data {data!r} has no labels: probes need class sub-folders "
+                        "(imagefolder:PATH/<class>/<image>); pass a labelled --data")
+    train, val = source.split("train", val_fraction), source.split("val", val_fraction)
+    if len(val) == 0:
+        raise DataError(f"the held-out split of {data!r} is empty; raise --val-fraction")
+    return train, val, len(source.classes)
 
 
 @dataclass

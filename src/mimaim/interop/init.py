@@ -23,11 +23,15 @@ decoder) are skipped and listed.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..engine.runs import read_checkpoint_weights, read_record, resolve_checkpoint
+from . import hf_beit, hf_mae, hf_simmim
 
 __all__ = ["InitReport", "initialize_from", "read_source"]
 
@@ -44,19 +48,18 @@ class InitReport:
 
     def summary(self) -> str:
         def groups(names):
-            counts: dict[str, int] = {}
-            for n in names:
-                head = n.split(".")[0]
-                counts[head] = counts.get(head, 0) + 1
+            counts = Counter(n.split(".")[0] for n in names)
             return ", ".join(f"{k} ({v})" for k, v in sorted(counts.items())) or "nothing"
+
+        def first(names):
+            return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
 
         lines = [f"init from {self.source} ({self.kind}): loaded {len(self.loaded)} tensors: {groups(self.loaded)}",
                  f"  initialised {len(self.initialised)}: {groups(self.initialised)}"
-                 + (f" [{', '.join(self.initialised[:6])}{', ...' if len(self.initialised) > 6 else ''}]"
-                    if self.initialised else "")]
+                 + (f" [{first(self.initialised)}]" if self.initialised else "")]
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} source tensors with no place in this run: "
-                         f"{', '.join(self.skipped[:6])}{', ...' if len(self.skipped) > 6 else ''}")
+                         f"{first(self.skipped)}")
         return "\n".join(lines)
 
 
@@ -122,33 +125,28 @@ def _hf_state(folder: Path, config: dict) -> dict[str, torch.Tensor]:
     return cls.from_pretrained(str(folder), local_files_only=True).state_dict()
 
 
+#: model_type -> the prefix of its base model in the task model, then the task model's own keys
+_HF_BASES = {"vit_mae": ("vit.", "decoder."), "vit": ("vit.", "decoder."), "swin": ("swin.", "decoder."),
+             "beit": ("beit.", "lm_head.", "layernorm.")}
+
+
 def _from_hf(folder: Path, config: dict, state: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
+    """An HF folder's weights under our names; a base model's keys (no ``vit.``/``beit.``/``swin.`` prefix)
+    are read as its task model's, and a classifier or pooler is left out."""
     model_type = config.get("model_type")
+    kind = f"HF {config.get('architectures', [model_type])[0]} folder"
+    if model_type not in _HF_BASES:
+        raise ValueError(f"--init {folder}: HF model_type {model_type!r} is not one mimaim can read; supported: "
+                         "vit_mae (MAE), beit (BEiT), vit and swin (SimMIM)")
+    own = _HF_BASES[model_type]
+    state = {(k if k.startswith(own) else own[0] + k): v for k, v in state.items()
+             if not k.startswith(("pooler.", "classifier.", "beit.pooler."))}
+    if model_type == "beit":  # a classifier without mean pooling keeps the final norm in its base model
+        state = {k.removeprefix("beit.") if k.startswith("beit.layernorm.") else k: v for k, v in state.items()}
+        return kind, hf_beit.from_hf_state_dict(state)
     if model_type == "vit_mae":
-        from .hf_mae import mae_state_dict_from_hf
-        state = {("vit." + k if not k.startswith(("vit.", "decoder.")) else k): v for k, v in state.items()}
-        return f"HF {config.get('architectures', ['ViTMAE'])[0]} folder", mae_state_dict_from_hf(state)
-    if model_type == "beit":
-        from .hf_beit import from_hf_state_dict
-        state = {("beit." + k if not k.startswith(("beit.", "lm_head.", "layernorm.", "classifier.", "pooler."))
-                  else k): v for k, v in state.items()}
-        if "layernorm.weight" not in state and "beit.layernorm.weight" in state:  # BeitModel without mean pooling
-            state["layernorm.weight"], state["layernorm.bias"] = state["beit.layernorm.weight"], state[
-                "beit.layernorm.bias"]
-        optional = {"beit.embeddings.mask_token": None, "lm_head.weight": None, "lm_head.bias": None}
-        present = {k: v for k, v in state.items()}
-        for k in optional:
-            present.setdefault(k, None)
-        ours = from_hf_state_dict(present, int(config["num_hidden_layers"]))
-        return f"HF {config.get('architectures', ['Beit'])[0]} folder", {k: v for k, v in ours.items() if v is not None}
-    if model_type in ("vit", "swin"):
-        from .hf_simmim import simmim_state_dict_from_hf
-        prefix = model_type + "."
-        state = {(prefix + k if not k.startswith((prefix, "decoder.")) else k): v for k, v in state.items()
-                 if not k.startswith(("pooler.", "classifier."))}
-        return f"HF {config.get('architectures', [model_type])[0]} folder", simmim_state_dict_from_hf(state)
-    raise ValueError(f"--init {folder}: HF model_type {model_type!r} is not one mimaim can read; supported: "
-                     "vit_mae (MAE), beit (BEiT), vit and swin (SimMIM)")
+        return kind, hf_mae.mae_state_dict_from_hf(state)
+    return kind, hf_simmim.simmim_state_dict_from_hf(state)
 
 
 def read_source(source: str | Path) -> tuple[str, dict[str, torch.Tensor], dict | None]:
@@ -165,7 +163,6 @@ def read_source(source: str | Path) -> tuple[str, dict[str, torch.Tensor], dict 
         return f"timm checkpoint file {path.suffix}", _from_timm(state), None
     if (path / "config.yaml").is_file() or (path / "checkpoints").is_dir() or (path / "run.json").is_file() or \
             (path / "state.pt").is_file():
-        from ..engine.runs import read_checkpoint_weights, read_record, resolve_checkpoint
         ckpt = resolve_checkpoint(path)
         return f"mimaim checkpoint {ckpt.name}", read_checkpoint_weights(ckpt), read_record(ckpt)
     if (path / "config.json").is_file():
@@ -195,7 +192,7 @@ def _shape_hint(key: str, theirs: tuple, ours: tuple) -> str:
         return f"{theirs[1]} position rows in the source vs {ours[1]} here (another image or patch size)"
     if not key.startswith("encoder."):
         return (f"the source's {key.split('.')[0]} has {key} of shape {theirs}, this run's {ours}: another head "
-                "size; give the run the source's objective options (e.g. --recipe paper or --opt decoder_...)")
+                "size; give the run the source's objective options (e.g. --recipe paper or --set objective.decoder_...)")
     return f"{key}: source {theirs} vs this run {ours}"
 
 
@@ -214,11 +211,10 @@ def initialize_from(objective: nn.Module, source: str | Path) -> InitReport:
         k, theirs, ours = next((w for w in wrong if w[0].endswith("patch_embed.proj.weight")), wrong[0])
         raise ValueError(f"--init {source} ({kind}) does not fit {_describe(objective)}: "
                          f"{_shape_hint(k, theirs, ours)} ({len(wrong)} tensors of another shape, e.g. {k})")
-    enc_expected = {k for k in expected if k.startswith("encoder.")}
-    enc_missing = sorted(enc_expected - set(weights))
+    enc_missing = sorted(k for k in expected if k.startswith("encoder.") and k not in weights)
     enc_extra = sorted(k for k in weights if k.startswith("encoder.") and k not in expected
-                       and not k.endswith(("relative_position_index", "k_bias", "attn_mask")))
-    enc_extra = [k for k in enc_extra if not k.startswith(("encoder.head.", "encoder.fc_norm."))]
+                       and not k.endswith(("relative_position_index", "k_bias", "attn_mask"))
+                       and not k.startswith(("encoder.head.", "encoder.fc_norm.")))
     if enc_missing or enc_extra:
         detail = []
         if enc_missing:

@@ -33,6 +33,8 @@ import torch
 from torch import nn
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..engine.runs import open_backbone
+from .keymap import load_into
 
 __all__ = ["export_timm", "timm_spec", "to_timm", "to_timm_state_dict"]
 
@@ -115,24 +117,12 @@ def to_timm(backbone: nn.Module, pool: str = "mean") -> nn.Module:
 
     name, kwargs = timm_spec(backbone, pool)
     model = timm.create_model(name, pretrained=False, **kwargs)
-    theirs = model.state_dict()
-    ours = to_timm_state_dict(backbone)
-    buffers = {k for k, _ in model.named_buffers()}  # index tables timm rebuilds itself
-    missing = sorted(k for k in set(theirs) - set(ours) if k not in buffers)
-    unexpected = sorted(set(ours) - set(theirs))
-    wrong = sorted(k for k in set(ours) & set(theirs) if ours[k].shape != theirs[k].shape)
-    if missing or unexpected or wrong:
-        raise ValueError(f"timm {name} does not fit this backbone: missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}, other shape {wrong[:3]}")
-    model.load_state_dict(ours, strict=False)
-    return model.eval()
+    return load_into(model, to_timm_state_dict(backbone), f"timm {name} does not fit this backbone").eval()
 
 
 def export_timm(run: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
     """Write run ``run``'s encoder (newest checkpoint) as a timm hub folder ``out``."""
     from timm.models import save_for_hf
-
-    from ..engine.runs import open_backbone
 
     backbone, record, ckpt = open_backbone(run, checkpoint=checkpoint)
     pool = record.get("probe_protocol", {}).get("pool", "mean")

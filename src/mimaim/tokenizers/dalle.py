@@ -1,16 +1,12 @@
 """The paper's tokenizer: OpenAI DALL-E's dVAE encoder (BEiT section 2.1.2), via the ``dall-e`` package.
 
-BEiT tokenizes the 112x112 view of each crop (8x downsampling -> a 14x14 grid) with the
-encoder's argmax over 8,192 logits, after ``map_pixels`` (x -> 0.8x + 0.1 on [0, 1]
-pixels, no mean/std). The weights are OpenAI's ``encoder.pkl``
-(https://cdn.openai.com/dall-e/encoder.pkl), which the user downloads once and passes as
-``--tokenizer dalle:PATH``; nothing is downloaded here.
-
-``encoder.pkl`` is a *pickled module*, so it can only be read with
-``torch.load(weights_only=False)``, which runs code from the file. We do that only for
-this one file, which the user named explicitly, and only after the safe reader
-(``weights_only=True``) has refused it. A plain state dict of the same ``Encoder``
-(``torch.save(encoder.state_dict(), PATH)``) is read with the safe reader alone.
+BEiT tokenizes the 112x112 view of each crop (8x downsampling: a 14x14 grid) with the
+encoder's argmax over 8,192 logits, after ``map_pixels``. The user downloads OpenAI's
+``encoder.pkl`` (https://cdn.openai.com/dall-e/encoder.pkl) once and passes
+``--tokenizer dalle:PATH``; nothing is downloaded here. That file is a *pickled module*,
+readable only with ``torch.load(weights_only=False)``, which runs code from it: we do that
+only for the one file the user named, after the safe reader has refused it. A state dict of
+the same ``Encoder`` is read with the safe reader alone.
 """
 
 from __future__ import annotations
@@ -24,15 +20,6 @@ from .base import VisualTokenizer
 
 FIX = ("pass --tokenizer dalle:PATH with OpenAI's DALL-E encoder.pkl "
        "(https://cdn.openai.com/dall-e/encoder.pkl) or a state dict of dall_e.Encoder")
-
-
-def _import_dall_e():
-    try:
-        import dall_e
-    except ImportError:
-        raise ValueError("--tokenizer dalle:PATH needs the `dall-e` package: pip install 'mimaim[dalle]' "
-                         "(or pip install dall-e)") from None
-    return dall_e
 
 
 def _encoder_from_state_dict(state: dict, dall_e, path: Path):
@@ -54,7 +41,11 @@ def _encoder_from_state_dict(state: dict, dall_e, path: Path):
 
 def load_dalle_encoder(path: str | Path):
     """The ``dall_e.Encoder`` in ``path`` (a pickled module or a state dict), frozen, on the CPU."""
-    dall_e = _import_dall_e()
+    try:
+        import dall_e
+    except ImportError:
+        raise ValueError("--tokenizer dalle:PATH needs the `dall-e` package: pip install 'mimaim[dalle]' "
+                         "(or pip install dall-e)") from None
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"DALL-E tokenizer file {str(path)!r} does not exist; {FIX}")
@@ -75,8 +66,7 @@ def load_dalle_encoder(path: str | Path):
     else:
         raise ValueError(f"tokenizer file {str(path)!r} holds a {type(obj).__name__}, not a DALL-E encoder "
                          f"(dall_e.Encoder); {FIX}")
-    encoder.requires_grad_(False)
-    return encoder.eval()
+    return encoder.requires_grad_(False).eval()
 
 
 class DalleTokenizer(VisualTokenizer):

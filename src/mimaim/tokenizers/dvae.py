@@ -1,19 +1,12 @@
 """A discrete VAE the user trains on their own images (BEiT appendix C; DALL-E's dVAE, small).
 
-Why a Gumbel-softmax dVAE and not a VQ-VAE: it is the model family of the paper's own
-tokenizer (DALL-E) and of the tokenizer BEiT's appendix C re-trained on ImageNet-1k
-(lucidrains' ``DiscreteVAE``: recon. error 0.0880 vs DALL-E's 0.0856, fine-tuning 82.70 vs
-82.86). Tokens are the argmax of the encoder's logits exactly as BEiT reads DALL-E's, and
-training needs no straight-through estimator, commitment loss or codebook EMA.
-
-Model: a conv encoder downsampling by ``downsample`` (2, 4 or 8) to ``vocab_size`` logits
-per cell; a Gumbel-softmax relaxation (temperature annealed from 1 to 1/16, as DALL-E)
-mixes ``codebook_dim``-wide codebook vectors; a conv decoder reconstructs the image.
-Loss: mean squared error on [-1, 1] pixels (input normalised by mean = std = 0.5, as the
-"customized" dVAE of unilm beit/) plus ``kl_weight`` x KL(q || uniform) (DALL-E's prior
-term, which keeps codes alive: on digits, 0.05 lifts codebook use from 2% to 27%).
-
-Saved as ``DIR/tokenizer.safetensors`` + ``DIR/config.json``; ``--tokenizer DIR`` reads it.
+A Gumbel-softmax dVAE, not a VQ-VAE: the family of the paper's own tokenizer (DALL-E) and of
+the one BEiT's appendix C re-trained on ImageNet-1k; tokens are the argmax of the encoder's
+logits, as BEiT reads DALL-E's. A conv encoder downsamples by ``downsample`` (2, 4 or 8) to
+``vocab_size`` logits per cell; the relaxation (temperature annealed from 1 to 1/16, as
+DALL-E) mixes ``codebook_dim``-wide codebook vectors; a conv decoder reconstructs. Loss: MSE
+on [-1, 1] pixels plus ``kl_weight`` x KL(q || uniform), DALL-E's prior term, which keeps
+codes alive. Saved as ``DIR/tokenizer.safetensors`` + ``DIR/config.json`` (``--tokenizer DIR``).
 """
 
 from __future__ import annotations
@@ -28,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import build_source
 from .base import VisualTokenizer
 
 KIND = "mimaim-dvae"
@@ -78,12 +72,8 @@ class DiscreteVAE(nn.Module):
         dec += [nn.ReLU(), nn.ConvTranspose2d(h, cfg.channels, 4, stride=2, padding=1)]
         self.decoder = nn.Sequential(*dec)
 
-    @staticmethod
-    def normalize(pixels):  # [0, 1] -> [-1, 1]
-        return (pixels - 0.5) / 0.5
-
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.encoder(self.normalize(pixels))  # (B, V, h, w)
+        return self.encoder(pixels * 2 - 1)  # [0, 1] -> [-1, 1] -> (B, V, h, w)
 
     def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, h, w) -> (B, C, H, W) pixels in [0, 1]."""
@@ -92,7 +82,7 @@ class DiscreteVAE(nn.Module):
 
     def forward(self, pixels: torch.Tensor, temperature: float, kl_weight: float):
         """-> (loss, reconstruction MSE on [-1, 1], logits)."""
-        x = self.normalize(pixels)
+        x = pixels * 2 - 1  # [-1, 1]
         logits = self.encoder(x)
         soft = F.gumbel_softmax(logits, tau=temperature, hard=False, dim=1)  # (B, V, h, w)
         z = torch.einsum("bvhw,vd->bdhw", soft, self.codebook.weight)
@@ -199,17 +189,14 @@ def load_training_images(data: str, img_size: int, max_images: int = 0, progress
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from ..data import build_source
-
     source = build_source(data, cache="off", progress=progress)
     n = len(source) if not max_images else min(max_images, len(source))
     index = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[:n].sort().values
-    out, bad = [], 0
+    out = []
     for i in tqdm(index.tolist(), desc="loading images", disable=not progress, unit="img", mininterval=1.0):
         try:
             img = source.load(i).convert("RGB").resize((img_size, img_size), Image.BICUBIC)
-        except Exception:  # noqa: BLE001 - a broken file is skipped and counted
-            bad += 1
+        except Exception:  # noqa: BLE001 - a broken file is skipped
             continue
         out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
     if not out:

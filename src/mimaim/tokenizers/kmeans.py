@@ -1,19 +1,14 @@
 """The built-in default tokenizer: a k-means codebook over per-patch normalised pixels.
 
-**A departure from the paper.** BEiT predicts the ids of DALL-E's dVAE, a convolutional
-network trained on ~250M images (paper section 2.1.2). Here the "visual token" of a patch
-is the nearest of ``vocab_size`` centroids fitted by k-means on the patches' pixels, each
-patch normalised by its own mean and standard deviation (as MAE's ``norm_pix_loss`` and
-the k-means targets of AIM's Table 3a). So a token names a patch's *shape* (edges,
-strokes), not its brightness, and there is no context beyond the patch. Name it "BEiT
-objective, k-means targets". It needs no weights file and fits in a second, which makes
-``mimaim pretrain --objective beit`` work out of the box on small data.
+**A departure from the paper**, which predicts the ids of DALL-E's dVAE (BEiT section 2.1.2).
+Here a patch's "visual token" is the nearest of ``vocab_size`` centroids fitted by k-means on
+patches normalised by their own mean and std (as MAE's ``norm_pix_loss`` and the k-means
+targets of AIM's Table 3a): it names a patch's shape, not its brightness, with no context
+beyond the patch. It needs no weights file, so ``--objective beit`` works out of the box.
 
-When it is fitted: the objective is built without data, so the codebook is fitted on the
-first batch the tokenizer sees (k-means++ seeding then Lloyd iterations, all from a fixed
-seed; with data parallelism rank 0's codebook is broadcast). The codebook is a buffer of
-the objective, so it is saved in every checkpoint and a resumed or probed run loads it and
-never refits.
+The codebook is fitted on the first batch the tokenizer sees (k-means++ then Lloyd, from a
+fixed seed; under data parallelism rank 0's is broadcast). It is a buffer of the objective,
+so every checkpoint holds it and a resumed or probed run never refits.
 """
 
 from __future__ import annotations
@@ -38,7 +33,7 @@ def kmeans_fit(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch
     if x.shape[0] < k:
         warnings.warn(f"k-means: only {x.shape[0]} patches to fit {k} codes (a small first batch); the points are "
                       "repeated with a little noise, so some codes are near-duplicates. Raise --batch-size or "
-                      "lower --opt vocab_size")
+                      "lower --set objective.vocab_size")
         reps = -(-k // x.shape[0])
         x = x.repeat(reps, 1) + 1e-3 * torch.randn(reps * x.shape[0], x.shape[1], generator=g)
     M = x.shape[0]
