@@ -21,15 +21,14 @@ class ConfigError(ValueError):
 
 
 def opt(default=dataclasses.MISSING, help: str = "", group: str = "", factory=None, **meta):
-    """A field with its default, ``--help`` text and section. ``flag=False``: set by ``--set`` or a preset
-    only; ``flag="--no-x"``: the flag's name; ``choices``, ``metavar``: as argparse's."""
+    """A field: default, help, section; ``flag`` (False: ``--set`` only; or the flag's name), ``choices``,
+    ``metavar``, ``must`` (a rule: ``"> 0"``, ``"in (0, 1]"``)."""
     metadata = {"help": help, "group": group, **meta}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
+    return field(default_factory=factory, metadata=metadata) if factory else field(default=default, metadata=metadata)
 
 
 # --------------------------------------------------------------------------- one converter
+BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 def kind_of(like) -> str:
     """The type a value is read as: a field's annotation (``'float | None'`` -> float) or a default's type."""
     if isinstance(like, dataclasses.Field):  # a string under ``from __future__ import annotations``, else a type
@@ -41,15 +40,19 @@ def kind_of(like) -> str:
 
 def _literal(text: str):
     """A string of unknown type: a number if it reads as one (YAML takes ``1e-3`` for a string), else YAML."""
-    for read in (int, float):
+    for read in (int, float, yaml.safe_load):
         try:
             return read(text)
-        except ValueError:
+        except (ValueError, yaml.YAMLError):
             pass
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+    return text
+
+
+def _mapping(text: str) -> dict:
+    parsed = yaml.safe_load(text)
+    if not isinstance(parsed, dict):
+        raise ValueError(text)
+    return parsed
 
 
 def convert(value: Any, like, name: str) -> Any:
@@ -66,22 +69,13 @@ def convert(value: Any, like, name: str) -> Any:
                                 (like.default is None or "None" in str(like.type)))
     if optional and value.lower() in ("none", "null"):
         return None
+    readers = {"bool": lambda v: BOOLS[v.lower()], "int": int, "float": float, "any": _literal,
+               "tuple": lambda v: tuple(_literal(x.strip()) for x in v.split(",") if x.strip()),
+               "dict": _mapping}
     try:
-        if kind == "bool":
-            return {"1": True, "true": True, "yes": True, "on": True,
-                    "0": False, "false": False, "no": False, "off": False}[value.lower()]
-        if kind in ("int", "float"):
-            return {"int": int, "float": float}[kind](value)
-        if kind == "tuple":
-            return tuple(_literal(v.strip()) for v in value.split(",") if v.strip())
-        if kind == "dict":
-            parsed = yaml.safe_load(value)
-            if not isinstance(parsed, dict):
-                raise ValueError(value)
-            return parsed
-    except (KeyError, ValueError, yaml.YAMLError):
+        return readers.get(kind, str)(value)
+    except (KeyError, TypeError, ValueError, yaml.YAMLError):
         raise ConfigError(f"{name}: cannot read {value!r} as {kind}") from None
-    return _literal(value) if kind == "any" else value
 
 
 #: ``--set objective.KEY=...`` lands in ``objective_options``; ``augmentation.KEY`` in ``augmentation``

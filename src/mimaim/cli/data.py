@@ -118,5 +118,6 @@ def cmd_list(args) -> int:
     from ..objectives.base import describe_objectives
 
     print(describe_objectives())
+    print("set an option with --set objective.KEY=VALUE (e.g. --set objective.mask_ratio=0.6)")
     print("models: " + ", ".join(list_models()))
     return 0
