@@ -2,8 +2,11 @@
 
 * ``aim (mimaim)``: prefix-causal trunk over all N patches + MLP head; on CUDA the mask runs
   through ``flex_attention`` with a ``BlockMask`` (``--kernel sdpa`` forces the dense mask).
+  The head is laid out as lightly's (``lightly_style_aim`` from the repository's
+  tests/lightly_aim.py, reached through ``common.lightly_aim_pair``) so that both sides hold the
+  same weights; the head mimaim trains (ml-l3m's) adds a LayerNorm per block and biases.
 * ``aim (lightly)``: ``MaskedCausalVisionTransformer`` + ``AIMPredictionHead`` holding the
-  *same weights* (``mimaim.interop.lightly_aim``), dense boolean mask through SDPA, trained on
+  *same weights* (tests/lightly_aim.py's converters), dense boolean mask through SDPA, trained on
   AIM's next-patch loss.
 * ``mae (mimaim)``: MAE on the same trunk shape (encoder sees 25% of the patches).
 
@@ -26,11 +29,9 @@ import argparse
 import json
 
 import torch
-from torch import nn
 
-from common import (Runner, interleaved, json_subprocess, machine_line, repeat_arguments, rss_rise,
-                    shape_arguments)
-from mimaim.interop.lightly_aim import aim_loss_from_lightly, build_lightly_aim, lightly_forward, lightly_prefix_mask
+from common import (Runner, interleaved, json_subprocess, lightly_aim_pair, machine_line, repeat_arguments,
+                    rss_rise, shape_arguments)
 from mimaim.objectives import build_objective
 
 NAMES = ("aim (mimaim)", "aim (lightly)", "mae (mimaim)")
@@ -62,19 +63,6 @@ def parse_args(argv=None):
 
 
 # --------------------------------------------------------------------------- models
-class LightlyAIM(nn.Module):
-    """lightly's two modules plus AIM's loss, as one trainable module."""
-
-    def __init__(self, backbone, head, patch_size):
-        super().__init__()
-        self.backbone, self.head, self.patch_size = backbone, head, patch_size
-
-    def forward(self, images, prefix_len):
-        mask = lightly_prefix_mask(prefix_len, self.backbone.patch_embed.num_patches)
-        _, predictions = lightly_forward(self.backbone, self.head, images, mask)
-        return aim_loss_from_lightly(predictions.float(), images, mask, self.patch_size)
-
-
 def build(name, args, device):
     torch.manual_seed(0)
     width, depth = (int(v) for v in args.head.split(","))
@@ -82,13 +70,11 @@ def build(name, args, device):
         w, d, h = (int(v) for v in args.decoder.split(","))
         model = build_objective("mae", args.model, args.img_size, args.patch_size,
                                 dict(decoder_embed_dim=w, decoder_depth=d, decoder_num_heads=h))
-    else:
-        model = build_objective("aim", args.model, args.img_size, args.patch_size,
-                                dict(head_width=width, head_depth=depth, attention_kernel=args.kernel,
-                                     head_style="lightly"))  # the layout lightly's head can hold
-        if name == "aim (lightly)":
-            backbone, head = build_lightly_aim(model)
-            model = LightlyAIM(backbone, head, args.patch_size)
+    else:  # our AIM with the head laid out as lightly's, and lightly's AIM holding its weights
+        ours, peer = lightly_aim_pair(args.model, args.img_size, args.patch_size,
+                                      dict(head_width=width, head_depth=depth, attention_kernel=args.kernel),
+                                      peer=name == "aim (lightly)")
+        model = peer if name == "aim (lightly)" else ours
     return model.to(device).train()
 
 

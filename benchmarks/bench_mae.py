@@ -136,8 +136,8 @@ def main(argv=None):
                 peak = cpu_peak_memory(args, name, precision)
             rows.append((precision, name, args.batch_size / median, median, peak, loss0))
     print()
-    print(f"| precision | model | images/s | step ms | peak memory MiB | vs HF | loss at step 0 |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| precision | model | images/s | step ms | peak memory MiB | vs HF | loss at step 0 |")
+    print("|---|---|---|---|---|---|---|")
     by_key = {(r[0], r[1]): r for r in rows}
     for precision, name, ips, median, peak, loss0 in rows:
         label = "mimaim MAE" if name == "ours" else "HF ViTMAEForPreTraining"

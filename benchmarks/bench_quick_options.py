@@ -24,8 +24,7 @@ CANDIDATES = {
             {"decoder_embed_dim": 128, "decoder_depth": 1, "decoder_num_heads": 4},
             {"decoder_embed_dim": 64, "decoder_depth": 2, "decoder_num_heads": 4},
             {"decoder_embed_dim": 64, "decoder_depth": 2, "decoder_num_heads": 2}],
-    "aim": [{"head_depth": 2, "head_width": 256, "head_style": "lightly"},  # the old quick head (old layout)
-            {"head_depth": 2, "head_width": 256},
+    "aim": [{"head_depth": 2, "head_width": 256},  # the old quick head
             {"head_depth": 2, "head_width": 128},
             {"head_depth": 1, "head_width": 128}],
     "simmim": [{"mask_patch_size": 8, "window_size": 4, "drop_path_rate": 0.0},

@@ -10,6 +10,8 @@
   ran (the RSS high-water mark is reset first where Linux allows, else sampled each
   millisecond); run it in a fresh process (``json_subprocess``) per model.
 * ``machine_line(device, "transformers", ...)``: CPU model, cores, load, library versions.
+* ``lightly_aim_pair(model, img_size, patch_size, options)``: mimaim's AIM with its head laid out
+  as lightly's, and lightly's AIM holding the same weights (from the repository's tests/lightly_aim.py).
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
 
 def sync(device: torch.device) -> None:
@@ -104,6 +108,50 @@ def interleaved(runners: dict[str, Runner], make_batches: Callable[[int, int], l
             if device.type == "cuda":
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
     return {name: (statistics.median(run.times), peak.get(name), first[name]) for name, run in runners.items()}
+
+
+# --------------------------------------------------------------------------- lightly's AIM
+def lightly_aim_module():
+    """The repository's tests/lightly_aim.py. The lightly-layout AIM head and its converters exist only
+    for the lightly peer test, so they live in tests/; this puts tests/ (beside benchmarks/) on sys.path."""
+    tests = str(Path(__file__).resolve().parent.parent / "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)
+    return importlib.import_module("lightly_aim")
+
+
+class LightlyAIM(nn.Module):
+    """lightly's ``MaskedCausalVisionTransformer`` + ``AIMPredictionHead`` and AIM's next-patch loss, as one
+    trainable module: ``forward(images, prefix_len) -> loss``."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, patch_size: int):
+        super().__init__()
+        self.backbone, self.head, self.patch_size = backbone, head, patch_size
+        self.peer = lightly_aim_module()
+
+    def forward(self, images, prefix_len):
+        mask = self.peer.lightly_prefix_mask(prefix_len, self.backbone.patch_embed.num_patches)
+        _, predictions = self.peer.lightly_forward(self.backbone, self.head, images, mask)
+        return self.peer.aim_loss_from_lightly(predictions.float(), images, mask, self.patch_size)
+
+
+def lightly_aim_pair(model: str, img_size: int, patch_size: int, options: dict, peer: bool = True, **backbone):
+    """-> (mimaim AIM with lightly's head layout, ``LightlyAIM`` holding its weights, or None without ``peer``).
+
+    mimaim's AIM trains ml-l3m's head, which lightly's ``AIMPredictionHead`` cannot hold, so both
+    sides here carry the head as lightly lays it out (``lightly_style_aim``).
+    ``model`` names the trunk's shape (width, depth, heads); ``backbone`` overrides it (e.g. depth=2).
+    """
+    from mimaim.models import create_model
+
+    with torch.random.fork_rng(devices=[]):  # read the shape off a one-patch trunk, leaving the RNG as it was
+        trunk = create_model(model, img_size=patch_size, patch_size=patch_size)
+    shape = dict(embed_dim=trunk.embed_dim, depth=trunk.depth, num_heads=trunk.num_heads)
+    ours = lightly_aim_module().lightly_style_aim(img_size, patch_size, options, **{**shape, **backbone})
+    if not peer:
+        return ours, None
+    lightly_backbone, lightly_head = lightly_aim_module().build_lightly_aim(ours)
+    return ours, LightlyAIM(lightly_backbone, lightly_head, patch_size)
 
 
 # --------------------------------------------------------------------------- memory

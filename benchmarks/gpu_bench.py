@@ -2,7 +2,8 @@
 
 One process, one row per model, each built at the paper's shape (ViT-B/16 at 224 px) and
 trained in bf16 (autocast) with ``torch.compile``; each mimaim objective sits beside its
-peer holding the *same weights* (converted with ``mimaim.interop``) and fed the same
+peer holding the *same weights* (converted with ``mimaim.interop``; for AIM with the repository's
+tests/lightly_aim.py, our AIM then carrying its head laid out as lightly's) and fed the same
 batches and masks:
 
     mae      mimaim MAE-B/16, paper decoder (512 x 8)     HF ViTMAEForPreTraining (sdpa)
@@ -84,6 +85,7 @@ def _sdpa(hf_model):
 
 def build_row(row: str, args) -> tuple[Side, Side | None, nn.Module]:
     """-> (ours, peer or None, objective for the FLOP count). Same weights on both sides."""
+    from common import lightly_aim_pair
     from mimaim.objectives import build_objective
 
     m, img, p = args.model, args.img_size, args.patch_size
@@ -103,26 +105,13 @@ def build_row(row: str, args) -> tuple[Side, Side | None, nn.Module]:
     if row in ("aim", "aim-sdpa"):
         head = {"head_width": 256, "head_depth": 2} if args.smoke else {}
         kernel = "flex" if row == "aim" and args.device.type == "cuda" else "sdpa"
-        # head_style lightly: the head laid out as lightly's AIMPredictionHead, so the peer can share its weights
-        ours = build_objective("aim", m, img, p, {"attention_kernel": kernel, "head_style": "lightly", **head})
+        # both AIM rows carry the head laid out as lightly's AIMPredictionHead (tests/lightly_aim.py, through
+        # common.lightly_aim_pair), so that the peer holds the same weights and the two rows compare kernels
+        ours, lightly = lightly_aim_pair(m, img, p, {"attention_kernel": kernel, **head},
+                                         peer=row == "aim" and not args.no_peers,
+                                         **(SMOKE_BACKBONE if args.smoke else {}))
         label = f"mimaim AIM ({'flex' if kernel == 'flex' else 'dense SDPA mask'})"
-        peer = None
-        if row == "aim" and not args.no_peers:
-            from mimaim.interop.lightly_aim import (aim_loss_from_lightly, build_lightly_aim, lightly_forward,
-                                                    lightly_prefix_mask)
-            backbone, lhead = build_lightly_aim(ours)
-
-            class LightlyAIM(nn.Module):
-                def __init__(self):
-                    super().__init__()
-                    self.backbone, self.head = backbone, lhead
-
-                def forward(self, images, prefix_len):
-                    mask = lightly_prefix_mask(prefix_len, self.backbone.patch_embed.num_patches)
-                    _, predictions = lightly_forward(self.backbone, self.head, images, mask)
-                    return aim_loss_from_lightly(predictions.float(), images, mask, p)
-
-            peer = Side("lightly AIM", LightlyAIM(), lambda mdl, x, k: mdl(x, k), ours)
+        peer = Side("lightly AIM", lightly, lambda mdl, x, k: mdl(x, k), ours) if lightly is not None else None
         return Side(label, ours, lambda mdl, x, k: mdl(x, k).loss, ours), peer, ours
     if row == "simmim":
         ours = build_objective("simmim", m, img, p, {"mask_patch_size": 32 if not args.smoke else 16,
