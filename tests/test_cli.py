@@ -110,3 +110,18 @@ def test_probe_norm_flag_is_the_protocol_unless_given(argv, norm, capsys):
         build_parser().parse_args(["probe", "--help"])
     help_text = capsys.readouterr().out
     assert "(default: None)" not in help_text and "--no-norm" in help_text
+
+
+def test_reconstruct_draws_training_images_when_none_are_held_out(tmp_path, capsys):
+    """3 images per class: val_fraction 0.2 holds none out, so the picture (at the end of the run and from
+    `mimaim reconstruct`) shows training images and says so."""
+    from conftest import check_picture, make_image_folder
+
+    data, run = make_image_folder(tmp_path / "small", per_class=3), tmp_path / "run"
+    assert main(["pretrain", "--data", f"imagefolder:{data}", *TINY, "--out", str(run)]) == 0
+    assert "the picture shows training images" in capsys.readouterr().err
+    check_picture(run / "reconstruction.png", columns=4, rows=2)  # one per class
+    assert main(["reconstruct", str(run), "--out", str(tmp_path / "again.png")]) == 0
+    out = capsys.readouterr()
+    assert "holds no images out" in out.err and "training images" in out.err and "again.png" in out.out
+    check_picture(tmp_path / "again.png", columns=4, rows=2)

@@ -4,6 +4,8 @@ Sources are generated small (vit_micro shapes, 32 px) with random weights; after
 objective must compute what the peer computes with the same weights.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -24,15 +26,16 @@ def fresh(objective="mae", **overrides):
                                            **overrides)).eval()
 
 
-def hf_vitmae(decoder_width=None, decoder_depth=None):
+def hf_vitmae(decoder_width=None, decoder_depth=None, layer_norm_eps=1e-6, norm_pix_loss=True):
     """A ViTMAEForPreTraining shaped like ``fresh("mae")`` (the quick recipe's decoder unless given)."""
     options = fresh("mae").options
     decoder_width = decoder_width or options.decoder_embed_dim
     decoder_depth = decoder_depth or options.decoder_depth
     config = transformers.ViTMAEConfig(
         hidden_size=128, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512, image_size=32,
-        patch_size=4, layer_norm_eps=1e-6, decoder_hidden_size=decoder_width, decoder_num_hidden_layers=decoder_depth,
-        decoder_num_attention_heads=4, decoder_intermediate_size=4 * decoder_width, norm_pix_loss=True)
+        patch_size=4, layer_norm_eps=layer_norm_eps, decoder_hidden_size=decoder_width,
+        decoder_num_hidden_layers=decoder_depth, decoder_num_attention_heads=4,
+        decoder_intermediate_size=4 * decoder_width, norm_pix_loss=norm_pix_loss)
     return randomize(transformers.ViTMAEForPreTraining(config)).eval()
 
 
@@ -60,6 +63,40 @@ def test_hf_encoder_only_folder_leaves_the_decoder_initialised(tmp_path):
     assert torch.equal(mae.decoder_pred.weight, before)
     torch.testing.assert_close(mae.encoder.blocks[5].mlp.fc2.weight, hf.vit.state_dict()[
         next(k for k in hf.vit.state_dict() if k.endswith("5.mlp.fc2.weight") or k.endswith("5.output.dense.weight"))])
+
+
+def test_hf_settings_the_run_does_not_take_are_reported_with_both_values(tmp_path):
+    """HF's defaults (layer_norm_eps 1e-12, norm_pix_loss False) are not MAE's: the run keeps its own and says so."""
+    hf_vitmae(layer_norm_eps=1e-12, norm_pix_loss=False).save_pretrained(tmp_path / "hf")
+    mae = fresh("mae")
+    summary = initialize_from(mae, tmp_path / "hf").summary()
+    assert "note: norm_pix_loss=False in the source, True in this run" in summary
+    assert "--set objective.norm_pix_loss=false" in summary
+    assert re.search(r"note: layer_norm_eps=1e-12 in the source, 1e-06 in this run .*differ by up to "
+                     r"\d\.\de-\d\d", summary), summary
+    assert mae.options.norm_pix_loss and {m.eps for m in mae.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-6}
+    hf_vitmae().save_pretrained(tmp_path / "same")  # MAE's own settings: nothing to note
+    assert "note:" not in initialize_from(fresh("mae"), tmp_path / "same").summary()
+
+
+def test_dry_run_loads_the_init_source_and_stops_on_a_misfit(tmp_path, capsys):
+    """``pretrain --dry-run --init SRC`` loads SRC into the run's objective as a run would, trains nothing and
+    writes nothing; a source that does not fit fails with the init's message."""
+    from mimaim.cli import main
+
+    hf_vitmae(layer_norm_eps=1e-12, norm_pix_loss=False).save_pretrained(tmp_path / "hf")
+    args = ["pretrain", "--dry-run", "--init", str(tmp_path / "hf"), "--objective", "mae", "--model", "vit_micro",
+            "--patch-size", "4", "--out", str(tmp_path / "run")]
+    assert main(args + ["--img-size", "32", "--set", "objective.norm_pix_loss=false"]) == 0
+    out = capsys.readouterr().out
+    n = len(fresh("mae").state_dict())
+    assert f"dry run: init from {tmp_path / 'hf'} (HF ViTMAEForPreTraining folder): loaded {n} tensors" in out
+    assert "initialised 0" in out and "layer_norm_eps=1e-12" in out and "GFLOP" in out
+    assert "norm_pix_loss" not in out  # the suggested --set took the source's value
+    assert main(args + ["--img-size", "64"]) == 2
+    captured = capsys.readouterr()
+    assert "does not fit" in captured.err and "65 position rows in the source vs 257 here" in captured.err
+    assert "GFLOP" not in captured.out and not (tmp_path / "run").exists()
 
 
 def test_hf_decoder_of_another_size_is_a_clear_error(tmp_path):

@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
                         "run from this command's settings if RUN_DIR holds no run yet; `auto`: the --out folder). "
                         "A resumed run keeps its recorded config except: " + ", ".join(sorted(RESUME_MUTABLE)))
     g.add_argument("--dry-run", action="store_true", default=SUPPRESS,
-                   help="print parameters, expected memory and FLOPs; train nothing")
+                   help="print parameters, expected memory and FLOPs, and what --init would load; train nothing")
     g.add_argument("--gpus", type=int, metavar="N", default=SUPPRESS,
                    help="with --dry-run: the number of GPUs to plan for (default: WORLD_SIZE, else 1)")
     p.set_defaults(func=cmd_pretrain, fields=add_fields(p, PretrainConfig, sections={WHAT: g}))
@@ -121,7 +121,12 @@ def pretrain_command(flags: dict, preset: str | None = None, resume: str | None 
     cfg, cont = resolve_pretrain(flags, preset, resume)
     check_objective(cfg)  # fail before any work
     if dry_run:
+        from ..engine.build import build_run_objective
         from ..engine.estimate import dry_run as estimate
+        from ..interop.init import initializer
+
+        if cfg.init:  # the source is loaded as a run would load it (a misfit fails here); nothing is trained
+            print("dry run: " + initializer(cfg.init)(build_run_objective(cfg)), flush=True)
         estimate(cfg, world_size=gpus)
         return None
     return pretrain(cfg, resume=cont)

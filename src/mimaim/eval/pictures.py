@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -49,8 +50,14 @@ def load_images(paths: list[str], img_size: int) -> torch.Tensor:
 
 
 def held_out_images(cfg, count: int = 8) -> torch.Tensor:
-    """The first ``count`` held-out images of a run's data, one per class where possible."""
-    source = build_source(cfg.data, cache="off", progress=False).split("val", cfg.val_fraction)
+    """The first ``count`` held-out images of a run's data, one per class where possible; training images
+    (with a note) when the data is too small to hold any out."""
+    data = build_source(cfg.data, cache="off", progress=False)
+    source = data.split("val", cfg.val_fraction)
+    if len(source) == 0:
+        print(f"note: {cfg.data} holds no images out (val_fraction {cfg.val_fraction:g} of each class is under "
+              "one image): the picture shows training images", file=sys.stderr)
+        source = data.split("train", cfg.val_fraction)
     transform = eval_transform(cfg.img_size)
     picked, seen_labels = [], set()
     for i in range(len(source)):
@@ -62,6 +69,8 @@ def held_out_images(cfg, count: int = 8) -> torch.Tensor:
                 continue
         if len(picked) >= count:
             break
+    if not picked:
+        raise ValueError(f"{cfg.data}: no readable image to draw; pass some with --images")
     return torch.stack(picked)
 
 

@@ -17,7 +17,8 @@
 The encoder must come whole: a missing block, another width, patch or image size, or
 another flavour (e.g. q/v-only bias) is a ValueError naming the source's and the run's
 values. Weights of a head the run does not have (a classifier, another objective's
-decoder) are skipped and listed.
+decoder) are skipped and listed. Settings of an HF ``config.json`` that the run does not take
+are noted in the report with both values (``_setting_notes``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class InitReport:
     loaded: list[str] = field(default_factory=list)  # objective state-dict names taken from the source
     initialised: list[str] = field(default_factory=list)  # names left at their fresh initialisation
     skipped: list[str] = field(default_factory=list)  # source names the objective has no place for
+    notes: list[str] = field(default_factory=list)  # source settings this run does not take
 
     def summary(self) -> str:
         def groups(names):
@@ -60,6 +62,7 @@ class InitReport:
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} source tensors with no place in this run: "
                          f"{first(self.skipped)}")
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -149,8 +152,8 @@ def _from_hf(folder: Path, config: dict, state: dict[str, torch.Tensor]) -> tupl
     return kind, hf_simmim.simmim_state_dict_from_hf(state)
 
 
-def read_source(source: str | Path) -> tuple[str, dict[str, torch.Tensor], dict | None]:
-    """-> (kind, weights under our objective's names, mimaim run record or None)."""
+def read_source(source: str | Path) -> tuple[str, dict[str, torch.Tensor], dict | None, dict | None]:
+    """-> (kind, weights under our objective's names, mimaim run record or None, HF config.json or None)."""
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"--init {source}: no such file or folder; pass a mimaim run directory or "
@@ -160,17 +163,17 @@ def read_source(source: str | Path) -> tuple[str, dict[str, torch.Tensor], dict 
         if any(k.startswith(("vit.", "beit.", "swin.")) for k in state):
             raise ValueError(f"--init {path}: this file holds HuggingFace transformers weights; pass the folder "
                              "with its config.json instead")
-        return f"timm checkpoint file {path.suffix}", _from_timm(state), None
+        return f"timm checkpoint file {path.suffix}", _from_timm(state), None, None
     if (path / "config.yaml").is_file() or (path / "checkpoints").is_dir() or (path / "run.json").is_file() or \
             (path / "state.pt").is_file():
         ckpt = resolve_checkpoint(path)
-        return f"mimaim checkpoint {ckpt.name}", read_checkpoint_weights(ckpt), read_record(ckpt)
+        return f"mimaim checkpoint {ckpt.name}", read_checkpoint_weights(ckpt), read_record(ckpt), None
     if (path / "config.json").is_file():
         config = json.loads((path / "config.json").read_text())
         if "architecture" in config:  # timm's hub format
-            return f"timm hub folder ({config['architecture']})", _from_timm(_folder_weights(path)), None
+            return f"timm hub folder ({config['architecture']})", _from_timm(_folder_weights(path)), None, None
         try:
-            return (*_from_hf(path, config, _hf_state(path, config)), None)
+            return (*_from_hf(path, config, _hf_state(path, config)), None, config)
         except KeyError as err:  # a key the converters do not know: another architecture
             raise ValueError(f"--init {path}: the HF weights do not map onto mimaim's model: {err}") from None
     raise ValueError(f"--init {path}: not a mimaim run (no config.yaml or checkpoints/), nor a HuggingFace/timm "
@@ -192,13 +195,51 @@ def _shape_hint(key: str, theirs: tuple, ours: tuple) -> str:
         return f"{theirs[1]} position rows in the source vs {ours[1]} here (another image or patch size)"
     if not key.startswith("encoder."):
         return (f"the source's {key.split('.')[0]} has {key} of shape {theirs}, this run's {ours}: another head "
-                "size; give the run the source's objective options (e.g. --recipe paper or --set objective.decoder_...)")
+                "size; give the run the source's objective options "
+                "(e.g. --recipe paper or --set objective.decoder_...)")
     return f"{key}: source {theirs} vs this run {ours}"
+
+
+@torch.no_grad()
+def _eps_effect(encoder: nn.Module, eps: float) -> float:
+    """How far (max abs) the encoder's features of a fixed noise image move when its LayerNorms use ``eps``."""
+    norms = [m for m in encoder.modules() if isinstance(m, nn.LayerNorm)]
+    ours, was_training = [m.eps for m in norms], encoder.training
+    size, p = encoder.img_size, next(encoder.parameters())
+    x = torch.randn(1, encoder.in_chans, size, size, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
+    encoder.eval()
+    try:
+        here = encoder.forward_features(x)
+        for m in norms:
+            m.eps = eps
+        return (encoder.forward_features(x) - here).abs().max().item()
+    finally:
+        for m, e in zip(norms, ours):
+            m.eps = e
+        encoder.train(was_training)
+
+
+def _setting_notes(objective: nn.Module, config: dict | None) -> list[str]:
+    """An HF source's settings this run does not take from it, with both values. ``norm_pix_loss`` is an
+    objective option: the run's config decides what is trained. ``layer_norm_eps`` is fixed by mimaim's
+    models (ViT: 1e-6, as MAE's and BEiT's code); the note gives how far it moves the features."""
+    notes = []
+    theirs, ours = (config or {}).get("norm_pix_loss"), getattr(objective.options, "norm_pix_loss", None)
+    if theirs is not None and ours is not None and bool(theirs) != ours:
+        notes.append(f"norm_pix_loss={bool(theirs)} in the source, {ours} in this run (the run's setting is "
+                     f"trained); to train the source's: --set objective.norm_pix_loss={str(bool(theirs)).lower()}")
+    eps = (config or {}).get("layer_norm_eps")
+    ours_eps = sorted({m.eps for m in objective.encoder.modules() if isinstance(m, nn.LayerNorm)})
+    if eps is not None and ours_eps and ours_eps != [eps]:
+        notes.append(f"layer_norm_eps={eps:g} in the source, {'/'.join(f'{e:g}' for e in ours_eps)} in this run "
+                     f"(fixed by mimaim's {type(objective.encoder).__name__}): encoder features of a noise image "
+                     f"differ by up to {_eps_effect(objective.encoder, eps):.1e}")
+    return notes
 
 
 def initialize_from(objective: nn.Module, source: str | Path) -> InitReport:
     """Load what ``source`` holds of ``objective`` (in place); see the module docstring."""
-    kind, weights, record = read_source(source)
+    kind, weights, record, config = read_source(source)
     expected = objective.state_dict()
     if record is not None and record.get("objective") != objective.name:
         raise ValueError(f"--init {source}: that run was trained with objective {record.get('objective')!r} "
@@ -228,7 +269,8 @@ def initialize_from(objective: nn.Module, source: str | Path) -> InitReport:
     objective.load_state_dict(take, strict=False)
     return InitReport(source=str(source), kind=kind, loaded=sorted(take),
                       initialised=sorted(k for k in expected if k not in take),
-                      skipped=sorted(k for k in weights if k not in expected))
+                      skipped=sorted(k for k in weights if k not in expected),
+                      notes=_setting_notes(objective, config))
 
 
 def initializer(source: str | None):
