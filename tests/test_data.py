@@ -57,6 +57,15 @@ def test_a_corrupt_jpeg_is_skipped_with_a_warning(image_folder, cache, capsys):
         assert batch["bad"] == [str(bad)]
 
 
+def test_adjacent_broken_images_are_each_counted_once(image_folder):
+    for i in range(3):  # three in a row: a retry lands on the next broken one
+        (image_folder / "a" / f"0broken{i}.jpg").write_bytes(b"garbage")
+    src = build_source(f"imagefolder:{image_folder}", cache="off", progress=False)
+    ds = PretrainDataset(src, pretrain_transform(16), None, seed=0)
+    bad = collate([ds[(0, i)] for i in range(len(src))])["bad"]
+    assert sorted(bad) == [str(image_folder / "a" / f"0broken{i}.jpg") for i in range(3)]
+
+
 def test_too_many_unreadable_images_stop_with_a_message(image_folder):
     for i in range(4):
         (image_folder / "a" / f"broken{i}.jpg").write_bytes(b"garbage")

@@ -200,3 +200,130 @@ def test_a_split_and_a_data_fraction_of_shards_stream_exactly_their_samples(shar
     for source, batch_size in ((val, 5), (part, 8)):
         batches = epoch(source, world_size=1, batch_size=batch_size, accum_steps=1, num_workers=2)
         assert sorted(ids(batches)) == sorted(sample_of[i] for i in source.items)
+
+
+def half_broken_shards(tmp_path) -> str:
+    """40 images in 6 shards, every odd one a file that fails to decode."""
+    source = tiny_source(40)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    source.items = [str(tmp_path / "broken.png") if i % 2 else item for i, item in enumerate(source.items)]
+    write_shards(source, tmp_path / "shards", shard_size=7, progress=False)
+    return f"wds:{tmp_path / 'shards'}"
+
+
+def test_half_broken_shards_count_each_broken_image_once(tmp_path):
+    from mimaim.config import make_config
+    from mimaim.engine.trainer import pretrain
+
+    data = half_broken_shards(tmp_path)
+    batches = epoch(build_source(data), world_size=1, batch_size=8, accum_steps=1)
+    bad = [path for b in batches for path in b["bad"]]
+    assert len(bad) == len(set(bad)) == 20  # each broken image once, in its own place, not again as a retry
+    cfg = make_config(dict(model="vit_micro", img_size=16, patch_size=4, batch_size=8, epochs=1, num_workers=0,
+                           objective_options={"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2},
+                           progress=False, data=data, out=str(tmp_path / "run")))
+    with pytest.raises(DataError, match=r"^20 of 40 images could not be read \(50\.0% > the allowed 1\.0%\)"):
+        pretrain(cfg)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unreadable_shard_ends_in_one_error_naming_it(tmp_path, shards, damage, workers):
+    tar = tmp_path / "shards" / "train-000002.tar"
+    tar.write_bytes(b"x" * 3000 if damage == "garbage" else tar.read_bytes()[:2000])
+    with pytest.raises(DataError) as err:
+        epoch(shards, world_size=1, batch_size=8, accum_steps=1, num_workers=workers)
+    message = str(err.value)
+    assert message.startswith(f"cannot read shard {tar}: not a valid tar file") and "rewrite it" in message
+    assert "Traceback" not in message and "worker" not in message
+
+
+TINY_CLI = ["--model", "vit_micro", "--img-size", "16", "--patch-size", "4", "--batch-size", "4", "--max-steps", "2",
+            "--set", "objective.decoder_depth=1", "--set", "objective.decoder_embed_dim=32",
+            "--set", "objective.decoder_num_heads=2", "--no-progress", "--num-workers", "0"]
+
+
+def shardwriter_set(folder: Path, labelled: bool, n: int = 24) -> list[int]:
+    """``n`` 16x16 images of 2 classes in 3 shards written by ``webdataset.ShardWriter``: jpg, png, jpeg (PIL
+    images it encodes) and webp (bytes); ``cls`` an int or the text "1" -> the labels in write order."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    with wds.ShardWriter(str(folder / "part-%06d.tar"), maxcount=n // 3, verbose=0) as sink:
+        for i in range(n):
+            label = i % 2
+            img = Image.fromarray((40 + 150 * label + rng.integers(0, 60, (16, 16, 3))).astype(np.uint8))
+            field = ("jpg", "png", "webp", "jpeg")[i % 4]
+            if field == "webp":
+                buf = io.BytesIO()
+                img.save(buf, format="WEBP")
+                img = buf.getvalue()
+            sample = {"__key__": f"s{i:05d}", field: img}
+            if labelled:
+                sample["cls"] = str(label) if i % 3 else label
+            sink.write(sample)
+    return [i % 2 for i in range(n)] if labelled else [-1] * n
+
+
+def test_shardwriter_shards_are_indexed_and_train_and_probe(tmp_path, capsys):
+    from mimaim.cli import main
+
+    labels = shardwriter_set(tmp_path / "shards", labelled=True)
+    pattern = f"{tmp_path / 'shards'}/part-{{000000..000002}}.tar"
+    assert main(["shards", "index", pattern, "--no-progress"]) == 0
+    assert "indexed 24 samples in 3 shard(s), labels from `cls` (2 classes)" in capsys.readouterr().out
+    source = build_source(f"wds:{pattern}")
+    assert source.labels == labels and source.classes == ["0", "1"] and source.has_labels
+    assert main(["shards", "index", pattern]) == 2  # an index is not overwritten
+    assert "already exists; delete it" in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", f"wds:{pattern}", *TINY_CLI, "--out", str(run)]) == 0
+    assert main(["probe", str(run), "--probes", "knn", "--no-random-init", "--no-progress"]) == 0
+    rows = json.loads((run / "probe.json").read_text())
+    assert (rows[0]["train_images"], rows[0]["val_images"]) == (20, 4)
+
+
+def test_label_less_shardwriter_shards_are_indexed_on_first_read(tmp_path, capsys, monkeypatch):
+    from mimaim.cli import main
+    from mimaim.data import shards as shards_module
+
+    shardwriter_set(tmp_path / "shards", labelled=False)
+    (tmp_path / "shards" / "notes.txt").write_text("not a shard")
+
+    def read_only(path, index):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(shards_module, "write_index", read_only)
+    source = build_source(f"wds:{tmp_path / 'shards'}", progress=False)
+    assert len(source) == 24 and len(source.shards) == 3 and not source.has_labels
+    assert "kept the index in memory" in capsys.readouterr().err
+    assert not (tmp_path / "shards" / "index.json").exists()
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", f"wds:{tmp_path / 'shards'}", *TINY_CLI, "--out", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert ("no index.json beside the shards: scanned 24 samples in 3 shard(s), 24 without an integer `cls` "
+            "(pre-training only: probes need labels)") in err
+    assert f"wrote {tmp_path / 'shards' / 'index.json'}" in err
+    assert main(["probe", str(run), "--probes", "knn", "--no-progress"]) == 2
+    assert "has no labels" in capsys.readouterr().err
+
+
+def test_an_unreadable_shard_stops_training_and_indexing_with_one_line(tmp_path, capsys):
+    from mimaim.cli import main
+
+    shardwriter_set(tmp_path / "shards", labelled=True)
+    assert main(["shards", "index", str(tmp_path / "shards"), "--no-progress"]) == 0
+    bad = tmp_path / "shards" / "part-000001.tar"
+    bad.write_bytes(bad.read_bytes()[:2000])  # truncated after indexing: found while training
+    assert main(["pretrain", "--data", f"wds:{tmp_path / 'shards'}", *TINY_CLI, "--max-steps", "5",  # an epoch
+                 "--out", str(tmp_path / "r")]) == 2
+    (tmp_path / "shards" / "index.json").unlink()
+    assert main(["shards", "index", str(tmp_path / "shards"), "--no-progress"]) == 2  # found while indexing
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mimaim: error")]
+    assert errors == [f"mimaim: error: cannot read shard {bad}: not a valid tar file (unexpected end of data); "
+                      "re-download or rewrite it, or leave it out of the --data pattern"] * 2

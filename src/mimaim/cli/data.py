@@ -11,14 +11,19 @@ from .options import DefaultsHelpFormatter
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "shards", help="write WebDataset tar shards from an image folder, for data larger than memory",
+        "shards", help="write WebDataset tar shards from an image folder, or index existing ones",
+        usage="mimaim shards [-h] [options] SOURCE OUT\n       mimaim shards index SHARDS",
         description="Write SOURCE as WebDataset shards OUT/<prefix>-000000.tar, ... and OUT/index.json (each "
                     "shard's sample count and labels). Images are copied byte for byte in an order shuffled once "
                     "from --seed; a class sub-folder becomes the sample's `cls` label (for probes). Train from "
-                    "them with `mimaim pretrain --data wds:OUT` or `--data wds:OUT/train-{000000..000127}.tar`.",
+                    "them with `mimaim pretrain --data wds:OUT` or `--data wds:OUT/train-{000000..000127}.tar`. "
+                    "`mimaim shards index SHARDS` scans tars written by another tool (webdataset's ShardWriter: "
+                    "an image as jpg/png/webp/..., an integer `cls` if labelled) and writes the index.json beside "
+                    "them; `--data wds:` does the same on first read when the index is missing.",
         formatter_class=DefaultsHelpFormatter)
-    p.add_argument("source", help="imagefolder:PATH (or digits)")
-    p.add_argument("out", help="output folder (new, or without an index.json)")
+    p.add_argument("source", help="imagefolder:PATH (or digits); or `index` to index existing shards")
+    p.add_argument("out", help="output folder (new, or without an index.json); after `index`: the shards, a folder "
+                               "or 'DIR/train-{000000..000009}.tar'")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--prefix", default="train", help="shard file name prefix")
     p.add_argument("--seed", type=int, default=0, help="seed of the write order")
@@ -58,10 +63,15 @@ def add_parser(sub) -> None:
 
 def cmd_shards(args) -> int:
     from ..data import DataError, build_source, parse_data_spec
-    from ..data.shards import write_shards
+    from ..data.shards import index_shard_set, write_shards
 
+    if args.source == "index":
+        print(f"indexed {index_shard_set(args.out, args.progress)[1]}")
+        print(f"train with: mimaim pretrain --data 'wds:{args.out}'")
+        return 0
     if parse_data_spec(args.source)[0] == "wds":
-        raise DataError(f"{args.source!r} already is a shard set; pass imagefolder:PATH")
+        raise DataError(f"{args.source!r} already is a shard set; pass imagefolder:PATH, or index it with "
+                        f"`mimaim shards index {args.source[4:]}`")
     source = build_source(args.source, cache="off", progress=args.progress)
     index = write_shards(source, args.out, args.shard_size, args.prefix, args.seed, args.progress)
     shards = index["shards"]

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .base import Source
+from .base import DataError, Source
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -37,18 +37,24 @@ class PretrainDataset(Dataset):
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        bad = []
-        for attempt in range(self.max_retries):
-            i = (index + attempt) % len(self.source)
-            try:
-                img = self.source.load(i)
-                break
-            except Exception:  # noqa: BLE001 - reported to the engine, which warns and counts
-                bad.append(self.source.describe(i))
-        else:
-            raise RuntimeError(f"{self.max_retries} consecutive images could not be read, starting at "
-                               f"{self.source.describe(index)}; check the data folder")
-        return prepare_sample(img, self.source.labels[i], bad, self.transform, self.masking_fn, self.seed, epoch, index)
+        candidates = [(index + attempt) % len(self.source) for attempt in range(self.max_retries)]
+        (img, label), bad = first_readable(lambda i: (self.source.load(i), self.source.labels[i]), candidates,
+                                           self.source.describe, "check the data folder")
+        return prepare_sample(img, label, bad, self.transform, self.masking_fn, self.seed, epoch, index)
+
+
+def first_readable(read: Callable, candidates: list[int], describe: Callable[[int], str], hint: str):
+    """``(read(c), bad)`` for the first candidate ``c`` that reads; the first candidate is the sample's own.
+
+    ``bad`` names the own sample if it failed, and nothing else: a broken image is counted once,
+    in its own place, not again each time it is tried as another's replacement."""
+    for attempt, c in enumerate(candidates):
+        try:
+            return read(c), [describe(candidates[0])] if attempt else []
+        except Exception:  # noqa: BLE001 - reported to the engine, which warns and counts
+            continue
+    raise DataError(f"{len(candidates)} consecutive images could not be read, starting at "
+                    f"{describe(candidates[0])}; {hint}")
 
 
 def prepare_sample(img, label: int, bad: list, transform: Callable, masking_fn: Callable | None, seed: int,

@@ -4,7 +4,9 @@
 its ``index.json`` lists) reads tars in the WebDataset format (members ``<key>.<field>``
 grouped into samples by key: ``000001234.jpg``, ``000001234.cls``). ``write_shards`` (the
 ``mimaim shards`` command) writes them with an ``index.json`` of each shard's sample count and
-labels, so the epoch length and the probes' splits are known without opening a tar.
+labels, so the epoch length and the probes' splits are known without opening a tar. Tars from
+another writer (``webdataset.ShardWriter``) are scanned once for it (``index_shards``: ``mimaim
+shards index``, or on first read); a sample is a key with an image field, its label an integer ``cls``.
 
 The ``webdataset`` package writes and reads the tars (``TarWriter``, ``tarfile_samples``; local
 paths, ``pipe:`` and URLs). Its pipeline (``split_by_node``, ``split_by_worker``, a shuffle
@@ -22,7 +24,8 @@ workers nor a resume inside an epoch, so the order is computed here:
 * A stream holds its current shard's encoded bytes (to shuffle inside it): pick
   ``--shard-size`` so that ``STREAMS_PER_RANK`` shards fit (1,000 ImageNet JPEGs: ~110 MB).
 * An unreadable sample is replaced by the next readable one of the same shard (its crop and
-  mask still drawn from the broken sample's seed) and reported in the batch's ``bad`` list.
+  mask still drawn from the broken sample's seed) and reported in the batch's ``bad`` list;
+  an unreadable shard stops the run with one :class:`DataError` naming it.
 
 The index must be a local file beside the shards.
 """
@@ -32,6 +35,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,27 +51,45 @@ from webdataset import TarWriter
 from webdataset.tariterators import tarfile_samples
 
 from .base import IMAGE_EXTENSIONS, DataError, Source
-from .loader import collate, prepare_sample, sample_seed, steps_per_epoch
+from .loader import collate, first_readable, prepare_sample, sample_seed, steps_per_epoch
 
 INDEX_NAME = "index.json"
 STREAMS_PER_RANK = 8
 IMAGE_FIELDS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 def shard_samples(url: str):
-    """The samples of one shard in order, as webdataset groups them: ``{"__key__", field: bytes}``."""
+    """The samples of one shard that hold an image, in order, as webdataset groups them: ``{"__key__", field: bytes}``.
+
+    A truncated, garbage or missing file ends in one :class:`DataError` naming the shard."""
     try:
-        yield from tarfile_samples([{"url": url}])
-    except tarfile.ReadError as err:
-        raise ValueError(f"{url} is not a valid tar file ({err.args[0]}); rewrite the shard") from None
+        for sample in tarfile_samples([{"url": url}]):
+            if image_field(sample):
+                yield sample
+    except Exception as err:  # noqa: BLE001 - whatever the tar reader raised, the shard is unreadable
+        reason = err.args[0] if isinstance(err, tarfile.ReadError) and err.args else err
+        raise DataError(f"cannot read shard {url}: not a valid tar file ({reason}); re-download or rewrite it, "
+                        "or leave it out of the --data pattern") from None
+
+
+def image_field(sample: dict) -> str | None:
+    """The first field that is an image by its last extension: ``jpg``, ``png``, ``webp``, ``image.jpeg``, ..."""
+    return next((name for name in sample if not name.startswith("__")
+                 and name.rpartition(".")[2].lower() in IMAGE_FIELDS), None)
 
 
 def decode_image(sample: dict) -> Image.Image:
-    for name in IMAGE_FIELDS:
-        if name in sample:
-            with Image.open(io.BytesIO(sample[name])) as img:
-                return img.convert("RGB")  # forces the decode, so a truncated file fails here
-    raise ValueError(f"no image field ({', '.join(IMAGE_FIELDS[:4])}, ...) in sample fields {sorted(sample)}")
+    with Image.open(io.BytesIO(sample[image_field(sample)])) as img:
+        return img.convert("RGB")  # forces the decode, so a truncated file fails here
+
+
+def sample_label(sample: dict) -> int:
+    """The sample's ``cls`` as text (b"3", as ``webdataset.ShardWriter`` writes an int); -1 if none or not a number."""
+    try:
+        return int(sample["cls"])
+    except (KeyError, ValueError):
+        return -1
 
 
 @dataclass
@@ -107,8 +130,20 @@ class ShardSource(Source):
     def load(self, index: int) -> Image.Image:
         shard, pos = self.locate(self.items[index])
         if self._last[0] != shard:
-            self._last = (shard, list(shard_samples(self.shards[shard])))
+            self._last = (shard, self.read_shard(shard))
         return decode_image(self._last[1][pos])
+
+    def read_shard(self, shard: int, wanted: set | None = None) -> dict[int, dict]:
+        """The samples of ``shard`` (those at ``wanted`` positions), checked against the index's count."""
+        samples, n = {}, 0
+        for n, sample in enumerate(shard_samples(self.shards[shard]), 1):
+            if wanted is None or n - 1 in wanted:
+                samples[n - 1] = sample
+        if n != self.counts[shard]:
+            raise DataError(f"shard {self.shards[shard]} holds {n} samples with an image, but its index lists "
+                            f"{self.counts[shard]}: the shard is truncated or was changed; rewrite it, or delete "
+                            f"{INDEX_NAME} and index the shards again (`mimaim shards index PATTERN`)")
+        return samples
 
     def epoch_loader(self, transform, masking_fn, *, seed, epoch, start_step, batch_size, accum_steps, rank,
                      world_size, num_workers, pin_memory):
@@ -117,8 +152,25 @@ class ShardSource(Source):
         dataset = ShardEpoch(self, transform, masking_fn, seed=seed, epoch=epoch, start_step=start_step,
                              steps=steps, batch_size=batch_size, accum_steps=accum_steps, rank=rank,
                              world_size=world_size, workers=workers)
-        return DataLoader(dataset, batch_size=None, num_workers=workers if num_workers > 0 else 0,
-                          pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None)
+        return WorkerErrors(DataLoader(dataset, batch_size=None, num_workers=workers if num_workers > 0 else 0,
+                                       pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None))
+
+
+class WorkerErrors:
+    """A loader whose workers' :class:`DataError` (sent as a batch ``{"error": message}``) is raised here,
+    as the one message, not inside a DataLoader-worker traceback."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if "error" in batch:
+                raise DataError(batch["error"])
+            yield batch
 
 
 class ShardEpoch(IterableDataset):
@@ -164,13 +216,18 @@ class ShardEpoch(IterableDataset):
         worker = info.id if info is not None else 0
         order, cum = self.epoch_order()
         streams = {}
-        for j in range(self.start_step * self.accum_steps + worker, self.num_micro, self.workers):
-            k, q = j % STREAMS_PER_RANK, j // STREAMS_PER_RANK
-            if k not in streams:
-                start = self.rank_start + self.stream_start[k] + q * self.micro
-                end = self.rank_start + self.stream_start[k + 1]
-                streams[k] = self._stream(order, cum, int(start), int(end))
-            yield collate([next(streams[k]) for _ in range(self.micro)])
+        try:
+            for j in range(self.start_step * self.accum_steps + worker, self.num_micro, self.workers):
+                k, q = j % STREAMS_PER_RANK, j // STREAMS_PER_RANK
+                if k not in streams:
+                    start = self.rank_start + self.stream_start[k] + q * self.micro
+                    end = self.rank_start + self.stream_start[k + 1]
+                    streams[k] = self._stream(order, cum, int(start), int(end))
+                yield collate([next(streams[k]) for _ in range(self.micro)])
+        except DataError as err:
+            if info is None:
+                raise
+            yield {"error": str(err)}  # raised by WorkerErrors in the main process
 
     def _stream(self, order: np.ndarray, cum: np.ndarray, start: int, end: int):
         """The prepared samples at positions [start, end) of ``C``, reading each shard once."""
@@ -181,26 +238,17 @@ class ShardEpoch(IterableDataset):
                 break
             shard = int(order[i])
             permuted = self.shard_permutation(shard)
-            wanted = set(permuted.tolist())
-            samples = {pos: s for pos, s in enumerate(shard_samples(self.source.shards[shard])) if pos in wanted}
+            samples = self.source.read_shard(shard, set(permuted.tolist()))
             for n in range(int(lo), int(hi)):
                 yield self._prepare(shard, samples, permuted, n)
 
     def _prepare(self, shard: int, samples: dict, permuted: np.ndarray, n: int) -> dict:
         """Sample ``n`` of the shard's epoch order; a broken one is replaced by the next readable one."""
         offset = int(self.source.offsets[shard])
-        bad = []
-        for attempt in range(min(self.max_retries, len(permuted))):
-            p = int(permuted[(n + attempt) % len(permuted)])
-            try:
-                img = decode_image(samples[p])
-                label = int(samples[p]["cls"]) if "cls" in samples[p] else -1
-                break
-            except Exception:  # noqa: BLE001 - reported to the engine, which warns and counts
-                bad.append(self.source.describe_id(offset + p))
-        else:
-            raise RuntimeError(f"{len(bad)} consecutive samples could not be read in shard "
-                               f"{self.source.shards[shard]}, starting at {bad[0]}; check or rewrite the shard")
+        candidates = [int(permuted[(n + a) % len(permuted)]) for a in range(min(self.max_retries, len(permuted)))]
+        (img, label), bad = first_readable(lambda p: (decode_image(samples[p]), sample_label(samples[p])),
+                                           candidates, lambda p: self.source.describe_id(offset + p),
+                                           f"check or rewrite the shard {self.source.shards[shard]}")
         return prepare_sample(img, label, bad, self.transform, self.masking_fn, self.seed, self.epoch,
                               offset + int(permuted[n]))
 
@@ -209,38 +257,104 @@ def read_index(path: Path) -> dict:
     try:
         index = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise DataError(f"cannot read the shard index {str(path)!r} ({err}); write shards with "
-                        "`mimaim shards imagefolder:PATH OUT`, which writes index.json beside them") from err
+        raise DataError(f"cannot read the shard index {str(path)!r} ({err}); delete it and index the shards "
+                        "again with `mimaim shards index PATTERN`") from err
     if index.get("format") != 1 or "shards" not in index:
-        raise DataError(f"{str(path)!r} is not a mimaim shard index (format 1 with a 'shards' list)")
+        raise DataError(f"{str(path)!r} is not a mimaim shard index (format 1 with a 'shards' list); move it "
+                        "aside and index the shards with `mimaim shards index PATTERN`")
     return index
 
 
-def build_shard_source(arg: str) -> ShardSource:
-    """``wds:DIR`` (every shard of DIR/index.json) or ``wds:DIR/pattern-{000000..000009}.tar``."""
+def build_shard_source(arg: str, progress: bool = True) -> ShardSource:
+    """``wds:DIR`` (every shard of DIR/index.json) or ``wds:DIR/pattern-{000000..000009}.tar``.
+
+    Without an ``index.json`` (tars written by ``webdataset.ShardWriter``, say) the shards are
+    scanned once and the index written beside them, or kept in memory where the folder is read-only."""
     path = Path(arg).expanduser()
     folder = path if path.is_dir() else path.parent
     index_path = folder / INDEX_NAME
-    if not index_path.is_file():
-        raise DataError(f"no {INDEX_NAME} in {str(folder)!r} beside the shards; the loader needs each shard's "
-                        "sample count: write shards with `mimaim shards imagefolder:PATH OUT`, or pass the "
-                        "folder that holds both")
-    index = read_index(index_path)
+    index = read_index(index_path) if index_path.is_file() else index_shard_set(arg, progress, first_read=True)[0]
     entries = {e["name"]: e for e in index["shards"]}
     names = list(entries) if path.is_dir() else [Path(p).name for p in braceexpand(str(path))]
     missing = [n for n in names if n not in entries]
     if missing:
         raise DataError(f"{len(missing)} shard(s) of {arg!r} are not listed in {index_path}, e.g. {missing[0]}; "
-                        "check the brace pattern (e.g. train-{000000..000127}.tar) against the files")
-    if not names:
-        raise DataError(f"{arg!r} names no shards")
+                        "check the brace pattern (e.g. train-{000000..000127}.tar) against the files, or delete "
+                        f"{INDEX_NAME} and run `mimaim shards index PATTERN` over the whole set")
     counts = [int(entries[name]["num_samples"]) for name in names]
     if sum(counts) == 0:
-        raise DataError(f"the shards of {arg!r} hold no samples")
+        raise DataError(f"the shards of {arg!r} hold no samples with an image ({', '.join(IMAGE_FIELDS[:4])}, ...)")
     labels = [int(x) for name, n in zip(names, counts) for x in entries[name].get("labels") or [-1] * n]
     keys = [entries[name].get("keys") for name in names]
     return ShardSource(f"wds:{arg}", list(range(sum(counts))), labels, list(index.get("classes", [])), [],
                        [str(folder / name) for name in names], counts, None if None in keys else keys)
+
+
+def shard_names(path: Path, arg: str) -> list[str]:
+    """The shard file names of a brace pattern, or the tars of a folder; each must exist."""
+    if path.is_dir():
+        names = sorted(p.name for p in path.iterdir() if p.name.endswith(TAR_SUFFIXES) and p.is_file())
+        if not names:
+            raise DataError(f"no {INDEX_NAME} and no shards ({', '.join(TAR_SUFFIXES)}) in {arg!r}; write shards "
+                            "with `mimaim shards imagefolder:PATH OUT`, or pass WebDataset tars as "
+                            "DIR/train-{000000..000009}.tar")
+        return names
+    names = [Path(p).name for p in braceexpand(str(path))]
+    missing = [n for n in names if not (path.parent / n).is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} of the {len(names)} shard(s) of {arg!r} do not exist, e.g. "
+                        f"{path.parent / missing[0]}; check the brace pattern against the files")
+    return names
+
+
+def index_shards(urls: list[str], source: str, progress: bool = True) -> dict:
+    """Scan WebDataset tars once (any writer: ``mimaim shards``, ``webdataset.ShardWriter``, ...) -> the index
+    ``write_shards`` writes: each shard's sample count, keys and ``cls`` labels (-1 where there is none)."""
+    from tqdm.auto import tqdm
+
+    entries = []
+    for url in tqdm(urls, desc=f"indexing {len(urls)} shard(s)", unit="shard", disable=not progress):
+        keys, labels = [], []
+        for sample in shard_samples(url):
+            keys.append(sample["__key__"])
+            labels.append(sample_label(sample))
+        entries.append({"name": Path(url).name, "num_samples": len(keys), "labels": labels, "keys": keys})
+    labels = [x for e in entries for x in e["labels"]]
+    return {"format": 1, "source": source, "classes": [str(c) for c in range(max(labels, default=-1) + 1)],
+            "num_samples": len(labels), "shards": entries}
+
+
+def index_shard_set(arg: str, progress: bool = True, first_read: bool = False) -> tuple[dict, str]:
+    """Scan the shards of ``arg`` and write ``index.json`` beside them (``mimaim shards index``) -> (index, what
+    was done). On first read (``--data wds:``) an unwritable folder keeps the index in memory, said on stderr."""
+    path = Path(arg).expanduser()
+    folder = path if path.is_dir() else path.parent
+    if (folder / INDEX_NAME).exists():
+        raise DataError(f"{str(folder / INDEX_NAME)!r} already exists; delete it to index the shards again")
+    index = index_shards([str(folder / n) for n in shard_names(path, arg)], f"wds:{arg}", progress)
+    labels = [x for e in index["shards"] for x in e["labels"]]
+    unlabelled = sum(x < 0 for x in labels)
+    done = (f"{len(labels)} samples in {len(index['shards'])} shard(s), " +
+            (f"labels from `cls` ({len(index['classes'])} classes)" if not unlabelled else
+             f"{unlabelled} without an integer `cls` (pre-training only: probes need labels)"))
+    try:
+        write_index(folder / INDEX_NAME, index)
+        done += f"; wrote {folder / INDEX_NAME}"
+    except OSError as err:
+        if not first_read:
+            raise
+        done += (f"; kept the index in memory ({folder} is not writable: {err.strerror or err}), so every run "
+                 "scans again; index the shards where you can write with `mimaim shards index`")
+    if first_read:
+        print(f"mimaim: no {INDEX_NAME} beside the shards: scanned {done}", file=sys.stderr)
+    return index, done
+
+
+def write_index(path: Path, index: dict) -> None:
+    """Written atomically: a reader (another process of the run) sees the whole index or none."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(index))
+    tmp.replace(path)
 
 
 def write_shards(source: Source, out: str | Path, shard_size: int = 1000, prefix: str = "train", seed: int = 0,
@@ -278,9 +392,7 @@ def write_shards(source: Source, out: str | Path, shard_size: int = 1000, prefix
     bar.close()
     index = {"format": 1, "source": source.name, "classes": list(source.classes), "seed": seed,
              "num_samples": len(source), "shards": entries}
-    tmp = out / (INDEX_NAME + ".tmp")
-    tmp.write_text(json.dumps(index))
-    tmp.replace(out / INDEX_NAME)
+    write_index(out / INDEX_NAME, index)
     return index
 
 

@@ -14,8 +14,8 @@ from PIL import Image
 from .base import IMAGE_EXTENSIONS, DataError, Source, check_bad_fraction
 from .shards import build_shard_source
 
-DATA_SPEC_HELP = ("digits (built in, no download), imagefolder:PATH, or wds:SHARDS "
-                  "(WebDataset shards written by `mimaim shards`: a folder or DIR/train-{000000..000127}.tar)")
+DATA_SPEC_HELP = ("digits (built in, no download), imagefolder:PATH, or wds:SHARDS (WebDataset tar shards, "
+                  "from `mimaim shards` or any writer: a folder or DIR/train-{000000..000127}.tar)")
 
 
 def load_digits_source() -> Source:
@@ -109,7 +109,7 @@ def build_source(spec: str, cache: str = "auto", max_bad_fraction: float = 0.01,
         if cache == "on":
             warnings.warn("--cache on does not apply to wds: shards, which are streamed; for data that fits in "
                           "memory use --data imagefolder:PATH --cache on")
-        return build_shard_source(arg)
+        return build_shard_source(arg, progress)
     source = scan_image_folder(arg)
     if cache not in ("auto", "on", "off"):
         raise DataError(f"unknown cache setting {cache!r}; choose auto, on or off")
