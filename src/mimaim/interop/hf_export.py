@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..engine.checkpoint import load_weights
+from ..engine.checkpoint import check_weights_fit
 from ..engine.runs import open_backbone, read_checkpoint_weights
 from ..objectives import build_objective
 from . import hf_beit, hf_mae, hf_simmim
@@ -25,15 +25,16 @@ def export_hf(run: str | Path, out: str | Path, checkpoint: str | Path | None = 
     """Write run ``run`` (newest checkpoint) as a ``transformers`` folder ``out``; returns ``out``."""
     backbone, record, ckpt = open_backbone(run, checkpoint=checkpoint)
     objective, options = record["objective"], record["objective_options"]
+    weights = read_checkpoint_weights(ckpt)  # model.safetensors (ddp) or sharded (fsdp); no tokenizer file needed
     if objective == "beit":
-        weights = read_checkpoint_weights(ckpt)  # the objective is not built: its tokenizer file may be gone
         model = hf_beit.hf_model(backbone, weights, vocab_size=weights["lm_head.weight"].shape[0])
     elif objective == "simmim" and not hasattr(backbone, "output_stride") and options.get("vit_flavour") == "beit":
         model = hf_beit.hf_model(backbone, {f"encoder.{k}": v for k, v in backbone.state_dict().items()})
     elif objective in ("mae", "simmim"):
         built = build_objective(objective, record["backbone"]["name"], record["img_size"], record["patch_size"],
                                 options)
-        load_weights(built, ckpt, what="checkpoint")
+        check_weights_fit(built.state_dict(), weights, f"checkpoint {ckpt}")
+        built.load_state_dict(weights)
         convert = hf_mae.mae_to_hf_model if objective == "mae" else hf_simmim.simmim_to_hf_model
         model = convert(built.eval())
     else:

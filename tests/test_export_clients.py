@@ -1,0 +1,72 @@
+"""Exports opened by the tools users already have (issue 16 items 1, 2, 3, 8): transformers' ``pipeline``,
+``AutoModel`` and ``AutoImageProcessor``, timm's ``create_transform``, and an FSDP run launched by ``torchrun``.
+
+The preprocessing reference is mimaim's own probe transform (``data.eval_transform``) on a PIL image
+larger than the model input and of another aspect ratio.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mimaim
+from mimaim.cli import main
+from mimaim.data import IMAGENET_STD, eval_transform
+from mimaim.engine.runs import read_record, resolve_checkpoint
+from mimaim.eval.features import encode, pool_tokens
+
+from conftest import make_image_folder
+from tiny_runs import images, make_run
+
+timm = pytest.importorskip("timm")
+transformers = pytest.importorskip("transformers")
+
+TOL = dict(rtol=0, atol=1e-4)
+# transformers' default (torchvision) backend rounds the resized image to uint8: one grey level of the normalised pixels
+ONE_LEVEL = 1.01 / 255 / min(IMAGENET_STD)
+
+
+def picture(width: int = 57, height: int = 45) -> Image.Image:
+    """An RGB image with structure (gradients, stripes, noise); 57x45 at 32 px: a 46x37 resize, a 7-pixel crop."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    noise = np.random.default_rng(0).normal(0, 20, (height, width, 3))
+    rgb = np.stack([xx * 255 / width, yy * 255 / height, 127 + 100 * np.sin(xx / 3 + yy / 5)], -1) + noise
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+
+
+def protocol_features(encoder, record: dict, x: torch.Tensor) -> torch.Tensor:
+    """The run's probe features (its recorded protocol: layers, norm, pool), as ``mimaim probe`` reads them."""
+    protocol = record["probe_protocol"]
+    tokens = encode(encoder, x, protocol["layers"], protocol["norm"])
+    return pool_tokens(tokens, encoder.num_prefix_tokens, protocol["pool"])
+
+
+@pytest.mark.slow  # a torchrun launch of 2 processes
+def test_export_of_an_fsdp_run_launched_by_torchrun(tmp_path):
+    data = make_image_folder(tmp_path / "images", per_class=8, size=16)
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "-m", "mimaim", "pretrain", "--objective", "mae", "--strategy", "fsdp", "--data",
+                    f"imagefolder:{data}", "--model", "vit_micro", "--img-size", "16", "--patch-size", "4",
+                    "--batch-size", "4", "--max-steps", "2", "--num-workers", "0", "--device", "cpu",
+                    "--precision", "fp32", "--no-progress", "--out", str(run)],
+                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    ckpt = resolve_checkpoint(run)
+    assert not (ckpt / "model.safetensors").exists() and list(ckpt.glob("*.distcp"))  # sharded (DCP)
+
+    assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert main(["export", str(run), "--to", "timm", "--out", str(tmp_path / "timm")]) == 0
+    encoder = mimaim.load_backbone(run)
+    hf = transformers.ViTMAEModel.from_pretrained(tmp_path / "hf", mask_ratio=0.0).eval()
+    tm = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    x = images(size=16)
+    noise = torch.arange(encoder.num_patches).float().expand(x.shape[0], -1)  # keeps the patch order
+    with torch.no_grad():
+        ours = encoder.forward_features(x)
+        torch.testing.assert_close(hf(pixel_values=x, noise=noise).last_hidden_state, ours, **TOL)
+        torch.testing.assert_close(tm.forward_features(x), ours, **TOL)
