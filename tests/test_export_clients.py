@@ -46,6 +46,56 @@ def protocol_features(encoder, record: dict, x: torch.Tensor) -> torch.Tensor:
     return pool_tokens(tokens, encoder.num_prefix_tokens, protocol["pool"])
 
 
+HF_CASES = {
+    "mae": ("mae", {}),
+    "simmim-beit-vit": ("simmim", {}),
+    "simmim-plain-vit": ("simmim", {"objective_options": {"vit_flavour": "plain"}}),
+}
+
+
+@pytest.mark.parametrize("objective, overrides", list(HF_CASES.values()), ids=list(HF_CASES))
+def test_hf_export_runs_in_an_image_feature_extraction_pipeline_with_mimaims_eval_pixels(tmp_path, objective,
+                                                                                          overrides):
+    run, _ = make_run(tmp_path / "run", objective, **overrides)
+    out = tmp_path / "hf"
+    assert main(["export", str(run), "--to", "hf", "--out", str(out)]) == 0
+    image, ours = picture(), eval_transform(32)(picture())[None]
+
+    exact = transformers.AutoImageProcessor.from_pretrained(out, backend="pil")
+    torch.testing.assert_close(exact(image, return_tensors="pt")["pixel_values"], ours, rtol=0, atol=1e-6)
+    processor = transformers.AutoImageProcessor.from_pretrained(out)  # the default backend, as pipeline's
+    pixels = processor(image, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixels, ours, rtol=0, atol=ONE_LEVEL)
+
+    # HF's ViTMAEModel masks at random (config mask_ratio); at 0 it keeps every patch, in a random order
+    kwargs = {"model_kwargs": {"mask_ratio": 0.0}} if objective == "mae" else {}
+    pipe = transformers.pipeline("image-feature-extraction", model=str(out), **kwargs)
+    features = pipe(image, return_tensors=True)
+    encoder = mimaim.load_backbone(run)
+    with torch.no_grad():
+        expected = encoder.forward_features(pixels)
+    if objective == "mae":  # the cls token (MAE's probe feature) and the patch tokens as a set
+        torch.testing.assert_close(features[:, 0], expected[:, 0], **TOL)
+        torch.testing.assert_close(features[:, 1:].mean(1), expected[:, 1:].mean(1), **TOL)
+    else:
+        torch.testing.assert_close(features, expected, **TOL)
+
+
+TIMM_CASES = {"mae": ("mae", 32), "aim-48px": ("aim", 48)}
+
+
+@pytest.mark.parametrize("objective, size", list(TIMM_CASES.values()), ids=list(TIMM_CASES))
+@pytest.mark.parametrize("width, height", [(57, 45), (64, 50), (100, 100)])
+def test_timm_export_transform_gives_mimaims_eval_pixels(tmp_path, objective, size, width, height):
+    run, _ = make_run(tmp_path / "run", objective, img_size=size)
+    out = tmp_path / "timm"
+    assert main(["export", str(run), "--to", "timm", "--out", str(out)]) == 0
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    image = picture(width, height)
+    torch.testing.assert_close(transform(image), eval_transform(size)(image), rtol=0, atol=1e-6)
+
+
 @pytest.mark.slow  # a torchrun launch of 2 processes
 def test_export_of_an_fsdp_run_launched_by_torchrun(tmp_path):
     data = make_image_folder(tmp_path / "images", per_class=8, size=16)

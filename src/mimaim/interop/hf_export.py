@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..engine.checkpoint import check_weights_fit
 from ..engine.runs import open_backbone, read_checkpoint_weights
 from ..objectives import build_objective
 from . import hf_beit, hf_mae, hf_simmim
+from .timm_export import eval_resize
 
 __all__ = ["export_hf"]
 
@@ -41,4 +43,15 @@ def export_hf(run: str | Path, out: str | Path, checkpoint: str | Path | None = 
         raise ValueError(f"objective {objective!r} has no HuggingFace transformers model class to export to; "
                          f"export it with `mimaim export {run} --to timm --out DIR` instead")
     model.save_pretrained(str(out))
+    image_processor(record["img_size"]).save_pretrained(str(out))  # for AutoImageProcessor and pipeline
     return Path(out)
+
+
+def image_processor(img_size: int):
+    """``data.eval_transform`` of an image larger than ``img_size`` (as mimaim's probes see it), in HF's terms:
+    the shorter side resized (bicubic) to ``eval_resize(img_size)``, the centre square cropped, ImageNet mean/std."""
+    from transformers import CLIPImageProcessor  # shorter-side resize + centre crop (ViT's processor squashes)
+
+    return CLIPImageProcessor(size={"shortest_edge": eval_resize(img_size)}, resample=3, do_center_crop=True,
+                              crop_size={"height": img_size, "width": img_size}, do_normalize=True,
+                              image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), do_convert_rgb=True)
