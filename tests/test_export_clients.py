@@ -48,6 +48,7 @@ def protocol_features(encoder, record: dict, x: torch.Tensor) -> torch.Tensor:
 
 HF_CASES = {
     "mae": ("mae", {}),
+    "beit": ("beit", {}),
     "simmim-beit-vit": ("simmim", {}),
     "simmim-plain-vit": ("simmim", {"objective_options": {"vit_flavour": "plain"}}),
 }
@@ -79,6 +80,30 @@ def test_hf_export_runs_in_an_image_feature_extraction_pipeline_with_mimaims_eva
         torch.testing.assert_close(features[:, 1:].mean(1), expected[:, 1:].mean(1), **TOL)
     else:
         torch.testing.assert_close(features, expected, **TOL)
+
+
+def test_beit_hf_export_opened_with_automodel_keeps_the_trained_norm_and_gives_the_probe_features(tmp_path):
+    run, obj = make_run(tmp_path / "run", "beit")
+    out = tmp_path / "hf"
+    assert main(["export", str(run), "--to", "hf", "--out", str(out)]) == 0
+    model, info = transformers.AutoModel.from_pretrained(out, output_loading_info=True)
+    assert type(model).__name__ == "BeitModel"
+    assert not info["missing_keys"] and set(info["unexpected_keys"]) == {"lm_head.weight", "lm_head.bias"}
+    encoder = mimaim.load_backbone(run)
+    record = read_record(resolve_checkpoint(run))
+    x = images()
+    with torch.no_grad():
+        hidden = model.eval()(pixel_values=x).last_hidden_state
+        torch.testing.assert_close(hidden, encoder.forward_features(x), **TOL)
+        assert record["probe_protocol"]["pool"] == "mean"  # of the patch tokens after the final norm
+        torch.testing.assert_close(hidden[:, 1:].mean(1), protocol_features(encoder, record, x), **TOL)
+
+        # the masked-image-modelling head, opened as its README line says: no key left out, the same logits
+        mim, info = transformers.BeitForMaskedImageModeling.from_pretrained(out, use_mean_pooling=True,
+                                                                             output_loading_info=True)
+        assert not any(info.values()), info
+        torch.testing.assert_close(mim.eval()(pixel_values=x).logits, obj.lm_head(encoder.forward_features(x)[:, 1:]),
+                                   **TOL)
 
 
 TIMM_CASES = {"mae": ("mae", 32), "aim-48px": ("aim", 48)}

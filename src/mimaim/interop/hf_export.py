@@ -1,7 +1,10 @@
 """A mimaim run as a HuggingFace ``transformers`` folder (``from_pretrained`` loads it).
 
 * MAE -> ``ViTMAEForPreTraining`` (encoder and decoder; ``interop/hf_mae.py``).
-* BEiT -> ``BeitForMaskedImageModeling`` (encoder, mask token, ``lm_head``; ``interop/hf_beit.py``).
+* BEiT -> ``BeitForMaskedImageModeling``'s weights (encoder, mask token, final norm, ``lm_head``;
+  ``interop/hf_beit.py``) under a config with ``use_mean_pooling: false``, so that ``AutoModel``
+  (a ``BeitModel``) applies the trained final norm to every token, as BEiT's probe reads it;
+  ``BeitForMaskedImageModeling.from_pretrained(DIR, use_mean_pooling=True)`` opens the MIM head.
   The visual tokenizer has no HF counterpart and is not needed: nothing opens its file.
 * SimMIM, plain ViT or Swin -> ``ViTForMaskedImageModeling`` / ``SwinForMaskedImageModeling``
   (``interop/hf_simmim.py``); SimMIM's BEiT-style ViT has no HF masked-modeling class with a
@@ -30,6 +33,7 @@ def export_hf(run: str | Path, out: str | Path, checkpoint: str | Path | None = 
     weights = read_checkpoint_weights(ckpt)  # model.safetensors (ddp) or sharded (fsdp); no tokenizer file needed
     if objective == "beit":
         model = hf_beit.hf_model(backbone, weights, vocab_size=weights["lm_head.weight"].shape[0])
+        model.config.use_mean_pooling = False  # HF: LayerNorm every token (BeitModel.layernorm), not their mean
     elif objective == "simmim" and not hasattr(backbone, "output_stride") and options.get("vit_flavour") == "beit":
         model = hf_beit.hf_model(backbone, {f"encoder.{k}": v for k, v in backbone.state_dict().items()})
     elif objective in ("mae", "simmim"):
