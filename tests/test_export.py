@@ -81,7 +81,9 @@ def _hf_features(objective, overrides, out, encoder, x):
         noise = torch.arange(encoder.num_patches).float().expand(x.shape[0], -1)  # keeps the patch order
         return model(pixel_values=x, noise=noise).last_hidden_state
     if objective == "beit":
-        model = transformers.BeitForMaskedImageModeling.from_pretrained(out).eval()
+        # the config reads as BEiT's probe (use_mean_pooling false: AutoModel's BeitModel norms every token);
+        # the MIM class, whose final norm sits outside its BeitModel, is opened with use_mean_pooling=True
+        model = transformers.BeitForMaskedImageModeling.from_pretrained(out, use_mean_pooling=True).eval()
         return model.layernorm(model.beit(pixel_values=x).last_hidden_state)
     if overrides.get("model") == "swin_tiny":
         model = transformers.SwinForMaskedImageModeling.from_pretrained(out).eval()

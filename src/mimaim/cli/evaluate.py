@@ -63,9 +63,12 @@ def add_parser(sub) -> None:
         description="--to timm: config.json + model.safetensors in timm's hub format; load it with "
                     "timm.create_model('local-dir:DIR', pretrained=True) (num_classes 0: the model returns the "
                     "objective's probe features), publish it with timm.models.push_to_hf_hub. "
-                    "--to hf: a transformers folder (MAE: ViTMAEForPreTraining, BEiT: BeitForMaskedImageModeling, "
-                    "SimMIM: ViT/SwinForMaskedImageModeling, or BeitModel for its BEiT-style ViT); load it with "
-                    "from_pretrained(DIR).",
+                    "--to hf: a transformers folder (MAE: ViTMAEForPreTraining, BEiT: BeitForMaskedImageModeling "
+                    "weights, SimMIM: ViT/SwinForMaskedImageModeling, or BeitModel for its BEiT-style ViT) with a "
+                    "preprocessor_config.json; AutoModel.from_pretrained(DIR) and pipeline('image-feature-"
+                    "extraction', model=DIR) give the encoder's features (MAE: pass mask_ratio=0.0; BEiT's MIM "
+                    "head: BeitForMaskedImageModeling.from_pretrained(DIR, use_mean_pooling=True)). Both exports "
+                    "preprocess as mimaim's probes (shorter side to size/0.875, bicubic, centre crop).",
         formatter_class=DefaultsHelpFormatter)
     p.add_argument("run_dir", help="a `mimaim pretrain` run directory or one of its checkpoints/step-N folders")
     p.add_argument("--to", choices=["timm", "hf"], default="timm", help="target library")
@@ -121,6 +124,7 @@ def cmd_export(args) -> int:
         from ..interop.hf_export import export_hf
 
         out = export_hf(args.run_dir, args.out, args.checkpoint)
-        print(f"wrote {out}: load it with transformers' from_pretrained('{out}')")
+        print(f"wrote {out}: load it with transformers' AutoModel.from_pretrained('{out}') or "
+              f"pipeline('image-feature-extraction', model='{out}')")
     print(f"files: {', '.join(sorted(f.name for f in out.iterdir()))}", file=sys.stderr)
     return 0

@@ -1,7 +1,10 @@
 """A mimaim run as a HuggingFace ``transformers`` folder (``from_pretrained`` loads it).
 
 * MAE -> ``ViTMAEForPreTraining`` (encoder and decoder; ``interop/hf_mae.py``).
-* BEiT -> ``BeitForMaskedImageModeling`` (encoder, mask token, ``lm_head``; ``interop/hf_beit.py``).
+* BEiT -> ``BeitForMaskedImageModeling``'s weights (encoder, mask token, final norm, ``lm_head``;
+  ``interop/hf_beit.py``) under a config with ``use_mean_pooling: false``, so that ``AutoModel``
+  (a ``BeitModel``) applies the trained final norm to every token, as BEiT's probe reads it;
+  ``BeitForMaskedImageModeling.from_pretrained(DIR, use_mean_pooling=True)`` opens the MIM head.
   The visual tokenizer has no HF counterpart and is not needed: nothing opens its file.
 * SimMIM, plain ViT or Swin -> ``ViTForMaskedImageModeling`` / ``SwinForMaskedImageModeling``
   (``interop/hf_simmim.py``); SimMIM's BEiT-style ViT has no HF masked-modeling class with a
@@ -13,10 +16,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..engine.checkpoint import load_weights
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..engine.checkpoint import check_weights_fit
 from ..engine.runs import open_backbone, read_checkpoint_weights
 from ..objectives import build_objective
 from . import hf_beit, hf_mae, hf_simmim
+from .timm_export import eval_resize
 
 __all__ = ["export_hf"]
 
@@ -25,19 +30,32 @@ def export_hf(run: str | Path, out: str | Path, checkpoint: str | Path | None = 
     """Write run ``run`` (newest checkpoint) as a ``transformers`` folder ``out``; returns ``out``."""
     backbone, record, ckpt = open_backbone(run, checkpoint=checkpoint)
     objective, options = record["objective"], record["objective_options"]
+    weights = read_checkpoint_weights(ckpt)  # model.safetensors (ddp) or sharded (fsdp); no tokenizer file needed
     if objective == "beit":
-        weights = read_checkpoint_weights(ckpt)  # the objective is not built: its tokenizer file may be gone
         model = hf_beit.hf_model(backbone, weights, vocab_size=weights["lm_head.weight"].shape[0])
+        model.config.use_mean_pooling = False  # HF: LayerNorm every token (BeitModel.layernorm), not their mean
     elif objective == "simmim" and not hasattr(backbone, "output_stride") and options.get("vit_flavour") == "beit":
         model = hf_beit.hf_model(backbone, {f"encoder.{k}": v for k, v in backbone.state_dict().items()})
     elif objective in ("mae", "simmim"):
         built = build_objective(objective, record["backbone"]["name"], record["img_size"], record["patch_size"],
                                 options)
-        load_weights(built, ckpt, what="checkpoint")
+        check_weights_fit(built.state_dict(), weights, f"checkpoint {ckpt}")
+        built.load_state_dict(weights)
         convert = hf_mae.mae_to_hf_model if objective == "mae" else hf_simmim.simmim_to_hf_model
         model = convert(built.eval())
     else:
         raise ValueError(f"objective {objective!r} has no HuggingFace transformers model class to export to; "
                          f"export it with `mimaim export {run} --to timm --out DIR` instead")
     model.save_pretrained(str(out))
+    image_processor(record["img_size"]).save_pretrained(str(out))  # for AutoImageProcessor and pipeline
     return Path(out)
+
+
+def image_processor(img_size: int):
+    """``data.eval_transform`` of an image larger than ``img_size`` (as mimaim's probes see it), in HF's terms:
+    the shorter side resized (bicubic) to ``eval_resize(img_size)``, the centre square cropped, ImageNet mean/std."""
+    from transformers import CLIPImageProcessor  # shorter-side resize + centre crop (ViT's processor squashes)
+
+    return CLIPImageProcessor(size={"shortest_edge": eval_resize(img_size)}, resample=3, do_center_crop=True,
+                              crop_size={"height": img_size, "width": img_size}, do_normalize=True,
+                              image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), do_convert_rgb=True)

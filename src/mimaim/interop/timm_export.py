@@ -26,6 +26,7 @@ Which timm class holds which flavour of our ViT (``models/vit.py``):
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,12 @@ _VIT_NAMES = {(192, 12, 3): "vit_tiny_patch16_224", (384, 12, 6): "vit_small_pat
               (768, 12, 12): "vit_base_patch16_224", (1024, 24, 16): "vit_large_patch16_224",
               (1280, 32, 16): "vit_huge_patch14_224"}
 _BEIT_NAMES = {(768, 12, 12): "beit_base_patch16_224", (1024, 24, 16): "beit_large_patch16_224"}
+EVAL_CROP_PCT = 0.875  # eval_transform's default
+
+
+def eval_resize(img_size: int) -> int:
+    """The shorter side eval_transform resizes an image larger than ``img_size`` to, before its centre crop."""
+    return math.ceil(img_size / EVAL_CROP_PCT)
 
 
 def _is_swin(backbone: nn.Module) -> bool:
@@ -129,7 +136,11 @@ def export_timm(run: str | Path, out: str | Path, checkpoint: str | Path | None 
     model = to_timm(backbone, pool)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data_config = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic", crop_pct=0.875)
+    # timm's create_transform as data.eval_transform: the shorter side to floor(size / crop_pct) = eval_resize(size)
+    # (+ 0.5: whatever the float rounding), bicubic, then the centre crop
+    size = record["img_size"]
+    data_config = dict(input_size=(3, size, size), mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic",
+                       crop_pct=size / (eval_resize(size) + 0.5), crop_mode="center")
     save_for_hf(model, str(out), safe_serialization=True, data_config=data_config)
     # the factory's pretrained_cfg names another checkpoint (its tag, license): describe this one
     config_path = out / "config.json"
