@@ -97,13 +97,21 @@ def pretrain_transform(img_size: int, aug: Augmentation | None = None):
     return T.Compose(ops)
 
 
-def eval_transform(img_size: int, crop_pct: float = 0.875):
-    """Resize to img_size/crop_pct (bicubic) and centre-crop, as the MAE/AIM probes do.
+EVAL_CROP_PCT = 0.875  # the MAE/AIM probes' resize-then-crop ratio
+
+
+def eval_resize(img_size: int) -> int:
+    """The shorter side an image larger than ``img_size`` is resized to before its centre crop."""
+    return math.ceil(img_size / EVAL_CROP_PCT)
+
+
+def eval_transform(img_size: int):
+    """Resize to ``eval_resize(img_size)`` (bicubic) and centre-crop, as the MAE/AIM probes do.
 
     For images no larger than the model input (digits, CIFAR at 32 px) the crop keeps
     the whole image: resize straight to img_size.
     """
-    resize = int(math.ceil(img_size / crop_pct))
+    resize = eval_resize(img_size)
 
     def _resize(img):
         if max(img.size) <= img_size:

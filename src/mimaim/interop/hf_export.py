@@ -16,12 +16,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize
 from ..engine.checkpoint import check_weights_fit
 from ..engine.runs import open_backbone, read_checkpoint_weights
 from ..objectives import build_objective
 from . import hf_beit, hf_mae, hf_simmim
-from .timm_export import eval_resize
 
 __all__ = ["export_hf"]
 

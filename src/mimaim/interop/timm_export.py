@@ -26,14 +26,13 @@ Which timm class holds which flavour of our ViT (``models/vit.py``):
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize
 from ..engine.runs import open_backbone
 from .keymap import load_into
 
@@ -44,13 +43,6 @@ _VIT_NAMES = {(192, 12, 3): "vit_tiny_patch16_224", (384, 12, 6): "vit_small_pat
               (768, 12, 12): "vit_base_patch16_224", (1024, 24, 16): "vit_large_patch16_224",
               (1280, 32, 16): "vit_huge_patch14_224"}
 _BEIT_NAMES = {(768, 12, 12): "beit_base_patch16_224", (1024, 24, 16): "beit_large_patch16_224"}
-EVAL_CROP_PCT = 0.875  # eval_transform's default
-
-
-def eval_resize(img_size: int) -> int:
-    """The shorter side eval_transform resizes an image larger than ``img_size`` to, before its centre crop."""
-    return math.ceil(img_size / EVAL_CROP_PCT)
-
 
 def _is_swin(backbone: nn.Module) -> bool:
     return hasattr(backbone, "output_stride")
