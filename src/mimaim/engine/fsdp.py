@@ -1,20 +1,10 @@
 """How the objective runs on several processes: ONE call, ``parallelize``, wraps it.
 
-``ddp`` (the default) keeps a whole replica per process (``DistributedDataParallel``). ``fsdp``
-shards parameters, gradients and optimiser state with PyTorch's FSDP2 ``fully_shard``, the
-way torchtitan and apple/ml-l3m apply it:
-
-* one FSDP unit per transformer block (``transformer_blocks``), then the root (the whole
-  objective): a rank holds its 1/N share of everything plus one block in full;
-* on CUDA with bf16, ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``: bf16
-  all-gathered copies, fp32 gradient reduction, fp32 sharded master weights and AdamW moments;
-  the root does not cast its inputs (images and MAE's masking noise stay fp32);
-* the wrappers in a fixed order: activation checkpointing (inside each block's ``forward``, so
-  parameter names do not change), then ``--compile`` per block (as torchtitan: small graphs,
-  FSDP's hooks outside them), then ``fully_shard`` of each block and of the root.
-
-Sharding replaces every parameter by a DTensor in place: build the optimiser after
-``parallelize``. A sharded model's checkpoints are written by every rank (``engine/dcp.py``).
+``ddp`` (the default): a whole replica per process. ``fsdp``: FSDP2 ``fully_shard`` as torchtitan
+and apple/ml-l3m apply it: one unit per transformer block, then the root; on CUDA bf16 all-gathers
+with fp32 gradient reduction and fp32 master weights; activation checkpointing and per-block
+``--compile`` go inside the units, so parameter names never change. Sharding replaces parameters
+by DTensors in place: build the optimiser after ``parallelize``.
 """
 
 from __future__ import annotations

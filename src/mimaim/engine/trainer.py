@@ -1,18 +1,7 @@
-"""The pre-training loop: plain PyTorch, readable top to bottom.
-
-    setup       build the objective (``--init`` weights for a new run) and data; wrap the model once
-                (``parallelize``; FSDP shards it in place), then AdamW; restore the newest checkpoint
-                when resuming (safetensors, or sharded under FSDP)
-    train_step  lr from the schedule; for each of accum_steps micro-batches: loss under autocast,
-                (loss / accum_steps).backward(); ONE sync: is the step's loss finite? then clip,
-                optimizer.step(), objective.after_optimizer_step()
-    log         every log_every steps, one sync: mean loss, images/s, skipped images
-    checkpoint  every save_every steps and at each epoch's end, atomically (weights checked finite);
-                rank 0 writes it, or every rank its shard when the model is sharded (dcp.py)
-    diverged    a non-finite loss stops the run; checkpoints written as it blew up are set aside
-
-Everything objective-specific lives behind ``Objective`` (objectives/base.py); the multi-process
-wrapper behind ``parallelize`` (fsdp.py); data in pipeline.py; bookkeeping in meters.py.
+"""The pre-training loop, plain PyTorch: ``setup`` (objective, data, ``parallelize``, AdamW, restore),
+``train_step`` (micro-batches under autocast, one finiteness sync per step, clip, step), a log line
+every ``log_every`` steps and atomic checkpoints (``checkpoint.py``; every rank its shard under FSDP,
+``dcp.py``). A non-finite loss stops the run and sets aside the checkpoints written as it blew up.
 """
 
 from __future__ import annotations
