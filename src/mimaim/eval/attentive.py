@@ -1,18 +1,10 @@
-"""The attentive probe: AIM's attention-pooling classifier on frozen tokens (2401.08541, Sec. 4 and App. D).
+"""The attentive probe: AIM's attention-pooling classifier on frozen tokens (2401.08541, Sec. 4 and App. D),
+as ``apple/ml-aim`` ``aim/v1/torch/layers.py`` defines it, on tokens extracted once (``features.py``).
 
-``AttentionPoolingClassifier`` as ``apple/ml-aim`` ``aim/v1/torch/layers.py`` defines it:
-BatchNorm1d over channels (``affine=False``, eps 1e-6); one learned query, N(0, 0.02), split
-into the trunk's ``num_heads`` heads; bias-free per-head key and value projections of the
-tokens; scaled dot-product attention of the query over all tokens; a bias-free linear
-classifier. It runs on tokens extracted once from the frozen trunk (``features.py``; no mask);
-a cls token (MAE) is one of the pooled tokens.
-
-Training recipe (AIM App. D is not reproduced here; these are our choices): AdamW, weight
-decay 0.05, linear warm-up then cosine, batch 256, no augmentation. ``fast=True`` (default)
-fixes the BatchNorm's statistics once over all training tokens (what its running averages
-converge to) and standardises every token once, then trains ``FAST``; ``fast=False`` trains
-BatchNorm on batch statistics as ml-aim does, ``SLOW``. On digits the two agree within 4
-points (``tests/test_attentive_probe.py``).
+The training recipe is ours (AIM App. D is not reproduced): AdamW, weight decay 0.05, warm-up then
+cosine, no augmentation. ``fast=True`` (default) fixes the BatchNorm's statistics once over all training
+tokens (what its running averages converge to) and trains ``FAST``; ``fast=False`` trains BatchNorm on
+batch statistics as ml-aim does, ``SLOW`` (docs/guide.md, "Probes").
 """
 
 from __future__ import annotations
