@@ -79,7 +79,8 @@ class BEiT(Objective):
         self.num_masking_patches = options.num_mask_patches or int(options.mask_ratio * H * W)
         if not 0 < self.num_masking_patches < H * W:
             raise ValueError(f"beit: a budget of {self.num_masking_patches} masked patches does not fit a {H}x{W} "
-                             f"patch grid; choose --mask-ratio or --set objective.num_mask_patches between 1 and {H * W - 1}")
+                             "patch grid; choose --mask-ratio or --set objective.num_mask_patches between 1 and "
+                             f"{H * W - 1}")
         if options.min_block_patches > (H - 1) * (W - 1):
             raise ValueError(f"beit.min_block_patches {options.min_block_patches} cannot fit a {H}x{W} patch grid "
                              f"(blocks must be smaller than the grid, at most {(H - 1) * (W - 1)} patches); lower "
