@@ -17,11 +17,8 @@ def mae_noise(num_patches: int, generator: torch.Generator | None = None) -> tor
 
 
 def random_masking(tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
-    """MAE's per-sample random masking by argsort of uniform noise, small noise kept (models_mae.py).
-
-    tokens (B, N, D), noise (B, N) -> visible (B, K, D), mask (B, N) float 1 = removed,
-    ids_restore (B, N); K = int(N * (1 - mask_ratio)).
-    """
+    """MAE's per-sample random masking by argsort of uniform noise, small noise kept (models_mae.py): tokens
+    (B, N, D), noise (B, N) -> visible (B, K = int(N * (1 - mask_ratio)), D), mask (B, N) 1 = removed, ids_restore."""
     B, N, D = tokens.shape
     len_keep = int(N * (1 - mask_ratio))
     if noise is None:

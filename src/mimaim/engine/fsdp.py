@@ -41,11 +41,8 @@ def parallelize(objective: nn.Module, cfg, device: torch.device, dist_info: Dist
 
 
 def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The repeated blocks in forward order: children of every ``*blocks`` list.
-
-    ``encoder.blocks.*`` (ViT), ``decoder_blocks.*`` (MAE), ``head.blocks.*`` (AIM),
-    ``encoder.layers.i.blocks.*`` (Swin): the FSDP units and the checkpointed regions.
-    """
+    """The FSDP units and checkpointed regions, in forward order: children of every ``*blocks`` list
+    (``encoder.blocks``, MAE's ``decoder_blocks``, a Swin's ``layers.i.blocks``)."""
     found = []
     for name, module in model.named_modules():
         if name.split(".")[-1].endswith(BLOCK_LIST_SUFFIX) and isinstance(module, (nn.ModuleList, nn.Sequential)):
@@ -85,11 +82,8 @@ def mixed_precision_policy(device: torch.device, precision: str, root: bool = Fa
 
 def shard_objective(objective: nn.Module, device: torch.device, precision: str = "auto",
                     activation_checkpointing: bool = False, compile: bool = False, mesh=None) -> nn.Module:
-    """Apply checkpointing, per-block compile and FSDP2 to ``objective`` (already on ``device``) in place.
-
-    Under torchrun the process group exists; a single process without one joins a one-rank
-    group, so that one GPU runs the very code (and writes the very checkpoints) N GPUs do.
-    """
+    """Apply checkpointing, per-block compile and FSDP2 to ``objective`` (on ``device``) in place; a single
+    process joins a one-rank group, so that one GPU runs the very code (and checkpoints) N GPUs do."""
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,

@@ -1,9 +1,5 @@
-"""AdamW parameter groups and the learning-rate schedules.
-
-* ``cosine``: MAE's ``util/lr_sched.py`` (linear warm-up, then half-cosine to ``min_lr``).
-* ``multistep``: SimMIM's ``MultiStepLRScheduler`` (``lr_scheduler.py``) as its 800-epoch
-  recipes use it: linear warm-up, the peak held flat, then multiplied by ``gamma`` at each
-  milestone (``MULTISTEPS: [700]``, ``GAMMA: 0.1``); see docs/methods.md section 4.
+"""AdamW parameter groups and the learning-rate schedules: ``cosine`` (MAE's ``util/lr_sched.py``) and
+``multistep`` (SimMIM's ``MultiStepLRScheduler``: warm-up, flat, x ``gamma`` per milestone); docs/methods.md 1.
 """
 
 from __future__ import annotations

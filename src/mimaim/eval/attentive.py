@@ -47,11 +47,8 @@ class AttentionPoolingClassifier(nn.Module):
         return out.transpose(1, 2).reshape(B, D)
 
     def pool_fast(self, x: torch.Tensor, normalized: bool = False) -> torch.Tensor:
-        """The same read-out without projecting every token: O(B T D H + B D^2) instead of O(B T D^2).
-
-        With one query, q . (W_k x_t) = (W_k^T q) . x_t and sum_t a_t W_v x_t = W_v sum_t a_t x_t: two
-        plain matrix products over contiguous tokens, which is what makes it fast on a CPU.
-        """
+        """The same read-out without projecting every token, O(B T D H + B D^2): with one query,
+        q . (W_k x_t) = (W_k^T q) . x_t and sum_t a_t W_v x_t = W_v sum_t a_t x_t."""
         B, T, D = x.shape
         H, dh = self.num_heads, D // self.num_heads
         if not normalized:
@@ -116,11 +113,8 @@ FAST = dict(epochs=15, batch_size=256, base_lr=8e-3, warmup_epochs=1.5)
 def attentive_probe(train: dict, val: dict, num_classes: int, num_heads: int = 1, epochs: int | None = None,
                     batch_size: int | None = None, base_lr: float | None = None, weight_decay: float = 0.05,
                     warmup_epochs: float | None = None, seed: int = 0, fast: bool = True, **_) -> float:
-    """Fit on ``train["tokens"]`` (N, T, D), report top-1 (%) on ``val["tokens"]``.
-
-    ``fast`` picks the fit and its recipe (module docstring); explicit ``epochs`` / ``batch_size`` /
-    ``base_lr`` / ``warmup_epochs`` override the recipe's.
-    """
+    """Fit on ``train["tokens"]`` (N, T, D), report top-1 (%) on ``val["tokens"]``; ``fast`` picks the fit and
+    its recipe (module docstring); explicit ``epochs``, ``batch_size``, ``base_lr``, ``warmup_epochs`` win."""
     recipe = FAST if fast else SLOW
     given = dict(epochs=epochs, batch_size=batch_size, base_lr=base_lr, warmup_epochs=warmup_epochs)
     epochs, batch_size, base_lr, warmup_epochs = (recipe[k] if v is None else v for k, v in given.items())

@@ -62,11 +62,8 @@ class AIMOptions:
 
 
 def prefix_causal_mask(prefix_len: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Dense prefix-causal mask, (B,) prefix lengths -> (B, 1, N, N) bool, True = may attend.
-
-    Query i may attend key j when j <= i (causal) or j < S (every query sees the prefix),
-    as ml-aim's ``PrefixCausalAttention``.
-    """
+    """(B,) prefix lengths -> (B, 1, N, N) bool: query i may attend key j when j <= i or j < S (ml-aim's
+    ``PrefixCausalAttention``)."""
     i = torch.arange(num_tokens, device=prefix_len.device)
     causal = i[None, :] <= i[:, None]  # (N, N) [query, key]
     prefix = i[None, None, :] < prefix_len[:, None, None]  # (B, 1, N): key in the prefix

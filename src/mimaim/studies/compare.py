@@ -183,11 +183,8 @@ def final_loss(run_dir: Path) -> float:
 
 def probe_cell(run_dir: Path, probes: Sequence[str], layers: Sequence[int] | None, random_init: bool,
                device: str, progress: bool, pool: str = "auto") -> list[dict]:
-    """``probe_run`` on a cell, memoised in ``compare_probe.json`` against its checkpoint and settings.
-
-    The cell is read with its objective's probe protocol unless ``pool`` / ``layers`` override it
-    (the same rule as ``mimaim probe``); each row records the protocol it used.
-    """
+    """``probe_run`` on a cell (its objective's protocol unless ``pool`` / ``layers`` override it), memoised in
+    ``compare_probe.json`` against its checkpoint and settings."""
     memo = run_dir / "compare_probe.json"
     key = {"checkpoint": latest_checkpoint(run_dir).name, "probes": list(probes),
            "layers": list(layers) if layers else None, "pool": pool, "random_init": random_init, "format": 2}
@@ -206,11 +203,8 @@ _NOT_ARCHITECTURE = {"drop_path_rate", "drop_rate", "attn_drop_rate"}
 
 
 def trunk_flavour(run_dir: Path) -> tuple[str, str]:
-    """(key, words) of a cell's trunk from its run record: the backbone name and constructor arguments.
-
-    Cells with the same key share one random-init row (MAE and MAE@mask_ratio=0.5 do; MAE's ViT,
-    AIM's trunk and the BEiT-style ViT of BEiT/SimMIM do not).
-    """
+    """(key, words) of a cell's trunk from its run record (backbone name and architecture arguments): cells
+    with the same key share one random-init row (MAE and MAE@mask_ratio=0.5 do, MAE and AIM do not)."""
     _, record, _ = runs.open_backbone(run_dir)
     backbone = record.get("backbone") or {}
     kwargs = {k: v for k, v in (backbone.get("kwargs") or {}).items() if k not in _NOT_ARCHITECTURE}
