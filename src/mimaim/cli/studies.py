@@ -1,14 +1,11 @@
-"""``mimaim compare`` and ``mimaim scale``: grids of ordinary runs (the work is in ``studies/``).
-
-Every cell's pre-training settings are ``PretrainConfig`` fields (flags generated from them, ``--set``
-for the rest); ``--set finetune.KEY=VALUE`` sets compare's fine-tuning recipe (``FinetuneConfig``).
-"""
+"""``mimaim compare`` and ``mimaim scale``: grids of ordinary runs (the work is in ``studies/``); every cell's
+settings are ``PretrainConfig`` fields, ``--set finetune.KEY=VALUE`` sets compare's ``FinetuneConfig``."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..config import ConfigError, PretrainConfig, convert, load_yaml, parse_overrides
+from ..config import ConfigError, PretrainConfig, convert, load_yaml, parse_overrides, resolve_config
 from ..studies import SAME_CROP_SCALE, VARIANTS
 from .options import add_fields, given
 
@@ -41,8 +38,6 @@ def _add_run_options(p: argparse.ArgumentParser, default_model: str) -> None:
 
 def _base(args, default_model: str) -> tuple[dict, dict]:
     """(PretrainConfig fields of every cell: defaults < --config < flags < --set, checked; --set finetune.*)."""
-    from ..config import resolve_config
-
     preset = load_yaml(args.config) if args.config else {}
     preset.setdefault("model", default_model)
     flags = {**given(args, args.fields), **parse_overrides(args.overrides)}

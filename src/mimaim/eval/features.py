@@ -18,9 +18,7 @@ POOLS = ("cls", "mean")
 
 def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, pool: str = "mean") -> torch.Tensor:
     """(B, T, D) -> (B, D): the cls token (``pool="cls"``) or the mean of patch tokens (``"mean"``)."""
-    if pool not in POOLS:
-        raise ValueError(f"pool must be 'cls' or 'mean'; got {pool!r}")
-    if pool == "cls":
+    if pool == "cls":  # probe_run.resolve_protocol has checked the name
         if num_prefix_tokens == 0:
             raise ValueError("pool 'cls' needs a backbone with a cls token, and this one has none; "
                              "probe it with --pool mean")

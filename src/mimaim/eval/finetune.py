@@ -36,14 +36,11 @@ def resize_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int], new_gri
     from timm.layers import resample_abs_pos_embed
 
     old_grid, new_grid = tuple(old_grid), tuple(new_grid)
-    D = pos_embed.shape[-1]
     if pos_embed.shape[1] != num_prefix_tokens + old_grid[0] * old_grid[1]:
         raise ValueError(f"position table of {pos_embed.shape[1]} rows does not match a {old_grid} grid "
                          f"with {num_prefix_tokens} prefix token(s)")
     if kind == "sincos":
-        return sincos_2d(D, new_grid, num_prefix_tokens)[None].to(pos_embed)
-    if kind != "learned":
-        raise ValueError(f"kind must be sincos or learned, got {kind!r}")
+        return sincos_2d(pos_embed.shape[-1], new_grid, num_prefix_tokens)[None].to(pos_embed)
     if old_grid == new_grid:
         return pos_embed
     return resample_abs_pos_embed(pos_embed, list(new_grid), list(old_grid), num_prefix_tokens=num_prefix_tokens)

@@ -17,7 +17,7 @@ import re
 import sys
 import time
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -48,14 +48,12 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the headless backend is ch
 @dataclass
 class Cell:
     name: str  # the run directory's name
-    spec: str  # as the user wrote it
     objective: str
     options: dict
     cfg: PretrainConfig
     flops_per_image: float = float("nan")
     steps: int = 0
     train_images: int = 0
-    extras: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -243,7 +241,7 @@ def plan_cells(specs: Sequence[str], out: Path, base: dict, budget_flops: float 
         objective, settings = parse_objective_spec(spec)
         name = cell_name(spec)
         cfg = make_config(base, **settings, objective=objective, out=str(out / name))
-        cells.append(Cell(name, spec, objective, settings.get("objective_options", {}), cfg))
+        cells.append(Cell(name, objective, settings.get("objective_options", {}), cfg))
     train_images, val_images, labelled = split_sizes(cells[0].cfg)
     check_probe_data(cells[0].cfg, train_images, val_images, labelled)
     for cell in cells:
@@ -374,14 +372,14 @@ def print_estimate(est: list[dict], finetune: bool = False) -> list[dict]:
 def result_rows(cells: Sequence[Cell], probes, layers, pool, random_init, device, progress, ft) -> list[dict]:
     """One row per cell, then one random-init row per trunk flavour (MAE's ViT, AIM's trunk, the BEiT-style
     ViT of BEiT/SimMIM, ...): every cell is read against its own architecture at init, with its protocol."""
-    flavours: dict[str, dict] = {}
+    flavours, flavour_of = {}, {}
     for cell in cells:
         key, words = trunk_flavour(Path(cell.cfg.out))
-        flavours.setdefault(key, {"first": cell, "cells": [], "words": words})["cells"].append(cell.name)
-        cell.extras["flavour"] = key
+        flavour_of[cell.name] = flavours.setdefault(key, {"first": cell, "cells": [], "words": words})
+        flavour_of[cell.name]["cells"].append(cell.name)
     rows, random_rows = [], []
     for cell in cells:
-        run_dir, flavour = Path(cell.cfg.out), flavours[cell.extras["flavour"]]
+        run_dir, flavour = Path(cell.cfg.out), flavour_of[cell.name]
         first = random_init and flavour["first"] is cell
         probe_rows = probe_cell(run_dir, probes, layers, first, device, progress, pool=pool)
         summary = json.loads((run_dir / "summary.json").read_text())

@@ -89,8 +89,7 @@ def plan_scale(objective_spec: str, models: Sequence[str], fractions: Sequence[f
                               out=str(out / name))
             if same_steps and f < 1:
                 cfg.epochs = max(1, round(cfg.epochs / f))
-            cells.append(Cell(name, objective_spec, objective, settings.get("objective_options", {}), cfg,
-                              extras={"data_fraction": f}))
+            cells.append(Cell(name, objective, settings.get("objective_options", {}), cfg))
     sizes, flops = {}, {}
     for cell in cells:
         f = cell.cfg.data_fraction
