@@ -1,10 +1,7 @@
-"""How the objective runs on several processes: ONE call, ``parallelize``, wraps it.
-
-``ddp`` (the default): a whole replica per process. ``fsdp``: FSDP2 ``fully_shard`` as torchtitan
-and apple/ml-l3m apply it: one unit per transformer block, then the root; on CUDA bf16 all-gathers
-with fp32 gradient reduction and fp32 master weights; activation checkpointing and per-block
-``--compile`` go inside the units, so parameter names never change. Sharding replaces parameters
-by DTensors in place: build the optimiser after ``parallelize``.
+"""How the objective runs on several processes: ONE call, ``parallelize``, wraps it: ``ddp`` (default) a
+replica per process; ``fsdp`` FSDP2 ``fully_shard`` as torchtitan and apple/ml-l3m apply it (a unit per
+block, then the root; on CUDA bf16 all-gathers, fp32 reduction and master weights), with checkpointing
+and ``--compile`` inside the units, so parameter names never change. Build the optimiser after it.
 """
 
 from __future__ import annotations

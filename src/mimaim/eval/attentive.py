@@ -1,10 +1,7 @@
-"""The attentive probe: AIM's attention-pooling classifier on frozen tokens (2401.08541, Sec. 4 and App. D),
-as ``apple/ml-aim`` ``aim/v1/torch/layers.py`` defines it, on tokens extracted once (``features.py``).
-
-The training recipe is ours (AIM App. D is not reproduced): AdamW, weight decay 0.05, warm-up then
-cosine, no augmentation. ``fast=True`` (default) fixes the BatchNorm's statistics once over all training
-tokens (what its running averages converge to) and trains ``FAST``; ``fast=False`` trains BatchNorm on
-batch statistics as ml-aim does, ``SLOW`` (docs/guide.md, "Probes").
+"""The attentive probe: AIM's attention-pooling classifier (2401.08541, Sec. 4) as ``apple/ml-aim``
+``aim/v1/torch/layers.py`` defines it, on tokens extracted once. The training recipe is ours (App. D is not
+reproduced): AdamW, cosine, no augmentation; ``fast=True`` (default) fixes the BatchNorm's statistics once
+over all training tokens (what its running averages converge to), ``fast=False`` trains them as ml-aim does.
 """
 
 from __future__ import annotations

@@ -43,9 +43,6 @@ class Swin(SwinTransformer):
     def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96,
                  depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
                  window_size: int = 7, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.0):
-        if img_size % patch_size:
-            raise ValueError(f"swin: image size {img_size} is not divisible by patch size {patch_size}; "
-                             f"choose --img-size as a multiple of --patch-size")
         check_swin_sizes(img_size, patch_size, window_size, len(depths))
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0,
                          embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(num_heads),

@@ -20,26 +20,16 @@ from .layers import Block, RelativePositionBias, fill_masked, init_weights_xavie
 
 
 class VisionTransformer(nn.Module):
-    def __init__(
-        self,
-        img_size: int = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        class_token: bool = True,
-        pos_embed: str = "sincos",  # sincos | learned | none
-        qkv_bias: str = "all",  # all | qv | none
-        bias: bool = True,  # bias in attn.proj and the MLP
-        patch_norm: bool = False,  # LayerNorm right after the patch projection (AIM)
-        patch_bias: bool | None = None,  # bias of the patch projection; None: ``bias``, and none before patch_norm
-        rel_pos_bias: bool | str = False,  # False/"none" | True/"shared" (one for all blocks, BEiT) | "per_block"
-        init_values: float | None = None,  # layer scale
-        drop_path_rate: float = 0.0,
-        weight_init: str = "xavier",  # xavier (MAE) | trunc_normal (BEiT)
-    ):
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, class_token: bool = True,
+                 pos_embed: str = "sincos",  # sincos | learned | none
+                 qkv_bias: str = "all",  # all | qv | none
+                 bias: bool = True,  # bias in attn.proj and the MLP
+                 patch_norm: bool = False,  # LayerNorm right after the patch projection (AIM)
+                 patch_bias: bool | None = None,  # the patch projection's; None: ``bias``, none before patch_norm
+                 rel_pos_bias: bool | str = False,  # False/"none" | True/"shared" (BEiT) | "per_block" (fine-tuning)
+                 init_values: float | None = None, drop_path_rate: float = 0.0,  # layer scale, stochastic depth
+                 weight_init: str = "xavier"):  # xavier (MAE) | trunc_normal (BEiT)
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}; "

@@ -1,10 +1,8 @@
 """SimMIM: a Simple Framework for Masked Image Modeling (Xie et al., 2111.09886).
 
-Section 3 of the paper, as ``microsoft/SimMIM`` (``models/simmim.py``, ``data/data_simmim.py``): random
-masking of coarse 32-px cells (3.1), an encoder that sees every patch with masked ones replaced by a
-mask token, a 1x1 conv + pixel shuffle head (3.3) and L1 on masked pixels (3.2). Backbones: the official
-BEiT-style ViT (``vit_flavour="beit"``), HF's plain ViT (``"plain"``), or timm's Swin (docs/methods.md
-section 4).
+Section 3 of the paper, as ``microsoft/SimMIM`` implements it: random masking of coarse 32-px cells (3.1),
+masked patches replaced by a mask token, a 1x1 conv + pixel shuffle head (3.3), L1 on masked pixels (3.2);
+the official BEiT-style ViT, HF's plain ViT (``vit_flavour="plain"``) or timm's Swin (docs/methods.md 4).
 """
 
 from __future__ import annotations

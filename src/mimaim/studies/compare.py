@@ -1,11 +1,7 @@
-"""``mimaim compare``: every objective on the same trunk, data, augmentation and budget.
-
-The question of the AIM paper (2401.08541, Sec. 5, Table 5): with all else fixed, does
-autoregressive pre-training probe better than masked image modelling? Each cell is an ordinary
-run directory ``OUT/<cell>/`` trained by ``pretrain`` (finished cells skipped, half-finished
-ones resumed), probed by ``probe_run`` with its objective's protocol and optionally fine-tuned;
-the budget is the same epochs or the same training FLOPs (``FlopCounterMode``, rounded to whole
-epochs). docs/guide.md ("Compare the objectives") describes the outputs.
+"""``mimaim compare``: every objective on the same trunk, data, augmentation and budget (epochs or training
+FLOPs), the question of the AIM paper (2401.08541, Sec. 5, Table 5): does autoregressive pre-training probe
+better than masked image modelling? Each cell is an ordinary run directory ``OUT/<cell>/`` (finished cells
+skipped, half-finished ones resumed), probed with its objective's protocol; docs/guide.md ("Compare").
 """
 
 from __future__ import annotations
