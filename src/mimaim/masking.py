@@ -1,11 +1,6 @@
-"""Masking rules as small pure functions.
-
-Each objective draws its per-sample masking *in the data pipeline* from a ``torch.Generator``
-seeded by (run seed, epoch, sample index), as the official BEiT and SimMIM datasets do: a
-sample's mask is then independent of batch size, process and worker count, so resumed and
-data-parallel runs reproduce a single-process run exactly.
-
-Conventions: a boolean mask of shape (N,) or (B, N) with True = masked / removed.
+"""Masking rules as small pure functions, drawn per sample in the data pipeline from a generator seeded by
+(run seed, epoch, sample index), as the BEiT and SimMIM datasets do, so resumed and data-parallel runs
+repeat a single-process run (docs/methods.md section 1). A mask is bool (N,) or (B, N), True = masked.
 """
 
 from __future__ import annotations
@@ -22,11 +17,8 @@ def mae_noise(num_patches: int, generator: torch.Generator | None = None) -> tor
 
 
 def random_masking(tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
-    """MAE's per-sample random masking by argsort of uniform noise, small noise kept (models_mae.py).
-
-    tokens (B, N, D), noise (B, N) -> visible (B, K, D), mask (B, N) float 1 = removed,
-    ids_restore (B, N); K = int(N * (1 - mask_ratio)).
-    """
+    """MAE's per-sample random masking by argsort of uniform noise, small noise kept (models_mae.py): tokens
+    (B, N, D), noise (B, N) -> visible (B, K = int(N * (1 - mask_ratio)), D), mask (B, N) 1 = removed, ids_restore."""
     B, N, D = tokens.shape
     len_keep = int(N * (1 - mask_ratio))
     if noise is None:
@@ -53,9 +45,10 @@ def check_simmim_mask_sizes(img_size: int, mask_patch_size: int, model_patch_siz
     if mask_patch_size <= 0 or img_size % mask_patch_size:
         divisors = [d for d in range(model_patch_size, img_size + 1, model_patch_size) if img_size % d == 0]
         raise ValueError(f"simmim.mask_patch_size {mask_patch_size} does not divide the image size {img_size}; "
-                         f"choose a mask patch size that divides it and is a multiple of the model patch size "
-                         f"{model_patch_size} (one of {', '.join(map(str, divisors))}), e.g. --set objective.mask_patch_size="
-                         f"{divisors[-1] if divisors else model_patch_size}, or change --img-size")
+                         "choose a mask patch size that divides it and is a multiple of the model patch size "
+                         f"{model_patch_size} (one of {', '.join(map(str, divisors))}), e.g. --set "
+                         f"objective.mask_patch_size={divisors[-1] if divisors else model_patch_size}, or change "
+                         "--img-size")
     if mask_patch_size % model_patch_size:
         raise ValueError(f"simmim.mask_patch_size {mask_patch_size} is not a multiple of the model patch size "
                          f"{model_patch_size}: a mask cell must cover whole patches. Choose a multiple of "
@@ -65,14 +58,8 @@ def check_simmim_mask_sizes(img_size: int, mask_patch_size: int, model_patch_siz
 
 def simmim_mask(img_size: int, mask_patch_size: int, model_patch_size: int, mask_ratio: float,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """SimMIM's random masking of coarse cells (paper section 3.1, ``MaskGenerator``).
-
-    The image is cut into (img_size / mask_patch_size)^2 cells; ceil(cells * mask_ratio) of
-    them, picked by a random permutation, are masked, and each cell is repeated onto the
-    model's token grid (a 32-px cell covers 2x2 ViT/16 tokens or 8x8 Swin/4 tokens).
-    Returns (N,) bool, True = masked, in raster order over the (img_size / model_patch_size)^2
-    token grid.
-    """
+    """SimMIM's random masking of coarse cells (paper section 3.1, ``MaskGenerator``): ceil(cells * mask_ratio)
+    cells picked by a random permutation, each repeated onto the model's token grid -> (N,) bool."""
     check_simmim_mask_sizes(img_size, mask_patch_size, model_patch_size)
     cells_per_side = img_size // mask_patch_size
     scale = mask_patch_size // model_patch_size
@@ -90,19 +77,10 @@ def simmim_mask(img_size: int, mask_patch_size: int, model_patch_size: int, mask
 def blockwise_mask(grid_size: tuple[int, int], num_masking_patches: int, min_num_patches: int = 16,
                    max_num_patches: int | None = None, min_aspect: float = 0.3, max_aspect: float | None = None,
                    generator: torch.Generator | None = None, blocks: list | None = None) -> torch.Tensor:
-    """BEiT's blockwise masking (paper Algorithm 1, as unilm ``beit/masking_generator.py`` codes it).
-
-    Rectangular blocks are added until ``num_masking_patches`` are masked. Each block gets
-    up to 10 tries: area ~ U(min_num_patches, remaining), aspect = exp(U(log min_aspect,
-    log max_aspect)), h = round(sqrt(area * aspect)), w = round(sqrt(area / aspect)), kept
-    only if h < H and w < W (strictly) and it masks between 1 and ``remaining`` new patches.
-    Masking stops at the budget or when a block adds nothing, so a mask may end *under*
-    the budget but never over it (the paper's "until > 0.4N" is not what the code does).
-
-    Draws come from ``generator`` in place of Python's ``random`` (``uniform(a, b)`` is
-    a + (b - a) U[0, 1), ``randint(0, n)`` includes n). Returns (N,) bool in raster order,
-    True = masked. ``blocks``, if a list, receives one dict per accepted block, for tests.
-    """
+    """BEiT's blockwise masking (paper Algorithm 1, as unilm ``beit/masking_generator.py`` codes it): blocks
+    of area ~ U(min_num_patches, remaining) and log-uniform aspect, up to 10 tries each, until the budget;
+    a mask may end under the budget, never over it (the code, not the paper's "until > 0.4N"). Draws come
+    from ``generator`` in place of Python's ``random``; ``blocks``, if a list, receives each accepted block."""
     H, W = grid_size
     max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
     max_aspect = max_aspect or 1.0 / min_aspect

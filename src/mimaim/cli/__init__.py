@@ -1,8 +1,5 @@
-"""Command line: argument parsing and sub-commands only; the work lives in the library.
-
-Building the parser imports no torch: each command module declares its flags from the settings'
-dataclasses (``config.py``, ``eval/recipes.py``) and imports the library when it runs.
-"""
+"""Command line: argument parsing and sub-commands only; the work lives in the library. Building the parser
+imports no torch: each command module imports the library when it runs."""
 
 from __future__ import annotations
 

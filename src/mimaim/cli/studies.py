@@ -1,14 +1,11 @@
-"""``mimaim compare`` and ``mimaim scale``: grids of ordinary runs (the work is in ``studies/``).
-
-Every cell's pre-training settings are ``PretrainConfig`` fields (flags generated from them, ``--set``
-for the rest); ``--set finetune.KEY=VALUE`` sets compare's fine-tuning recipe (``FinetuneConfig``).
-"""
+"""``mimaim compare`` and ``mimaim scale``: grids of ordinary runs (the work is in ``studies/``); every cell's
+settings are ``PretrainConfig`` fields, ``--set finetune.KEY=VALUE`` sets compare's ``FinetuneConfig``."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..config import ConfigError, PretrainConfig, convert, load_yaml, parse_overrides
+from ..config import ConfigError, PretrainConfig, convert, load_yaml, parse_overrides, resolve_config
 from ..studies import SAME_CROP_SCALE, VARIANTS
 from .options import add_fields, given
 
@@ -31,7 +28,7 @@ def _add_run_options(p: argparse.ArgumentParser, default_model: str) -> None:
                         "compare's fine-tuning: --set finetune.blr=1e-3 (repeatable)")
     g = p.add_argument_group("probes and output")
     g.add_argument("--out", required=True, help="results folder; every cell is a run directory OUT/<cell>/")
-    g.add_argument("--probes", help="comma-separated probes (default: linear, attentive if installed, knn)")
+    g.add_argument("--probes", help="comma-separated probes (default: linear, attentive, knn; scale: linear, knn)")
     g.add_argument("--layers", help="blocks averaged for probe features, e.g. -6,-5,-4,-3,-2,-1 (default: "
                                     "each objective's probe protocol; stages for a Swin)")
     g.add_argument("--device", default="cpu", help="device for probes and fine-tuning (pre-training: --set device=)")
@@ -41,8 +38,6 @@ def _add_run_options(p: argparse.ArgumentParser, default_model: str) -> None:
 
 def _base(args, default_model: str) -> tuple[dict, dict]:
     """(PretrainConfig fields of every cell: defaults < --config < flags < --set, checked; --set finetune.*)."""
-    from ..config import resolve_config
-
     preset = load_yaml(args.config) if args.config else {}
     preset.setdefault("model", default_model)
     flags = {**given(args, args.fields), **parse_overrides(args.overrides)}
@@ -98,7 +93,7 @@ def add_parser(sub) -> None:
         "compare", help="pre-train and probe several objectives with the same trunk, data, augmentation and budget",
         formatter_class=FORMATTER,
         description="Pre-train every objective in --objectives with the same backbone, data and budget, probe each "
-                    "(linear, attentive if installed, k-NN) on the held-out split beside a random-init row, and "
+                    "(linear, attentive, k-NN) on the held-out split beside a random-init row, and "
                     "write OUT/results.csv, OUT/results.md, OUT/loss_curves.png and OUT/probe_accuracy.png. Every "
                     "cell is an ordinary run directory OUT/<cell>/: re-running the same command skips finished "
                     "cells and resumes a half-finished one.\n\n"

@@ -1,11 +1,7 @@
-"""Checkpoints that survive a crash or a ``kill -9``.
-
-A checkpoint is a folder ``checkpoints/step-00001234/`` holding ``model.safetensors`` (the
-objective's weights), ``state.pt`` (optimiser, RNG states, step, epoch) and ``run.json`` (the
-run record, ``engine/runs.py``). All are written into a hidden temporary folder, flushed to
-disk, and the folder is renamed into place in one atomic step: a reader sees a whole
-checkpoint or none. Loading uses safetensors and ``torch.load(weights_only=True)``, which never
-unpickles arbitrary objects.
+"""Checkpoints that survive a crash or a ``kill -9``: ``checkpoints/step-N/`` (``model.safetensors``,
+``state.pt``: optimiser, RNG, step; ``run.json``: the run record) is written into a hidden folder,
+flushed, and renamed into place in one atomic step, so a reader sees a whole checkpoint or none.
+Loading never unpickles arbitrary objects (safetensors, ``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations

@@ -1,23 +1,11 @@
-"""Sharded checkpoints for FSDP runs, through ``torch.distributed.checkpoint`` (DCP).
+"""Sharded checkpoints for ``--strategy fsdp`` through ``torch.distributed.checkpoint`` (DCP).
 
-Under ``--strategy fsdp`` no rank holds the whole model: every rank writes its shard of the
-weights and AdamW moments into one folder, and DCP's ``.metadata`` records which slice of
-which tensor each file holds::
-
-    checkpoints/step-00001234/
-        .metadata          the index (tensor shapes, dtypes, who wrote which slice)
-        __0_0.distcp ...   one file per rank: its shards of "model.*" and "optimizer.*"
-        state.pt           step, epoch, RNG states (rank 0)
-        run.json           the run record (``runs.run_record``)
-
-As in ``checkpoint.py``, the folder is renamed into place by rank 0 once every rank has
-written and flushed its files (with several nodes it must be on a shared filesystem). A
-checkpoint written by N processes loads into M (resharding), M = 1 without a process group
-included; :func:`consolidated_weights` gives a plain ``{name: tensor}`` dict on one process.
-
-Loading never unpickles arbitrary objects: the index is read by an unpickler that admits only
-DCP's metadata classes and torch's size/dtype types, and non-tensor entries (the optimiser's
-hyper-parameters) go through ``torch.load(weights_only=True)``.
+Every rank writes its shard of the weights and AdamW moments into ``checkpoints/step-N/`` (DCP's
+``.metadata`` index and one ``.distcp`` file per rank; ``state.pt`` and ``run.json`` from rank 0),
+renamed into place by rank 0 once all are flushed, as in ``checkpoint.py`` (several nodes need a
+shared filesystem). N writers load into M processes, M = 1 without a process group included.
+Loading never unpickles arbitrary objects: the index goes through an unpickler that admits only
+DCP's metadata classes, other entries through ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -40,8 +28,8 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from .checkpoint import PREFIX, RECORD_FILE, CheckpointError, check_weights_fit, prune, publish
+from .checkpoint import SHARDED_INDEX as METADATA_FILE
 
-METADATA_FILE = ".metadata"
 STATE_FILE = "state.pt"
 MODEL_KEY, OPTIMIZER_KEY = "model", "optimizer"
 

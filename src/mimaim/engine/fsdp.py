@@ -1,20 +1,7 @@
-"""How the objective runs on several processes: ONE call, ``parallelize``, wraps it.
-
-``ddp`` (the default) keeps a whole replica per process (``DistributedDataParallel``). ``fsdp``
-shards parameters, gradients and optimiser state with PyTorch's FSDP2 ``fully_shard``, the
-way torchtitan and apple/ml-l3m apply it:
-
-* one FSDP unit per transformer block (``transformer_blocks``), then the root (the whole
-  objective): a rank holds its 1/N share of everything plus one block in full;
-* on CUDA with bf16, ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``: bf16
-  all-gathered copies, fp32 gradient reduction, fp32 sharded master weights and AdamW moments;
-  the root does not cast its inputs (images and MAE's masking noise stay fp32);
-* the wrappers in a fixed order: activation checkpointing (inside each block's ``forward``, so
-  parameter names do not change), then ``--compile`` per block (as torchtitan: small graphs,
-  FSDP's hooks outside them), then ``fully_shard`` of each block and of the root.
-
-Sharding replaces every parameter by a DTensor in place: build the optimiser after
-``parallelize``. A sharded model's checkpoints are written by every rank (``engine/dcp.py``).
+"""How the objective runs on several processes: ONE call, ``parallelize``, wraps it: ``ddp`` (default) a
+replica per process; ``fsdp`` FSDP2 ``fully_shard`` as torchtitan and apple/ml-l3m apply it (a unit per
+block, then the root; on CUDA bf16 all-gathers, fp32 reduction and master weights), with checkpointing
+and ``--compile`` inside the units, so parameter names never change. Build the optimiser after it.
 """
 
 from __future__ import annotations
@@ -51,11 +38,8 @@ def parallelize(objective: nn.Module, cfg, device: torch.device, dist_info: Dist
 
 
 def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The repeated blocks in forward order: children of every ``*blocks`` list.
-
-    ``encoder.blocks.*`` (ViT), ``decoder_blocks.*`` (MAE), ``head.blocks.*`` (AIM),
-    ``encoder.layers.i.blocks.*`` (Swin): the FSDP units and the checkpointed regions.
-    """
+    """The FSDP units and checkpointed regions, in forward order: children of every ``*blocks`` list
+    (``encoder.blocks``, MAE's ``decoder_blocks``, a Swin's ``layers.i.blocks``)."""
     found = []
     for name, module in model.named_modules():
         if name.split(".")[-1].endswith(BLOCK_LIST_SUFFIX) and isinstance(module, (nn.ModuleList, nn.Sequential)):
@@ -95,11 +79,8 @@ def mixed_precision_policy(device: torch.device, precision: str, root: bool = Fa
 
 def shard_objective(objective: nn.Module, device: torch.device, precision: str = "auto",
                     activation_checkpointing: bool = False, compile: bool = False, mesh=None) -> nn.Module:
-    """Apply checkpointing, per-block compile and FSDP2 to ``objective`` (already on ``device``) in place.
-
-    Under torchrun the process group exists; a single process without one joins a one-rank
-    group, so that one GPU runs the very code (and writes the very checkpoints) N GPUs do.
-    """
+    """Apply checkpointing, per-block compile and FSDP2 to ``objective`` (on ``device``) in place; a single
+    process joins a one-rank group, so that one GPU runs the very code (and checkpoints) N GPUs do."""
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,

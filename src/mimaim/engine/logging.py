@@ -12,7 +12,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path | None, enabled: bool = True):
         self.enabled = enabled and run_dir is not None
-        self._csv = self._writer = self._tb = None
+        self._csv = self._tb = None
         self._fields: list[str] | None = None
         if not self.enabled:
             return

@@ -1,9 +1,5 @@
-"""AdamW parameter groups and the learning-rate schedules.
-
-* ``cosine``: MAE's ``util/lr_sched.py`` (linear warm-up, then half-cosine to ``min_lr``).
-* ``multistep``: SimMIM's ``MultiStepLRScheduler`` (``lr_scheduler.py``) as its 800-epoch
-  recipes use it: linear warm-up, the peak held flat, then multiplied by ``gamma`` at each
-  milestone (``MULTISTEPS: [700]``, ``GAMMA: 0.1``); see docs/methods.md section 4.
+"""AdamW parameter groups and the learning-rate schedules: ``cosine`` (MAE's ``util/lr_sched.py``) and
+``multistep`` (SimMIM's ``MultiStepLRScheduler``: warm-up, flat, x ``gamma`` per milestone); docs/methods.md 1.
 """
 
 from __future__ import annotations
@@ -25,16 +21,13 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float, no_decay_na
             no_decay.append(param)
         else:
             decay.append(param)
-    return [
-        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
-        {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-    ]
+    return [{"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+            {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0}]
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95),
                     no_decay_names: set[str] = frozenset()) -> torch.optim.Optimizer:
-    groups = param_groups_weight_decay(model, weight_decay, no_decay_names)
-    groups = [g for g in groups if g["params"]]
+    groups = [g for g in param_groups_weight_decay(model, weight_decay, no_decay_names) if g["params"]]
     # the fused kernel is ~3x faster than the per-parameter loop on CPU as well as on CUDA
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
 

@@ -1,18 +1,7 @@
-"""The pre-training loop: plain PyTorch, readable top to bottom.
-
-    setup       build the objective (``--init`` weights for a new run) and data; wrap the model once
-                (``parallelize``; FSDP shards it in place), then AdamW; restore the newest checkpoint
-                when resuming (safetensors, or sharded under FSDP)
-    train_step  lr from the schedule; for each of accum_steps micro-batches: loss under autocast,
-                (loss / accum_steps).backward(); ONE sync: is the step's loss finite? then clip,
-                optimizer.step(), objective.after_optimizer_step()
-    log         every log_every steps, one sync: mean loss, images/s, skipped images
-    checkpoint  every save_every steps and at each epoch's end, atomically (weights checked finite);
-                rank 0 writes it, or every rank its shard when the model is sharded (dcp.py)
-    diverged    a non-finite loss stops the run; checkpoints written as it blew up are set aside
-
-Everything objective-specific lives behind ``Objective`` (objectives/base.py); the multi-process
-wrapper behind ``parallelize`` (fsdp.py); data in pipeline.py; bookkeeping in meters.py.
+"""The pre-training loop, plain PyTorch: ``setup`` (objective, data, ``parallelize``, AdamW, restore),
+``train_step`` (micro-batches under autocast, one finiteness sync per step, clip, step), a log line
+every ``log_every`` steps and atomic checkpoints (``checkpoint.py``; every rank its shard under FSDP,
+``dcp.py``). A non-finite loss stops the run and sets aside the checkpoints written as it blew up.
 """
 
 from __future__ import annotations
@@ -130,10 +119,8 @@ def train(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
 
 def train_step(run: Run, cfg: PretrainConfig, batches, step: int, device: torch.device, info: DistInfo,
                bad: BadImages) -> tuple[torch.Tensor, bool]:
-    """Optimiser step ``step`` over ``accum_steps`` micro-batches -> (mean loss tensor, finite).
-
-    The loss is averaged over processes, so that all agree; a non-finite step returns before
-    clipping and the optimiser touch the weights, so it never reaches a checkpoint."""
+    """Optimiser step ``step`` over ``accum_steps`` micro-batches -> (loss averaged over processes, finite);
+    a non-finite step returns before clipping and the optimiser touch the weights."""
     spe = run.steps_per_epoch
     set_lr(run.optimizer, lr_at(step / spe, cfg.effective_lr(), cfg.min_lr, cfg.warmup_epochs, cfg.epochs,
                                 cfg.schedule, cfg.milestones, cfg.lr_gamma))
@@ -277,12 +264,9 @@ SPIKE = 10.0
 
 def diverged(run_dir: Path, losses: torch.Tensor, start_step: int, step: int, spe: int, what,
              is_main: bool = True) -> str:
-    """Set aside the checkpoints written after the blow-up began; explain how to continue.
-
-    A checkpoint at step s holds the weights that step s's forward pass used; it is kept only if
-    that loss was finite and below ``SPIKE`` x the median of this session's losses before it.
-    Set-aside checkpoints are renamed ``diverged-step-N`` (a resumed run never reads them).
-    """
+    """Rename the checkpoints written after the blow-up began ``diverged-step-N`` (a resumed run never reads
+    them: step s's checkpoint is kept if step s's loss was finite and below ``SPIKE`` x the median before it);
+    -> the message saying how to continue."""
     history = losses.tolist()
     set_aside = []
     for ckpt in reversed(list_checkpoints(run_dir / "checkpoints")):

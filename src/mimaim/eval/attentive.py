@@ -1,18 +1,7 @@
-"""The attentive probe: AIM's attention-pooling classifier on frozen tokens (2401.08541, Sec. 4 and App. D).
-
-``AttentionPoolingClassifier`` as ``apple/ml-aim`` ``aim/v1/torch/layers.py`` defines it:
-BatchNorm1d over channels (``affine=False``, eps 1e-6); one learned query, N(0, 0.02), split
-into the trunk's ``num_heads`` heads; bias-free per-head key and value projections of the
-tokens; scaled dot-product attention of the query over all tokens; a bias-free linear
-classifier. It runs on tokens extracted once from the frozen trunk (``features.py``; no mask);
-a cls token (MAE) is one of the pooled tokens.
-
-Training recipe (AIM App. D is not reproduced here; these are our choices): AdamW, weight
-decay 0.05, linear warm-up then cosine, batch 256, no augmentation. ``fast=True`` (default)
-fixes the BatchNorm's statistics once over all training tokens (what its running averages
-converge to) and standardises every token once, then trains ``FAST``; ``fast=False`` trains
-BatchNorm on batch statistics as ml-aim does, ``SLOW``. On digits the two agree within 4
-points (``tests/test_attentive_probe.py``).
+"""The attentive probe: AIM's attention-pooling classifier (2401.08541, Sec. 4) as ``apple/ml-aim``
+``aim/v1/torch/layers.py`` defines it, on tokens extracted once. The training recipe is ours (App. D is not
+reproduced): AdamW, cosine, no augmentation; ``fast=True`` (default) fixes the BatchNorm's statistics once
+over all training tokens (what its running averages converge to), ``fast=False`` trains them as ml-aim does.
 """
 
 from __future__ import annotations
@@ -55,11 +44,8 @@ class AttentionPoolingClassifier(nn.Module):
         return out.transpose(1, 2).reshape(B, D)
 
     def pool_fast(self, x: torch.Tensor, normalized: bool = False) -> torch.Tensor:
-        """The same read-out without projecting every token: O(B T D H + B D^2) instead of O(B T D^2).
-
-        With one query, q . (W_k x_t) = (W_k^T q) . x_t and sum_t a_t W_v x_t = W_v sum_t a_t x_t: two
-        plain matrix products over contiguous tokens, which is what makes it fast on a CPU.
-        """
+        """The same read-out without projecting every token, O(B T D H + B D^2): with one query,
+        q . (W_k x_t) = (W_k^T q) . x_t and sum_t a_t W_v x_t = W_v sum_t a_t x_t."""
         B, T, D = x.shape
         H, dh = self.num_heads, D // self.num_heads
         if not normalized:
@@ -124,11 +110,8 @@ FAST = dict(epochs=15, batch_size=256, base_lr=8e-3, warmup_epochs=1.5)
 def attentive_probe(train: dict, val: dict, num_classes: int, num_heads: int = 1, epochs: int | None = None,
                     batch_size: int | None = None, base_lr: float | None = None, weight_decay: float = 0.05,
                     warmup_epochs: float | None = None, seed: int = 0, fast: bool = True, **_) -> float:
-    """Fit on ``train["tokens"]`` (N, T, D), report top-1 (%) on ``val["tokens"]``.
-
-    ``fast`` picks the fit and its recipe (module docstring); explicit ``epochs`` / ``batch_size`` /
-    ``base_lr`` / ``warmup_epochs`` override the recipe's.
-    """
+    """Fit on ``train["tokens"]`` (N, T, D), report top-1 (%) on ``val["tokens"]``; ``fast`` picks the fit and
+    its recipe (module docstring); explicit ``epochs``, ``batch_size``, ``base_lr``, ``warmup_epochs`` win."""
     recipe = FAST if fast else SLOW
     given = dict(epochs=epochs, batch_size=batch_size, base_lr=base_lr, warmup_epochs=warmup_epochs)
     epochs, batch_size, base_lr, warmup_epochs = (recipe[k] if v is None else v for k, v in given.items())

@@ -1,11 +1,6 @@
-"""Frozen-encoder features for probes, extracted once and cached.
-
-Features come from the backbone contract alone (``forward_features`` and timm's
-``forward_intermediates``), following each objective's *probe protocol* (``ProbeProtocol``,
-docs/methods.md sec. 7): ``layers=None`` reads the last block, ``layers=[i, j, ...]`` averages
-those blocks (stages for a Swin; AIM: the last 6, as ml-aim's ``AverageLayers``), each after
-the final LayerNorm when ``norm``; no later block runs. ``pool`` reads the cls token or the
-mean of the patch tokens; ``tokens`` keeps every token (attentive probe) in bfloat16.
+"""Frozen-encoder features for probes, extracted once and cached, as an objective's ``ProbeProtocol``
+says (docs/methods.md sec. 7): the last block or the mean of ``layers`` (AIM: ml-aim's ``AverageLayers``),
+each after the final norm when ``norm``, pooled by cls or patch mean; all tokens in bf16 on request.
 """
 
 from __future__ import annotations
@@ -23,9 +18,7 @@ POOLS = ("cls", "mean")
 
 def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, pool: str = "mean") -> torch.Tensor:
     """(B, T, D) -> (B, D): the cls token (``pool="cls"``) or the mean of patch tokens (``"mean"``)."""
-    if pool not in POOLS:
-        raise ValueError(f"pool must be 'cls' or 'mean'; got {pool!r}")
-    if pool == "cls":
+    if pool == "cls":  # probe_run.resolve_protocol has checked the name
         if num_prefix_tokens == 0:
             raise ValueError("pool 'cls' needs a backbone with a cls token, and this one has none; "
                              "probe it with --pool mean")

@@ -1,13 +1,7 @@
 """``mimaim finetune``: end-to-end fine-tuning of a pre-trained encoder, as MAE (2111.06377, App. A.1)
-fine-tunes in ``main_finetune.py`` / ``models_vit.py`` / ``lr_decay.py``.
-
-Two recipes (``FinetuneConfig(recipe=...)``; a flag set explicitly wins over the recipe): ``paper``,
-MAE's ImageNet recipe (Table 9), and ``quick`` (the default), the same model, optimiser and
-layer-wise lr decay sized for small data and a few hundred steps, with an affine-free BatchNorm in
-front of the head as MAE's linear probe has: with the paper recipe a head initialised at std 2e-5
-cannot grow in ~100 steps (docs/results.md, "Fine-tuning"). The head reads the global average of
-the patch tokens through ``fc_norm``; position tables and relative-bias tables are carried over and
-resized as docs/methods.md section 7 lists, with the departures stated there.
+fine-tunes in ``main_finetune.py`` / ``models_vit.py`` / ``lr_decay.py``: global-pool head, layer-wise
+lr decay, tables resized as docs/methods.md section 7 lists. Recipes ``paper`` (MAE's Table 9) and
+``quick`` (small data, a BatchNorm before the head: docs/results.md, "Fine-tuning").
 """
 
 from __future__ import annotations
@@ -37,23 +31,16 @@ from .recipes import FinetuneConfig
 # --------------------------------------------------------------------------- position tables
 def resize_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int],
                      num_prefix_tokens: int, kind: str = "learned") -> torch.Tensor:
-    """(1, prefix + h*w, D) -> (1, prefix + h'*w', D) for a new patch grid.
-
-    ``kind="sincos"``: the fixed table is recomputed for the new grid (what MAE would have
-    built at that size); ``kind="learned"``: timm's ``resample_abs_pos_embed`` (bicubic,
-    prefix rows kept).
-    """
+    """(1, prefix + h*w, D) -> (1, prefix + h'*w', D) for a new patch grid: a ``sincos`` table is
+    recomputed (what MAE would have built at that size), a ``learned`` one resampled by timm (bicubic)."""
     from timm.layers import resample_abs_pos_embed
 
     old_grid, new_grid = tuple(old_grid), tuple(new_grid)
-    D = pos_embed.shape[-1]
     if pos_embed.shape[1] != num_prefix_tokens + old_grid[0] * old_grid[1]:
         raise ValueError(f"position table of {pos_embed.shape[1]} rows does not match a {old_grid} grid "
                          f"with {num_prefix_tokens} prefix token(s)")
     if kind == "sincos":
-        return sincos_2d(D, new_grid, num_prefix_tokens)[None].to(pos_embed)
-    if kind != "learned":
-        raise ValueError(f"kind must be sincos or learned, got {kind!r}")
+        return sincos_2d(pos_embed.shape[-1], new_grid, num_prefix_tokens)[None].to(pos_embed)
     if old_grid == new_grid:
         return pos_embed
     return resample_abs_pos_embed(pos_embed, list(new_grid), list(old_grid), num_prefix_tokens=num_prefix_tokens)
@@ -74,15 +61,9 @@ def resize_rel_pos_bias_table(table: torch.Tensor, old_grid: tuple[int, int],
 
 # --------------------------------------------------------------------------- layer-wise decay
 def layer_id(name: str, depth: int, depths: tuple[int, ...] | None = None) -> int:
-    """Layer id of a ``Classifier`` parameter for layer-wise decay (MAE ``get_layer_id_for_vit``,
-    SimMIM ``get_swin_layer`` with ``depths``).
-
-    ViT: id 0 = cls / position table / patch embedding (and AIM's ``patch_norm``); block i ->
-    i + 1, including its own relative-bias table; everything else -> depth + 1. Swin (timm
-    names): ``layers.s.blocks.b`` -> (blocks before stage s) + b + 1; the patch merging at the
-    start of stage s (``layers.s.downsample``; SimMIM's Swin has it at the end of stage s - 1)
-    -> the id of stage s - 1's last block.
-    """
+    """Layer id of a ``Classifier`` parameter for layer-wise decay (MAE ``get_layer_id_for_vit``; SimMIM
+    ``get_swin_layer`` with ``depths``): 0 for the embeddings, block i -> i + 1, the rest -> depth + 1; a
+    Swin's patch merging before stage s takes the id of stage s - 1's last block (SimMIM's place for it)."""
     name = name.removeprefix("encoder.")
     if name in ("cls_token", "pos_embed", "mask_token", "absolute_pos_embed") or \
             name.startswith(("patch_embed", "patch_norm")):
@@ -99,12 +80,8 @@ def layer_id(name: str, depth: int, depths: tuple[int, ...] | None = None) -> in
 
 
 def param_groups_lrd(model: "Classifier", weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW groups per (layer id, decay or not) from timm's ``param_groups_layer_decay``.
-
-    Each group has ``lr_scale = layer_decay ** (depth + 1 - id)`` and ``weight_decay``; no
-    decay on 1-D parameters and ``model.no_weight_decay()``. Each group also lists its
-    parameter ``names`` (for inspection; dropped before the optimiser sees them).
-    """
+    """timm's ``param_groups_layer_decay`` (``lr_scale = layer_decay ** (depth + 1 - id)``), each group
+    also listing its parameter ``names`` (dropped before the optimiser sees them)."""
     from timm.optim import param_groups_layer_decay
 
     groups = param_groups_layer_decay(model, weight_decay=weight_decay,

@@ -1,10 +1,7 @@
 """``mimaim probe``: freeze a run's encoder and probe it beside the same architecture at random init.
 
-A run is read only through its checkpoint and the backbone contract
-(``engine.runs.open_backbone`` / ``build_backbone``): the objective, its heads and its
-tokenizer are never built. Features follow the objective's declared probe protocol
-(``Objective.probe_protocol``: pool, layers, norm, with its source; docs/methods.md sec. 7)
-unless ``pool`` / ``layers`` / ``norm`` override it.
+The run is read through its backbone alone (``engine.runs.open_backbone``; no objective, head or
+tokenizer), with the objective's probe protocol (docs/methods.md sec. 7) unless overridden.
 """
 
 from __future__ import annotations

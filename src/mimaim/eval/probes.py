@@ -1,16 +1,7 @@
-"""Probes on frozen features: linear (MAE protocol) and k-NN (DINO protocol).
-
-Both run on features extracted once (``features.py``), so they take seconds.
-
-* Linear: BatchNorm1d without affine parameters, then a Linear layer (init truncated
-  normal std 0.01), trained with SGD momentum 0.9, lr 0.1 x batch/256, no weight decay,
-  cosine schedule with warm-up, as MAE's ``main_linprobe.py``. Departure: MAE uses LARS
-  and random-resized-crop augmentation for 90 epochs; here the features are cached
-  from the evaluation view, so there is no augmentation and plain SGD suffices.
-* k-NN: cosine similarity of l2-normalised features, k = 20 neighbours, votes weighted by
-  exp(sim / 0.07) (DINO's weighted k-NN).
-
-More probes register with ``register_probe`` (the attentive probe does).
+"""Probes on features extracted once (``features.py``): linear (MAE ``main_linprobe.py``: affine-free
+BatchNorm + Linear, SGD, cosine; departure: cached features of the evaluation view, so no augmentation
+and plain SGD instead of LARS) and k-NN (DINO's weighted k-NN, k = 20, T = 0.07). More probes register
+with ``register_probe`` (the attentive probe does).
 """
 
 from __future__ import annotations
@@ -53,10 +44,6 @@ def register_probe(name: str, needs_tokens: bool = False):
         _PROBES[name] = ProbeSpec(name, fn, needs_tokens)
         return fn
     return wrap
-
-
-def list_probes() -> list[str]:
-    return list(_PROBES)
 
 
 def get_probe(name: str) -> ProbeSpec:

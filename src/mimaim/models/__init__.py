@@ -1,10 +1,5 @@
-"""Backbones: the shared ViT, the timm Swin adapter, and a registry.
-
-Every backbone honours one contract so that objectives and probes never care which one
-they hold: attributes ``embed_dim``, ``num_patches``, ``grid_size``, ``patch_size``,
-``num_prefix_tokens``, ``depth``, ``num_heads``; methods ``embed``, ``forward_tokens``,
-``forward_features`` and timm's ``forward_intermediates`` (block outputs; see ``vit.py``).
-"""
+"""Backbones: the shared ViT, the timm Swin adapter, and a registry; both honour the contract in ``vit.py``,
+so objectives and probes never care which one they hold."""
 
 from .layers import Attention, Block, patchify, pixel_targets, sincos_2d, unpatchify
 from .registry import create_model, list_models, model_family, register_model

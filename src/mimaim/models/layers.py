@@ -1,8 +1,5 @@
-"""Small layers shared by every backbone and objective.
-
-Pure functions first (pixel patches and targets, sin-cos tables, relative position
-indices), then the attention and block modules. Shapes: B = batch, N = patches,
-T = tokens (patches plus prefix tokens such as cls), D = width, p = patch size.
+"""Small layers shared by every backbone and objective: pixel patches and targets, sin-cos tables, relative
+position bias, attention and the block. Shapes: B batch, N patches, T tokens (N + prefix), D width, p patch.
 """
 
 from __future__ import annotations
@@ -158,13 +155,9 @@ class RelativePositionBias(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through ``F.scaled_dot_product_attention``.
-
-    ``qkv_bias``: "all" (MAE/ViT), "qv" (BEiT: k bias fixed at zero) or "none" (AIM). ``attn_mask``:
-    boolean (True = may attend) or additive, or a flex-attention ``BlockMask`` (AIM on CUDA).
-    ``rel_pos_bias``: an additive (heads, T, T) bias, plus the block's own table over ``rel_pos_grid``
-    and cls when given (BEiT's per-block mode, named ``blocks.i.attn.relative_position_bias_table``).
-    """
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``: ``qkv_bias`` "all" (MAE),
+    "qv" (BEiT: no k bias) or "none" (AIM); ``attn_mask`` boolean (True = may attend), additive or a flex
+    ``BlockMask``; an additive ``rel_pos_bias``, plus the block's own table when ``rel_pos_grid`` is given."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: str = "all", proj_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, rel_pos_grid: tuple[int, int] | None = None):

@@ -1,8 +1,5 @@
-"""A registry of backbones in timm's vocabulary: ``create_model('vit_tiny', img_size=32, patch_size=4)``.
-
-A model name fixes the shape (width, depth, heads); everything else (image and patch size,
-and the flavour an objective asks for: cls token, position table, biases) is passed in.
-"""
+"""A registry of backbones in timm's vocabulary: ``create_model('vit_tiny', img_size=32, patch_size=4)``; a
+name fixes the shape (width, depth, heads), the rest (sizes, an objective's flavour) is passed in."""
 
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
-"""Swin Transformer (Liu et al., 2103.14030), SimMIM's second backbone: timm's ``SwinTransformer``
-behind the backbone contract of ``vit.py``.
-
-``embed`` applies the patch conv **and its LayerNorm**, then the mask token (SimMIM and HF put
-it after the patch norm); ``forward_tokens`` returns the final (H/32, W/32) grid's tokens in
-raster order (no prefix tokens); ``forward_intermediates`` is timm's (``indices`` count the 4
-stages). ``embed_dim`` is the first stage's width (the mask token's), ``num_features`` the last's.
-The window must fit every stage as the official Swin requires (it has no padding): each stage's
-grid is no larger than the window (which then shrinks and is not shifted) or a multiple of it.
+"""Swin Transformer (Liu et al., 2103.14030), SimMIM's second backbone: timm's ``SwinTransformer`` behind
+the backbone contract of ``vit.py``. The mask token goes in after the patch norm (as SimMIM and HF);
+``indices`` count stages; ``embed_dim`` is the first stage's width, ``num_features`` the last's.
 """
 
 from __future__ import annotations
@@ -44,18 +38,11 @@ def check_swin_sizes(img_size: int, patch_size: int, window_size: int, num_stage
 
 
 class Swin(SwinTransformer):
-    """timm's ``SwinTransformer`` (no classifier head) honouring mimaim's backbone contract.
-
-    The state dict keeps timm's names (``patch_embed.*``, ``layers.{i}.blocks.{j}.*``,
-    ``layers.{i}.downsample.*``, ``norm.*``), so timm Swin checkpoints load directly.
-    """
+    """timm's ``SwinTransformer`` without a classifier; timm's parameter names, so its checkpoints load."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96,
                  depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
                  window_size: int = 7, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.0):
-        if img_size % patch_size:
-            raise ValueError(f"swin: image size {img_size} is not divisible by patch size {patch_size}; "
-                             f"choose --img-size as a multiple of --patch-size")
         check_swin_sizes(img_size, patch_size, window_size, len(depths))
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0,
                          embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(num_heads),
@@ -95,13 +82,8 @@ class Swin(SwinTransformer):
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
                               return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """timm's ``SwinTransformer.forward_intermediates`` (stage outputs), with the ViT's signature.
-
-        ``indices`` count stages (None = all, int n = the last n); ``norm`` applies the final norm
-        to the last stage only. ``"NLC"`` flattens each (B, C, h, w) stage map to (B, h*w, C) in
-        raster order; ``return_prefix_tokens`` changes nothing (a Swin has none, as timm's ViT
-        without prefix tokens returns plain maps).
-        """
+        """timm's stage outputs with the ViT's signature (``norm`` on the last stage only; a Swin has no
+        prefix tokens, so ``return_prefix_tokens`` changes nothing)."""
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be NCHW or NLC, got {output_fmt!r}")
         out = super().forward_intermediates(x, indices=indices, norm=norm, stop_early=stop_early,

@@ -1,16 +1,10 @@
-"""The Vision Transformer every ViT-based objective and probe shares.
+"""The Vision Transformer every ViT-based objective and probe shares; constructor arguments choose the
+flavour of MAE, BEiT / SimMIM or AIM (docs/methods.md sections 1-5).
 
-One class covers the papers' flavours, chosen by constructor arguments: MAE (cls token,
-fixed 2-D sin-cos table, biased q/k/v, xavier init); BEiT / SimMIM-ViT (no absolute table,
-a relative position bias shared by all blocks, or one per block for fine-tuning as BEiT's
-``run_class_finetuning.py``, layer scale, q/v-only bias, trunc-normal init); AIM (no cls
-token, LayerNorm after the patch projection, no bias in any trunk Linear).
-
-The backbone contract (shared with the Swin adapter): ``embed(images, mask, mask_token)``
-(patch tokens plus absolute positions, masked patches first replaced by ``mask_token``),
-``forward_tokens(tokens, attn_mask, norm)`` (prefix tokens, the blocks, the final norm; MAE
-passes only its visible tokens), ``forward_features(images)`` (the unmasked path), and
-timm's ``forward_intermediates``, the one way to read block outputs (probes).
+The backbone contract (shared with the Swin adapter): attributes ``embed_dim``, ``num_patches``,
+``grid_size``, ``patch_size``, ``num_prefix_tokens``, ``depth``, ``num_heads``; ``embed`` (patch tokens
+plus positions, masked ones replaced first), ``forward_tokens`` (prefix tokens, blocks, final norm; MAE
+passes only its visible tokens), ``forward_features`` and timm's ``forward_intermediates`` (probes).
 """
 
 from __future__ import annotations
@@ -26,26 +20,16 @@ from .layers import Block, RelativePositionBias, fill_masked, init_weights_xavie
 
 
 class VisionTransformer(nn.Module):
-    def __init__(
-        self,
-        img_size: int = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        class_token: bool = True,
-        pos_embed: str = "sincos",  # sincos | learned | none
-        qkv_bias: str = "all",  # all | qv | none
-        bias: bool = True,  # bias in attn.proj and the MLP
-        patch_norm: bool = False,  # LayerNorm right after the patch projection (AIM)
-        patch_bias: bool | None = None,  # bias of the patch projection; None: ``bias``, and none before patch_norm
-        rel_pos_bias: bool | str = False,  # False/"none" | True/"shared" (one for all blocks, BEiT) | "per_block"
-        init_values: float | None = None,  # layer scale
-        drop_path_rate: float = 0.0,
-        weight_init: str = "xavier",  # xavier (MAE) | trunc_normal (BEiT)
-    ):
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, class_token: bool = True,
+                 pos_embed: str = "sincos",  # sincos | learned | none
+                 qkv_bias: str = "all",  # all | qv | none
+                 bias: bool = True,  # bias in attn.proj and the MLP
+                 patch_norm: bool = False,  # LayerNorm right after the patch projection (AIM)
+                 patch_bias: bool | None = None,  # the patch projection's; None: ``bias``, none before patch_norm
+                 rel_pos_bias: bool | str = False,  # False/"none" | True/"shared" (BEiT) | "per_block" (fine-tuning)
+                 init_values: float | None = None, drop_path_rate: float = 0.0,  # layer scale, stochastic depth
+                 weight_init: str = "xavier"):  # xavier (MAE) | trunc_normal (BEiT)
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}; "
@@ -183,16 +167,9 @@ class VisionTransformer(nn.Module):
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
                               return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """timm's ``VisionTransformer.forward_intermediates`` contract (timm 1.0).
-
-        ``indices``: None = all blocks, int n = the last n, a sequence = those blocks (negatives
-        from the end); intermediates come in block order, each the block's output with the
-        prefix tokens split off: (B, D, h, w) for ``output_fmt="NCHW"``, (B, N, D) for ``"NLC"``,
-        paired with the prefix (B, prefix, D) when ``return_prefix_tokens``. ``norm`` applies the
-        final LayerNorm to each; ``stop_early`` runs no block after the last one asked for.
-        Returns ``(final, intermediates)``, final = the last block run, normed, or the list alone
-        with ``intermediates_only``.
-        """
+        """timm's ``VisionTransformer.forward_intermediates`` contract (timm 1.0): the outputs of the blocks
+        ``indices`` names (None all, n the last n), prefix tokens split off (paired with them when
+        ``return_prefix_tokens``), after the final norm when ``norm``; ``(final, intermediates)``."""
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be NCHW or NLC, got {output_fmt!r}")
         take = self._take(indices)

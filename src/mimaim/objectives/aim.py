@@ -1,24 +1,9 @@
 """AIM: Scalable Pre-training of Large Autoregressive Image Models (El-Nouby et al., 2401.08541).
 
-Section 3 of the paper, with the trunk as ``apple/ml-aim`` releases it and training as
-``apple/ml-l3m`` does (docs/methods.md section 5):
-
-* **Trunk**: a ViT over *all* patches in raster order, no cls token, fixed sin-cos positions,
-  LayerNorm after the patch projection, no bias in any trunk Linear.
-* **Prefix-causal attention** (Fig. 3): per sample a prefix length S ~ U[1, N-1], bidirectional
-  attention inside it, causal after it; bidirectional downstream. ``attention="causal"``: S = 1.
-* **Objective** (Eq. 1-2): the output at position k regresses patch k+1, per-patch
-  normalised pixels (Table 3a), MSE averaged over the non-prefix patches (``forward_loss``).
-* **Head** ("Prediction heads", Table 3e/f): ml-l3m's ``SimpleDecoder`` (``L3MHead``), 12
-  per-token MLP blocks of width 2048; tests/test_aim.py pins it to a reference written from
-  l3m's code.
-* **Masked variant** (Table 5, ``mode="masked"``): a bidirectional trunk, a random
-  ``mask_ratio`` of patches replaced by a learned mask token, the same head predicting each
-  masked patch's own pixels, the loss on masked patches only.
-
-Departures (docs/methods.md section 5): trunk LayerNorm eps 1e-6 (ml-aim's trunk; l3m's
-config sets 1e-5); the warm-up starts at 0. On CUDA the prefix-causal mask runs through
-``flex_attention`` (the same function as ml-aim's dense boolean mask; tests/test_aim.py).
+Section 3 of the paper, the trunk as ``apple/ml-aim`` releases it and training as ``apple/ml-l3m``
+does: prefix-causal attention (Fig. 3; S ~ U[1, N-1]), the output at position k regressing patch k+1
+in per-patch normalised pixels (Eq. 1-2), l3m's ``SimpleDecoder`` head, and the masked variant of
+Table 5 (``mode="masked"``). Details and departures: docs/methods.md section 5.
 """
 
 from __future__ import annotations
@@ -77,11 +62,8 @@ class AIMOptions:
 
 
 def prefix_causal_mask(prefix_len: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Dense prefix-causal mask, (B,) prefix lengths -> (B, 1, N, N) bool, True = may attend.
-
-    Query i may attend key j when j <= i (causal) or j < S (every query sees the prefix),
-    as ml-aim's ``PrefixCausalAttention``.
-    """
+    """(B,) prefix lengths -> (B, 1, N, N) bool: query i may attend key j when j <= i or j < S (ml-aim's
+    ``PrefixCausalAttention``)."""
     i = torch.arange(num_tokens, device=prefix_len.device)
     causal = i[None, :] <= i[:, None]  # (N, N) [query, key]
     prefix = i[None, None, :] < prefix_len[:, None, None]  # (B, 1, N): key in the prefix
@@ -112,12 +94,8 @@ class L3MHeadBlock(nn.Module):
 
 
 class L3MHead(nn.Module):
-    """AIM's head as ml-l3m's ``SimpleDecoder`` (``configs/aimv1``): (B, N, D) trunk output -> (B, N, out).
-
-    A Linear with bias to the head's width, the fixed sin-cos table added at that width,
-    ``depth`` bias-free MLP blocks, a LayerNorm (eps 1e-5 throughout) and a Linear with bias.
-    Every Linear ends xavier-uniform with zero bias, as after l3m's ``apply(_init_weights)``.
-    """
+    """AIM's head as ml-l3m's ``SimpleDecoder`` (``configs/aimv1``): (B, N, D) trunk output -> (B, N, out);
+    the sin-cos table is added after the projection, at the head's width (docs/methods.md section 5)."""
 
     def __init__(self, in_dim: int, out_dim: int, grid_size: tuple[int, int], width: int = 2048, depth: int = 12,
                  mlp_ratio: float = 4.0, eps: float = 1e-5):
@@ -152,11 +130,9 @@ class AIM(Objective):
     probe_protocol = ProbeProtocol(pool="mean", layers=(-6, -5, -4, -3, -2, -1), norm=False,
                                    source="AIM paper sec. 4 / apple/ml-aim AverageLayers "
                                           "(last 6 blocks, no final norm)")
-    #: ``recipe: quick``: a small head so the built-in run takes minutes on a CPU; width 128 takes 0.76x
-    #: the step time of width 256 (benchmarks/bench_quick_options.py)
+    #: ``recipe: quick``: a small head and fewer epochs, so the built-in run takes minutes on a CPU
+    #: (AIM runs the trunk over all tokens, MAE over a quarter; benchmarks/bench_quick_options.py)
     quick_options = {"head_depth": 2, "head_width": 128}
-    #: the built-in run in under 3 minutes on a 2-core CPU without AVX512: AIM runs the trunk over all
-    #: 64 tokens and a head (MAE over 16)
     quick_epochs = 8
 
     @classmethod

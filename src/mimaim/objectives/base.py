@@ -1,16 +1,8 @@
-"""The seam between the engine and the objectives.
-
-The engine knows an objective only as an ``Objective`` (a new one is one file subclassing it):
-``Options`` (a dataclass of its settings with the paper's defaults, set with ``--set objective.name=value``),
-``backbone_kwargs`` / ``family_backbone_kwargs`` (the backbone flavour the paper uses),
-``augmentation``, ``sample_masking(generator)`` (one sample's masking, drawn in the data pipeline,
-see ``masking.py``), ``forward(images, masking) -> ObjectiveOutput``, ``reconstruct`` (named image
-columns for pictures, in normalised input space), ``encoder`` (the backbone, for probes and
-fine-tuning), ``num_views`` and ``after_optimizer_step`` (an EMA target encoder's hook).
-
-Registration needs no edit elsewhere: ``--objective package.module:ClassName``, a module listed
-in ``$MIMAIM_PLUGINS`` that calls ``register_objective``, or an entry point in the
-``mimaim.objectives`` group of any installed package (``load_plugins``).
+"""The seam between the engine and the objectives: the engine knows an objective only as an ``Objective``
+(``Options`` with the paper's defaults, the backbone flavour, ``augmentation``, ``sample_masking`` drawn in
+the data pipeline, ``forward -> ObjectiveOutput``, ``reconstruct`` for pictures, ``encoder`` for probes).
+A new one is one file (docs/guide.md, "A fifth objective"), found as ``--objective package.module:Class``,
+through ``$MIMAIM_PLUGINS`` or the ``mimaim.objectives`` entry-point group (``load_plugins``).
 """
 
 from __future__ import annotations

@@ -1,20 +1,9 @@
 """BEiT: BERT Pre-Training of Image Transformers (Bao et al., 2106.08254).
 
-Section 2 of the paper, as unilm ``beit/`` (``run_beit_pretraining.py``,
-``modeling_pretrain.py``, ``masking_generator.py``) implements it:
-
-* a visual tokenizer turns the same crop, resized to its own input, into one discrete id
-  per patch (section 2.1.2);
-* blockwise masking (Algorithm 1, ``masking.blockwise_mask``) picks ~40% of the patches;
-* the encoder sees *all* patches, the masked ones' embeddings replaced by a learned [M]
-  token (section 2.2); the backbone is the code's default "BEiT+" flavour (appendix A): q/v
-  bias, one shared relative position bias, layer scale 0.1, drop path 0.1 (Table 12);
-* the head is the final LayerNorm and one Linear(D -> vocabulary) on the masked positions
-  only, trained with cross-entropy against the tokenizer's ids (eq. 1).
-
-Departures: the tokenizer view is resized from the augmented crop tensor (antialiased
-bicubic), not from the PIL crop with Lanczos (``tokenizers/base.py``); the default tokenizer
-is a k-means codebook (``tokenizers/kmeans.py``); ``--tokenizer dalle:PATH`` is the paper's.
+Section 2 of the paper, as unilm ``beit/`` implements it: a visual tokenizer gives one id per patch
+(2.1.2), blockwise masking (Algorithm 1) hides ~40% of the patches behind a learned [M] token, and a
+Linear head on the masked positions is trained with cross-entropy against the ids (eq. 1). Backbone,
+recipe and departures (the default tokenizer is a k-means codebook): docs/methods.md sections 3 and 6.
 """
 
 from __future__ import annotations
@@ -72,10 +61,9 @@ class BEiT(Objective):
                                    source="BEiT paper, linear probing on mean-pooled patch tokens (the official "
                                           "run_linear_eval.py concatenates cls and mean per block and reports the "
                                           "best block: not reproduced, docs/methods.md section 7)")
-    #: ``recipe: quick``: see docs/results.md for its timing; the paper's values otherwise
+    #: ``recipe: quick``: the paper's options and fewer epochs (BEiT runs the trunk over all tokens, MAE over
+    #: a quarter)
     quick_options: dict = {}
-    #: the built-in run in under 3 minutes on a 2-core CPU without AVX512: BEiT runs the trunk over all
-    #: 64 tokens and a k-means fit (MAE over 16)
     quick_epochs = 8
 
     @classmethod
@@ -91,7 +79,8 @@ class BEiT(Objective):
         self.num_masking_patches = options.num_mask_patches or int(options.mask_ratio * H * W)
         if not 0 < self.num_masking_patches < H * W:
             raise ValueError(f"beit: a budget of {self.num_masking_patches} masked patches does not fit a {H}x{W} "
-                             f"patch grid; choose --mask-ratio or --set objective.num_mask_patches between 1 and {H * W - 1}")
+                             "patch grid; choose --mask-ratio or --set objective.num_mask_patches between 1 and "
+                             f"{H * W - 1}")
         if options.min_block_patches > (H - 1) * (W - 1):
             raise ValueError(f"beit.min_block_patches {options.min_block_patches} cannot fit a {H}x{W} patch grid "
                              f"(blocks must be smaller than the grid, at most {(H - 1) * (W - 1)} patches); lower "
@@ -163,14 +152,9 @@ class BEiT(Objective):
 
     @torch.no_grad()
     def reconstruct(self, images, masking=None):
-        """Original, masked input and the prediction as pictures (normalised space).
-
-        With a decoder (k-means centroids, a trained dVAE): the tokenizer's own ids decoded
-        (the best the objective can reach) and the predicted ids decoded with the visible
-        patches pasted back. k-means centroids are per-patch normalised, so they are drawn
-        with each patch's true mean and spread, as the MAE demo draws norm-pix predictions.
-        Without one (DALL-E's encoder alone): the target and predicted id maps, colour-coded.
-        """
+        """Original, masked input, then the tokenizer's ids and the predicted ids (visible patches pasted back),
+        decoded when the tokenizer has a decoder (the best the objective can reach, and what it reached),
+        else colour-coded (DALL-E's encoder alone)."""
         mask = self.masking_or_draw(images, masking).bool()  # (B, N)
         B = images.shape[0]
         H, W = self.encoder.grid_size

@@ -1,12 +1,8 @@
 """MAE: Masked Autoencoders Are Scalable Vision Learners (He et al., 2111.06377).
 
-Section 3 of the paper, as ``facebookresearch/mae`` ``models_mae.py`` implements it:
-
-* the encoder (cls token, frozen 2-D sin-cos positions) sees only the visible patches, 25%
-  by default, chosen per sample by argsort of uniform noise;
-* a lightweight decoder (8 blocks, width 512) gets them plus a learned mask token at every
-  removed position and predicts each patch's pixels, per-patch normalised (``norm_pix_loss``);
-* the loss is the mean squared error over removed patches only (``forward_loss``).
+Section 3 of the paper, as ``facebookresearch/mae`` ``models_mae.py`` implements it: the encoder sees
+only the visible 25% of patches, a light decoder fills in mask tokens and regresses each removed patch's
+normalised pixels, MSE on removed patches only (docs/methods.md section 2).
 """
 
 from __future__ import annotations
@@ -46,9 +42,8 @@ class MAE(Objective):
     #: MAE main_linprobe.py (global_pool off): the cls token after the final norm
     probe_protocol = ProbeProtocol(pool="cls", layers=None, norm=True,
                                    source="facebookresearch/mae main_linprobe.py (cls token, final norm)")
-    #: ``recipe: quick``: a small decoder so the built-in run takes minutes on a CPU. Narrow rather than
-    #: shallow: MAE's Table 1 loses less linear-probe accuracy to width (128: 69.1) than to depth (1: 65.5).
-    #: 64 wide x 2 deep takes 0.72x the step time of 128 x 2 (benchmarks/bench_quick_options.py)
+    #: ``recipe: quick``: a small decoder so the built-in run takes minutes on a CPU; narrow rather than
+    #: shallow, as MAE's Table 1 loses less linear-probe accuracy to width than to depth
     quick_options = {"decoder_embed_dim": 64, "decoder_depth": 2, "decoder_num_heads": 4}
 
     @classmethod

@@ -1,24 +1,8 @@
 """SimMIM: a Simple Framework for Masked Image Modeling (Xie et al., 2111.09886).
 
-Section 3 of the paper, as ``microsoft/SimMIM`` (``models/simmim.py``, ``data/data_simmim.py``):
-
-* **masking** (3.1): random masking of coarse cells, 32 px by default whatever the model's
-  patch; ceil(cells x 0.6) cells per sample, each repeated onto the token grid;
-* **encoder**: sees *every* patch, masked patch embeddings replaced by one learned mask
-  token (after the patch norm for Swin, before positions for ViT);
-* **head** (3.3): a 1x1 conv from the final width to stride^2 x 3 channels and a pixel
-  shuffle back to image resolution (stride 16 for ViT/16, 32 for Swin);
-* **loss** (3.2, 3.4): L1 against the input pixels over masked pixels only, divided by
-  (#masked pixels + 1e-5) and by the 3 channels.
-
-Backbones (``--model``): a ViT, ``vit_flavour="beit"`` (the official ``vit_base``: BEiT-style,
-q/v bias, layer scale 0.1, one shared relative position bias, no absolute table, trunc-normal
-init with BEiT's rescaling, drop path 0.1) or ``"plain"`` (HF ``ViTForMaskedImageModeling``'s
-architecture: learned absolute positions, biased q/k/v; for HF interop); or timm's Swin
-(``models/swin.py``; the official Swin-B recipe uses 192 px and window 6).
-
-Recipe (``configs/simmim_*.yaml``, the official 800-epoch configs); departure (docs/methods.md
-section 4): the warm-up starts at 0, not 5e-7 x batch/512.
+Section 3 of the paper, as ``microsoft/SimMIM`` implements it: random masking of coarse 32-px cells (3.1),
+masked patches replaced by a mask token, a 1x1 conv + pixel shuffle head (3.3), L1 on masked pixels (3.2);
+the official BEiT-style ViT, HF's plain ViT (``vit_flavour="plain"``) or timm's Swin (docs/methods.md 4).
 """
 
 from __future__ import annotations
@@ -70,11 +54,9 @@ class SimMIM(Objective):
     probe_protocol = ProbeProtocol(pool="mean", layers=None, norm=True,
                                    source="mean of patch tokens (SimMIM ships no linear-probe script; its cls output "
                                           "gets no gradient from the loss)")
-    #: ``recipe: quick``: mask cells that tile the built-in 32-px images (4x4 cells of 8 px),
-    #: a Swin window that fits them, and no drop path for a short run
+    #: ``recipe: quick``: mask cells that tile the built-in 32-px images, a Swin window that fits them, no
+    #: drop path, and fewer epochs (SimMIM runs the trunk over all tokens, MAE over a quarter)
     quick_options = {"mask_patch_size": 8, "window_size": 4, "drop_path_rate": 0.0}
-    #: the built-in run in under 3 minutes on a 2-core CPU without AVX512: SimMIM and BEiT run the trunk
-    #: over all 64 tokens (MAE over 16)
     quick_epochs = 10
 
     @classmethod

@@ -1,8 +1,5 @@
-"""Studies that pre-train as well as evaluate: ``compare`` (objectives side by side) and ``scale`` (model size x data).
-
-They sit above ``engine`` (which trains each cell) and ``eval`` (which probes and
-fine-tunes it); nothing in ``engine`` or ``eval`` imports them.
-"""
+"""Studies that pre-train as well as evaluate: ``compare`` (objectives side by side) and ``scale`` (model size x data);
+they sit above ``engine`` and ``eval``, which never import them."""
 
 #: named objective variants of a grid (``mimaim compare``/``scale``): the AIM paper's ablations (Table 3d, Table 5)
 VARIANTS: dict[str, tuple[str, dict]] = {"aim-causal": ("aim", {"attention": "causal"}),

@@ -1,33 +1,7 @@
-"""``mimaim compare``: every objective on the same trunk, data, augmentation and budget.
-
-The question of the AIM paper (2401.08541, Sec. 5 and Table 5): with everything else
-fixed, does autoregressive pre-training probe better than masked image modelling? Each
-*cell* of the comparison is one ordinary run directory ``OUT/<cell>/`` made by the same
-``pretrain(cfg)`` as ``mimaim pretrain``, probed by the same ``probe_run`` as ``mimaim
-probe`` and, optionally, fine-tuned by the same ``finetune`` as ``mimaim finetune``:
-
-* a finished cell (``summary.json`` present) is never trained again; a half-finished one
-  (a checkpoint, no summary) resumes with ``pretrain(cfg, resume=True)``; a cell whose
-  saved config disagrees with the one asked for stops the comparison with a message;
-* the budget is the same number of **epochs** for every cell (default) or the same
-  **training FLOPs** (``budget_flops``): FLOPs of one training step (forward + backward of
-  the whole objective, encoder and head, on one image) are counted with
-  ``torch.utils.flop_counter.FlopCounterMode``, and each cell gets the whole number of
-  epochs that comes closest to the budget, so its cosine schedule runs to the end; the
-  table reports the FLOPs each cell actually spent;
-* the augmentation is the same for every cell by default: one RandomResizedCrop scale
-  (``crop_scale``, MAE's (0.2, 1)) + flip, no colour jitter; ``same_augmentation=False``
-  gives each objective its paper's own (``Objective.augmentation``);
-* probes read each cell with its objective's declared probe protocol (``probe_protocol``:
-  pool, layers, norm, with its source; docs/methods.md sec. 7) unless ``pool``/``layers``
-  override it; results.md names the protocol of every row;
-* one random-initialisation row per trunk flavour (backbone name and constructor arguments
-  from the run record: MAE's ViT, AIM's trunk, the BEiT-style ViT of BEiT/SimMIM), read with
-  the same protocol as the first cell of that flavour.
-
-Objective names come from ``list_objectives()``; a few named variants are the AIM paper's
-ablations (``config.VARIANTS``), and ``objective@key=value@...`` sets any setting of one cell
-with the keys of ``--set`` (``mae@objective.mask_ratio=0.5``).
+"""``mimaim compare``: every objective on the same trunk, data, augmentation and budget (epochs or training
+FLOPs), the question of the AIM paper (2401.08541, Sec. 5, Table 5): does autoregressive pre-training probe
+better than masked image modelling? Each cell is an ordinary run directory ``OUT/<cell>/`` (finished cells
+skipped, half-finished ones resumed), probed with its objective's protocol; docs/guide.md ("Compare").
 """
 
 from __future__ import annotations
@@ -39,7 +13,7 @@ import re
 import sys
 import time
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -56,10 +30,9 @@ from ..engine.checkpoint import latest_checkpoint
 from ..engine.logging import read_metrics
 from ..engine.optim import build_optimizer
 from ..engine.trainer import pretrain
-from ..eval import attentive  # noqa: F401  (registers the attentive probe)
 from ..eval.finetune import finetune
-from ..eval.probe_run import probe_run
-from ..eval.probes import get_probe, list_probes
+from ..eval.probe_run import DEFAULT_PROBES, probe_run
+from ..eval.probes import get_probe
 from ..eval.recipes import FinetuneConfig
 from ..interop.init import initializer
 from . import SAME_CROP_SCALE, VARIANTS
@@ -67,17 +40,16 @@ from . import SAME_CROP_SCALE, VARIANTS
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the headless backend is chosen)
 
+
 @dataclass
 class Cell:
     name: str  # the run directory's name
-    spec: str  # as the user wrote it
     objective: str
     options: dict
     cfg: PretrainConfig
     flops_per_image: float = float("nan")
     steps: int = 0
     train_images: int = 0
-    extras: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -108,13 +80,8 @@ def parse_list(value: str | Sequence[str]) -> list[str]:
 
 # --------------------------------------------------------------------------- measuring
 def count_training_flops(cfg: PretrainConfig, batch: int = 2) -> float:
-    """FLOPs of one training step per image: forward + backward of the whole objective.
-
-    Counted by ``FlopCounterMode`` (2 per multiply-add; matmuls, convolutions, attention)
-    on random images with the objective's own masking, after one uncounted forward on a
-    full batch (for objectives that set up lazy state, such as BEiT's k-means tokenizer); the
-    optimiser update, data loading and such one-off set-up are not counted.
-    """
+    """FLOPs of one training step per image: forward + backward of the whole objective, counted by
+    ``FlopCounterMode`` on random images with the objective's own masking (no optimiser, no data loading)."""
     objective = build_run_objective(cfg).train()
     g = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():  # one untimed full batch first: objectives with lazy state (BEiT's k-means) set it up
@@ -203,26 +170,15 @@ def run_cell(cfg: PretrainConfig) -> str:
 
 def final_loss(run_dir: Path) -> float:
     """Mean training loss over the last 10% of logged steps (``metrics.csv``): less noisy than one window."""
-    rows = [float(r["loss"]) for r in read_metrics(run_dir) if r.get("loss") not in (None, "")]
-    if not rows:
-        summary = run_dir / "summary.json"
-        return json.loads(summary.read_text()).get("final_loss", float("nan")) if summary.exists() else float("nan")
+    rows = [float(r["loss"]) for r in read_metrics(run_dir) if r.get("loss")]
     tail = rows[-max(1, len(rows) // 10):]
-    return sum(tail) / len(tail)
-
-
-def default_probes() -> list[str]:
-    available = list_probes()
-    return [p for p in ("linear", "attentive", "knn") if p in available]
+    return sum(tail) / len(tail) if tail else float("nan")
 
 
 def probe_cell(run_dir: Path, probes: Sequence[str], layers: Sequence[int] | None, random_init: bool,
                device: str, progress: bool, pool: str = "auto") -> list[dict]:
-    """``probe_run`` on a cell, memoised in ``compare_probe.json`` against its checkpoint and settings.
-
-    The cell is read with its objective's probe protocol unless ``pool`` / ``layers`` override it
-    (the same rule as ``mimaim probe``); each row records the protocol it used.
-    """
+    """``probe_run`` on a cell (its objective's protocol unless ``pool`` / ``layers`` override it), memoised in
+    ``compare_probe.json`` against its checkpoint and settings."""
     memo = run_dir / "compare_probe.json"
     key = {"checkpoint": latest_checkpoint(run_dir).name, "probes": list(probes),
            "layers": list(layers) if layers else None, "pool": pool, "random_init": random_init, "format": 2}
@@ -241,11 +197,8 @@ _NOT_ARCHITECTURE = {"drop_path_rate", "drop_rate", "attn_drop_rate"}
 
 
 def trunk_flavour(run_dir: Path) -> tuple[str, str]:
-    """(key, words) of a cell's trunk from its run record: the backbone name and constructor arguments.
-
-    Cells with the same key share one random-init row (MAE and MAE@mask_ratio=0.5 do; MAE's ViT,
-    AIM's trunk and the BEiT-style ViT of BEiT/SimMIM do not).
-    """
+    """(key, words) of a cell's trunk from its run record (backbone name and architecture arguments): cells
+    with the same key share one random-init row (MAE and MAE@mask_ratio=0.5 do, MAE and AIM do not)."""
     _, record, _ = runs.open_backbone(run_dir)
     backbone = record.get("backbone") or {}
     kwargs = {k: v for k, v in (backbone.get("kwargs") or {}).items() if k not in _NOT_ARCHITECTURE}
@@ -284,32 +237,42 @@ def plan_cells(specs: Sequence[str], out: Path, base: dict, budget_flops: float 
         objective, settings = parse_objective_spec(spec)
         name = cell_name(spec)
         cfg = make_config(base, **settings, objective=objective, out=str(out / name))
-        cells.append(Cell(name, spec, objective, settings.get("objective_options", {}), cfg))
+        cells.append(Cell(name, objective, settings.get("objective_options", {}), cfg))
     train_images, val_images, labelled = split_sizes(cells[0].cfg)
     check_probe_data(cells[0].cfg, train_images, val_images, labelled)
     for cell in cells:
         cfg = cell.cfg
         cell.train_images = train_images
-        steps_per_epoch = count_steps(train_images, cfg.batch_size, cfg.accum_steps)
-        try:
-            cell.flops_per_image = count_training_flops(cfg)
-        except Exception as err:  # noqa: BLE001 - FLOPs are a column, unless they set the budget
-            if budget_flops:
-                raise
-            print(f"warning: could not count FLOPs of {cell.name}: {err}", file=sys.stderr)
+        cell.flops_per_image = measure_flops(cell, required=bool(budget_flops))
         if budget_flops:
-            per_epoch = cell.flops_per_image * steps_per_epoch * cfg.batch_size
-            epochs = round(budget_flops / per_epoch)
-            if epochs < 1:
+            per_epoch = cell.flops_per_image * count_steps(train_images, cfg.batch_size, cfg.accum_steps) * \
+                cfg.batch_size
+            cfg.epochs = round(budget_flops / per_epoch)
+            if cfg.epochs < 1:
                 raise ConfigError(f"--budget-flops {budget_flops:.3g} is less than half an epoch of {cell.name} "
                                   f"({per_epoch:.3g} FLOPs per epoch); raise it to at least {per_epoch:.3g}")
-            cfg.epochs = epochs
-        cell.steps = steps_per_epoch * cfg.epochs
-        if cfg.max_steps is not None:
-            cell.steps = min(cell.steps, cfg.max_steps)
+        cell.steps = cell_steps(cell)
         if cell.steps < 1:
             raise ConfigError(f"cell {cell.name} would train for 0 steps; raise --epochs or --max-steps")
     return cells
+
+
+def measure_flops(cell: Cell, required: bool = False) -> float:
+    """``count_training_flops`` of a cell; NaN with a warning when it fails, unless the FLOPs set the budget."""
+    try:
+        return count_training_flops(cell.cfg)
+    except Exception as err:  # noqa: BLE001 - FLOPs are a column, unless they set the budget
+        if required:
+            raise
+        print(f"warning: could not count FLOPs of {cell.name}: {err}", file=sys.stderr)
+        return float("nan")
+
+
+def cell_steps(cell: Cell) -> int:
+    """Optimiser steps of a cell: its epochs over its training images, capped by ``max_steps``."""
+    cfg = cell.cfg
+    steps = count_steps(cell.train_images, cfg.batch_size, cfg.accum_steps) * cfg.epochs
+    return steps if cfg.max_steps is None else min(steps, cfg.max_steps)
 
 
 def format_grid(cells: Sequence[Cell]) -> str:
@@ -325,17 +288,16 @@ def format_grid(cells: Sequence[Cell]) -> str:
 def estimate_seconds(cells: Sequence[Cell], probes: Sequence[str], val_images: int, random_init: bool,
                      finetune_epochs: int) -> list[dict]:
     """Per cell: seconds per step and the estimated wall time, from a short measurement."""
-    out = []
-    seen = set()  # one random-init row per trunk flavour; the objective name stands for it before training
+    out, seen = [], set()  # one random-init row per trunk flavour; the objective name stands for it before training
     for c in cells:
         step_s = time_training_steps(c.cfg)
         per_image = time_feature_extraction(c.cfg)
         first = random_init and (c.objective, c.cfg.model) not in seen
         seen.add((c.objective, c.cfg.model))
-        n_feature_passes = 2 if first else 1
-        probe_s = per_image * (c.train_images + val_images) * n_feature_passes
+        passes = 2 if first else 1  # the random-init row reads (and fine-tunes) the trunk once more
+        probe_s = per_image * (c.train_images + val_images) * passes
         # fine-tuning runs the whole trunk forward and backward: about 3 forward passes per image
-        ft_s = 3 * per_image * c.train_images * finetune_epochs * (2 if first else 1)
+        ft_s = 3 * per_image * c.train_images * finetune_epochs * passes
         pre_s = step_s * c.steps
         out.append({"cell": c.name, "step_s": step_s, "pretrain_s": pre_s, "probe_s": probe_s, "finetune_s": ft_s,
                     "total_s": pre_s + probe_s + ft_s})
@@ -361,7 +323,7 @@ def compare(objectives: str | Sequence[str], out: str | Path, base: dict | None 
                                 "interpolation": "bicubic"}
     if budget_flops is not None and budget_flops <= 0:
         raise ConfigError(f"--budget-flops must be positive, got {budget_flops}")
-    probes = list(probes) if probes else default_probes()
+    probes = list(probes or DEFAULT_PROBES)
     for p in probes:
         try:
             get_probe(p)
@@ -392,7 +354,7 @@ def compare(objectives: str | Sequence[str], out: str | Path, base: dict | None 
     return rows
 
 
-def print_estimate(est: list[dict], finetune: bool) -> list[dict]:
+def print_estimate(est: list[dict], finetune: bool = False) -> list[dict]:
     print("\nestimated wall time (from timing 2 training steps and one feature batch per cell on this machine; "
           "data loading and the probes' own training not included):")
     for e in est:
@@ -406,14 +368,14 @@ def print_estimate(est: list[dict], finetune: bool) -> list[dict]:
 def result_rows(cells: Sequence[Cell], probes, layers, pool, random_init, device, progress, ft) -> list[dict]:
     """One row per cell, then one random-init row per trunk flavour (MAE's ViT, AIM's trunk, the BEiT-style
     ViT of BEiT/SimMIM, ...): every cell is read against its own architecture at init, with its protocol."""
-    flavours: dict[str, dict] = {}
+    flavours, flavour_of = {}, {}
     for cell in cells:
         key, words = trunk_flavour(Path(cell.cfg.out))
-        flavours.setdefault(key, {"first": cell, "cells": [], "words": words})["cells"].append(cell.name)
-        cell.extras["flavour"] = key
+        flavour_of[cell.name] = flavours.setdefault(key, {"first": cell, "cells": [], "words": words})
+        flavour_of[cell.name]["cells"].append(cell.name)
     rows, random_rows = [], []
     for cell in cells:
-        run_dir, flavour = Path(cell.cfg.out), flavours[cell.extras["flavour"]]
+        run_dir, flavour = Path(cell.cfg.out), flavour_of[cell.name]
         first = random_init and flavour["first"] is cell
         probe_rows = probe_cell(run_dir, probes, layers, first, device, progress, pool=pool)
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -494,20 +456,21 @@ def write_results(out: Path, rows: list[dict], cells: Sequence[Cell], budget: st
           f"{out / 'probe_accuracy.png'}")
 
 
+def save_plot(fig, ax, path: Path, **legend) -> None:
+    ax.legend(fontsize=8, **legend)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_loss_curves(path: Path, runs: Sequence[tuple[str, Path]]) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for name, run_dir in runs:
         rows = read_metrics(run_dir)
         if rows:
             ax.plot([float(r["epoch"]) for r in rows], [float(r["loss"]) for r in rows], label=name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss (each objective's own)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.set_title("pre-training loss")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    ax.set(xlabel="epoch", ylabel="training loss (each objective's own)", yscale="log", title="pre-training loss")
+    save_plot(fig, ax, path)
 
 
 def plot_probe_accuracy(path: Path, rows: list[dict], columns: Sequence[str]) -> None:
@@ -519,9 +482,5 @@ def plot_probe_accuracy(path: Path, rows: list[dict], columns: Sequence[str]) ->
         bars = ax.bar(xs, values, width, label=col.replace("_top1", ""))
         ax.bar_label(bars, fmt="%.1f", fontsize=6)
     ax.set_xticks(range(len(rows)), [r["cell"] for r in rows], rotation=20, fontsize=8)
-    ax.set_ylabel("held-out top-1 (%)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
-    ax.set_title("probe accuracy")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    ax.set(ylabel="held-out top-1 (%)", title="probe accuracy")
+    save_plot(fig, ax, path, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them

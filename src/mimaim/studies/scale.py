@@ -1,20 +1,10 @@
 """``mimaim scale``: one objective over a grid of model sizes and data fractions.
 
-The AIM paper's scaling claims (2401.08541, Sec. 5.1, Fig. 1 and 4): the pre-training
-loss falls with capacity, the loss tracks downstream accuracy, and more data helps. Each
-cell is an ordinary run directory ``OUT/<model>-f<fraction>/`` trained by ``pretrain``
-(finished cells are skipped, half-finished ones resumed, exactly as ``mimaim compare``)
-and probed by ``probe_run``. A data fraction is a nested, seeded, per-class share of the
-training split (``PretrainConfig.data_fraction``); the held-out split is always whole.
-
-Budget: by default every cell takes the **same number of optimiser steps** as the full
-data at ``epochs`` (a fraction f trains ``round(epochs / f)`` epochs), so a smaller
-fraction means fewer distinct images, not less compute; ``same_steps=False`` gives every
-cell the same number of epochs instead.
-
-The fit: ``L(N) = a * N^(-alpha)`` by least squares on log L against log N (N = encoder
-parameters), or ``L(N) = a * N^(-alpha) + c`` with an irreducible term when ``offset``
-is asked for (scipy ``curve_fit``); one fit per data fraction with at least two sizes.
+The AIM paper's scaling claims (2401.08541, Sec. 5.1, Fig. 1 and 4): the loss falls with capacity,
+tracks downstream accuracy, and more data helps. Each cell ``OUT/<model>-f<fraction>/`` is run as
+in ``mimaim compare``; by default every cell takes the optimiser steps of the full data at
+``epochs`` (a fraction f trains ``round(epochs / f)`` epochs: fewer distinct images, not less
+compute). One fit ``L(N) = a * N^(-alpha) [+ c]`` per data fraction (N = encoder parameters).
 """
 
 from __future__ import annotations
@@ -28,11 +18,11 @@ from typing import Sequence
 import numpy as np
 
 from ..config import ConfigError, make_config
-from ..data import steps_per_epoch as count_steps
 from ..models import list_models
-from .compare import (Cell, check_probe_data, count_training_flops, default_probes, estimate_seconds, final_loss,
-                      format_grid, markdown_table, parse_list, parse_objective_spec, plt, probe_cell, run_cell,
-                      split_sizes, write_csv)
+from ..eval.probe_run import DEFAULT_PROBES
+from .compare import (Cell, cell_steps, check_probe_data, estimate_seconds, final_loss, format_grid, markdown_table,
+                      measure_flops, parse_list, parse_objective_spec, plt, print_estimate, probe_cell, run_cell,
+                      save_plot, split_sizes, write_csv)
 
 
 def fit_power_law(n: Sequence[float], loss: Sequence[float], offset: bool = False) -> dict:
@@ -99,8 +89,7 @@ def plan_scale(objective_spec: str, models: Sequence[str], fractions: Sequence[f
                               out=str(out / name))
             if same_steps and f < 1:
                 cfg.epochs = max(1, round(cfg.epochs / f))
-            cells.append(Cell(name, objective_spec, objective, settings.get("objective_options", {}), cfg,
-                              extras={"data_fraction": f}))
+            cells.append(Cell(name, objective, settings.get("objective_options", {}), cfg))
     sizes, flops = {}, {}
     for cell in cells:
         f = cell.cfg.data_fraction
@@ -108,15 +97,9 @@ def plan_scale(objective_spec: str, models: Sequence[str], fractions: Sequence[f
             sizes[f] = split_sizes(cell.cfg)
             check_probe_data(cell.cfg, *sizes[f])
         cell.train_images = sizes[f][0]
-        spe = count_steps(cell.train_images, cell.cfg.batch_size, cell.cfg.accum_steps)
-        cell.steps = spe * cell.cfg.epochs if cell.cfg.max_steps is None else min(spe * cell.cfg.epochs,
-                                                                                    cell.cfg.max_steps)
+        cell.steps = cell_steps(cell)
         if cell.cfg.model not in flops:  # the data fraction does not change a step's FLOPs
-            try:
-                flops[cell.cfg.model] = count_training_flops(cell.cfg)
-            except Exception as err:  # noqa: BLE001 - a column, not a gate
-                print(f"warning: could not count FLOPs of {cell.name}: {err}", file=sys.stderr)
-                flops[cell.cfg.model] = float("nan")
+            flops[cell.cfg.model] = measure_flops(cell)
         cell.flops_per_image = flops[cell.cfg.model]
     return cells
 
@@ -130,7 +113,7 @@ def scale(objective: str, models: str | Sequence[str], data_fractions: str | Seq
     base = dict(base or {})
     base.setdefault("progress", progress)
     fractions = parse_fractions(data_fractions)
-    probes = list(probes) if probes else [p for p in default_probes() if p != "attentive"]
+    probes = list(probes or [p for p in DEFAULT_PROBES if p != "attentive"])
     cells = plan_scale(objective, models, fractions, out, base, same_steps)
     val_images = split_sizes(cells[0].cfg)[1]
     print(f"mimaim scale: {objective} over models {', '.join(dict.fromkeys(c.cfg.model for c in cells))} x data "
@@ -140,12 +123,7 @@ def scale(objective: str, models: str | Sequence[str], data_fractions: str | Seq
     print(format_grid(cells))
     if dry_run:
         est = estimate_seconds(cells, probes, val_images, random_init=False, finetune_epochs=0)
-        for e in est:
-            print(f"  {e['cell']}: {e['step_s']:.3f} s/step -> pre-train {e['pretrain_s'] / 60:.1f} min, "
-                  f"probe features {e['probe_s'] / 60:.1f} min")
-        print(f"  total: about {sum(e['total_s'] for e in est) / 3600:.2f} h (data loading and probe training "
-              "not included)")
-        return {"rows": est, "fits": []}
+        return {"rows": print_estimate(est), "fits": []}
 
     out.mkdir(parents=True, exist_ok=True)
     for i, cell in enumerate(cells):
@@ -191,13 +169,6 @@ def scale(objective: str, models: str | Sequence[str], data_fractions: str | Seq
 
 
 # --------------------------------------------------------------------------- plots
-def _save(fig, ax, path: Path) -> None:
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def plot_loss_vs_params(path: Path, rows: list[dict], fits: list[dict], objective: str) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
     for f in sorted({r["data_fraction"] for r in rows}):
@@ -212,12 +183,9 @@ def plot_loss_vs_params(path: Path, rows: list[dict], fits: list[dict], objectiv
                     label=f"{label}: alpha = {fit['alpha']:.3f}")
         else:
             points.set_label(label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("encoder parameters")
-    ax.set_ylabel("final pre-training loss")
-    ax.set_title(f"{objective}: loss vs model size (fit L = a N^-alpha)")
-    _save(fig, ax, path)
+    ax.set(xscale="log", yscale="log", xlabel="encoder parameters", ylabel="final pre-training loss",
+           title=f"{objective}: loss vs model size (fit L = a N^-alpha)")
+    save_plot(fig, ax, path)
 
 
 def plot_accuracy_vs_loss(path: Path, rows: list[dict], acc: str, objective: str) -> None:
@@ -227,10 +195,9 @@ def plot_accuracy_vs_loss(path: Path, rows: list[dict], acc: str, objective: str
         ax.scatter([r["pretrain_loss"] for r in sel], [r.get(acc, float("nan")) for r in sel], label=f"data {f:g}")
         for r in sel:
             ax.annotate(r["model"], (r["pretrain_loss"], r.get(acc, float("nan"))), fontsize=6)
-    ax.set_xlabel("final pre-training loss")
-    ax.set_ylabel(f"{acc.replace('_top1', '')} probe top-1 (%)")
-    ax.set_title(f"{objective}: downstream accuracy vs pre-training loss")
-    _save(fig, ax, path)
+    ax.set(xlabel="final pre-training loss", ylabel=f"{acc.replace('_top1', '')} probe top-1 (%)",
+           title=f"{objective}: downstream accuracy vs pre-training loss")
+    save_plot(fig, ax, path)
 
 
 def plot_accuracy_vs_data(path: Path, rows: list[dict], acc: str, objective: str) -> None:
@@ -238,8 +205,6 @@ def plot_accuracy_vs_data(path: Path, rows: list[dict], acc: str, objective: str
     for model in dict.fromkeys(r["model"] for r in rows):
         sel = sorted((r for r in rows if r["model"] == model), key=lambda r: r["data_fraction"])
         ax.plot([r["data_fraction"] for r in sel], [r.get(acc, float("nan")) for r in sel], marker="o", label=model)
-    ax.set_xscale("log")
-    ax.set_xlabel("fraction of the training split")
-    ax.set_ylabel(f"{acc.replace('_top1', '')} probe top-1 (%)")
-    ax.set_title(f"{objective}: accuracy vs data")
-    _save(fig, ax, path)
+    ax.set(xscale="log", xlabel="fraction of the training split", ylabel=f"{acc.replace('_top1', '')} probe top-1 (%)",
+           title=f"{objective}: accuracy vs data")
+    save_plot(fig, ax, path)

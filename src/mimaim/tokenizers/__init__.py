@@ -1,12 +1,6 @@
-"""Visual tokenizers for BEiT's targets, behind one contract (see ``base.py``).
-
-``--tokenizer`` values:
-
-* ``kmeans`` (default): a k-means codebook over per-patch normalised pixels, fitted on the
-  first batch; built in, seconds, a departure from the paper (``kmeans.py``).
-* ``dalle:PATH``: the paper's DALL-E dVAE encoder from a local weights file (``dalle.py``).
-* ``PATH``: a discrete VAE trained with ``mimaim tokenizer train`` (``dvae.py``).
-"""
+"""Visual tokenizers for BEiT's targets (``base.py``): ``--tokenizer kmeans`` (default, a departure from the
+paper: ``kmeans.py``), ``dalle:PATH`` (the paper's: ``dalle.py``) or ``PATH`` of ``mimaim tokenizer train``
+(``dvae.py``); docs/methods.md section 6."""
 
 from __future__ import annotations
 
@@ -29,6 +23,6 @@ def build_tokenizer(spec: str, patch_size: int, vocab_size: int = 0) -> VisualTo
     tokenizer = DalleTokenizer(spec[len("dalle:"):]) if spec.startswith("dalle:") else TrainedTokenizer(spec)
     if vocab_size and tokenizer.vocab_size != vocab_size:
         raise ValueError(f"tokenizer {spec!r} has a vocabulary of {tokenizer.vocab_size} ids, but vocab_size="
-                         f"{vocab_size} was asked; drop --set objective.vocab_size (0 = the tokenizer's own) or set it to "
-                         f"{tokenizer.vocab_size}, or pass a tokenizer with {vocab_size} ids")
+                         f"{vocab_size} was asked; drop --set objective.vocab_size (0 = the tokenizer's own) or set "
+                         f"it to {tokenizer.vocab_size}, or pass a tokenizer with {vocab_size} ids")
     return tokenizer

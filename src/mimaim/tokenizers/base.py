@@ -1,18 +1,7 @@
-"""The visual-tokenizer contract BEiT's targets come through (paper section 2.1.2).
-
-A tokenizer maps images to a grid of discrete ids, one per model patch:
-
-* ``vocab_size``: the number of ids; ``downsample``: input pixels per token side, so its
-  input is ``grid * downsample`` pixels wide (DALL-E: 8, 112 px for a 14x14 grid).
-* ``encode(pixels) -> (B, h, w)`` long ids, ``pixels`` in [0, 1] at the tokenizer's
-  input size; it applies its own input normalisation (DALL-E's ``map_pixels``...).
-* ``tokenize(images, grid_size)``: the engine's ImageNet-normalised images -> ids on the
-  model's patch grid (de-normalise, resize, ``encode``).
-* ``decode(ids, reference=None) -> pixels`` in [0, 1], where the tokenizer has a decoder
-  (``has_decoder``); used only for pictures.
-* ``in_checkpoint``: whether the tokenizer's weights are saved with the objective (the
-  k-means codebook, fitted during the run) or come from the user's file named in the
-  run's config every time the run is opened (DALL-E, a trained dVAE).
+"""The visual-tokenizer contract BEiT's targets come through (paper section 2.1.2): ``encode`` maps [0, 1]
+pixels at ``downsample`` pixels per token side to (B, h, w) ids; ``tokenize`` does so from the engine's
+normalised images on the model's patch grid; ``decode`` (``has_decoder``) serves pictures only;
+``in_checkpoint``: the weights are saved with the objective (k-means) or read from the user's file.
 """
 
 from __future__ import annotations
@@ -40,11 +29,8 @@ class VisualTokenizer(nn.Module):
         return grid_size[0] * self.downsample, grid_size[1] * self.downsample
 
     def to_input(self, images: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-        """ImageNet-normalised (B, 3, H, W) -> [0, 1] pixels at the tokenizer's input size.
-
-        BEiT resizes the same crop with PIL's Lanczos filter (224 -> 112); here the crop is
-        already a tensor, so it is resized with antialiased bicubic interpolation instead.
-        """
+        """ImageNet-normalised (B, 3, H, W) -> [0, 1] pixels at the tokenizer's input size, resized with
+        antialiased bicubic (BEiT resizes the PIL crop with Lanczos; here the crop is already a tensor)."""
         pixels = denormalize(images)  # (B, 3, H, W) in [0, 1]
         size = self.input_size(grid_size)
         if tuple(pixels.shape[-2:]) != size:

@@ -1,12 +1,8 @@
 """The paper's tokenizer: OpenAI DALL-E's dVAE encoder (BEiT section 2.1.2), via the ``dall-e`` package.
 
-BEiT tokenizes the 112x112 view of each crop (8x downsampling: a 14x14 grid) with the
-encoder's argmax over 8,192 logits, after ``map_pixels``. The user downloads OpenAI's
-``encoder.pkl`` (https://cdn.openai.com/dall-e/encoder.pkl) once and passes
-``--tokenizer dalle:PATH``; nothing is downloaded here. That file is a *pickled module*,
-readable only with ``torch.load(weights_only=False)``, which runs code from it: we do that
-only for the one file the user named, after the safe reader has refused it. A state dict of
-the same ``Encoder`` is read with the safe reader alone.
+``encoder.pkl`` is a *pickled module*, readable only by ``torch.load(weights_only=False)``, which runs
+code from it: that is done only for the one file the user named, after the safe reader refused it; a
+state dict of the same ``Encoder`` goes through the safe reader alone. Nothing is downloaded here.
 """
 
 from __future__ import annotations

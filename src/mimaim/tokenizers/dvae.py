@@ -1,12 +1,7 @@
-"""A discrete VAE the user trains on their own images (BEiT appendix C; DALL-E's dVAE, small).
-
-A Gumbel-softmax dVAE, not a VQ-VAE: the family of the paper's own tokenizer (DALL-E) and of
-the one BEiT's appendix C re-trained on ImageNet-1k; tokens are the argmax of the encoder's
-logits, as BEiT reads DALL-E's. A conv encoder downsamples by ``downsample`` (2, 4 or 8) to
-``vocab_size`` logits per cell; the relaxation (temperature annealed from 1 to 1/16, as
-DALL-E) mixes ``codebook_dim``-wide codebook vectors; a conv decoder reconstructs. Loss: MSE
-on [-1, 1] pixels plus ``kl_weight`` x KL(q || uniform), DALL-E's prior term, which keeps
-codes alive. Saved as ``DIR/tokenizer.safetensors`` + ``DIR/config.json`` (``--tokenizer DIR``).
+"""A discrete VAE the user trains on their own images (BEiT appendix C; DALL-E's dVAE, small): Gumbel-softmax
+with the temperature annealed from 1 to 1/16, MSE on [-1, 1] pixels plus ``kl_weight`` x KL(q || uniform),
+DALL-E's prior term, which keeps codes alive; tokens are the argmax of the encoder's logits, as BEiT reads
+DALL-E's. Saved as ``DIR/tokenizer.safetensors`` + ``DIR/config.json`` (``--tokenizer DIR``).
 """
 
 from __future__ import annotations

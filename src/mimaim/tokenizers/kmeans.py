@@ -1,14 +1,7 @@
-"""The built-in default tokenizer: a k-means codebook over per-patch normalised pixels.
-
-**A departure from the paper**, which predicts the ids of DALL-E's dVAE (BEiT section 2.1.2).
-Here a patch's "visual token" is the nearest of ``vocab_size`` centroids fitted by k-means on
-patches normalised by their own mean and std (as MAE's ``norm_pix_loss`` and the k-means
-targets of AIM's Table 3a): it names a patch's shape, not its brightness, with no context
-beyond the patch. It needs no weights file, so ``--objective beit`` works out of the box.
-
-The codebook is fitted on the first batch the tokenizer sees (k-means++ then Lloyd, from a
-fixed seed; under data parallelism rank 0's is broadcast). It is a buffer of the objective,
-so every checkpoint holds it and a resumed or probed run never refits.
+"""The built-in default tokenizer, **a departure from the paper** (which uses DALL-E's dVAE, BEiT 2.1.2): the
+nearest of ``vocab_size`` k-means centroids of per-patch normalised pixels (as AIM's Table 3a targets), so
+``--objective beit`` needs no weights file. Fitted on the first batch (rank 0's is broadcast) and kept as a
+buffer, so every checkpoint holds it and a resumed or probed run never refits.
 """
 
 from __future__ import annotations
@@ -24,10 +17,8 @@ DEFAULT_VOCAB = 256
 
 
 def kmeans_fit(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch.Tensor:
-    """(M, P) points -> (k, P) centroids: k-means++ seeding, then ``iters`` Lloyd steps.
-
-    An emptied cluster is re-seeded at the point farthest from its centroid.
-    """
+    """(M, P) points -> (k, P) centroids: k-means++ seeding, then ``iters`` Lloyd steps; an emptied cluster
+    is re-seeded at the point farthest from its centroid."""
     g = torch.Generator().manual_seed(seed)
     x = x.float().cpu()
     if x.shape[0] < k:
@@ -95,12 +86,8 @@ class KMeansTokenizer(VisualTokenizer):
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, h, w) ids -> (B, C, h*p, w*p) pixels in [0, 1].
-
-        A centroid is a normalised patch; its mean and standard deviation come from the
-        ``reference`` pixels' own patches (as the MAE demo un-normalises norm-pix
-        predictions), or mid-grey when no reference is given.
-        """
+        """(B, h, w) ids -> (B, C, h*p, w*p) pixels in [0, 1]: each normalised centroid gets the mean and spread
+        of the ``reference`` pixels' own patch (as the MAE demo draws norm-pix predictions), else mid-grey."""
         B, h, w = ids.shape
         patches = self.codebook[ids.flatten(1)]  # (B, N, P)
         if reference is not None:
