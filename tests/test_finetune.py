@@ -193,7 +193,18 @@ def test_tiny_finetune_loads_the_weights_and_writes_its_result(tiny_run):
 
 def test_finetune_at_another_resolution(tiny_run):
     result = finetune(tiny_run, FinetuneConfig(epochs=1, batch_size=4, max_steps=1, img_size=24, progress=False))
-    assert result["img_size"] == 24 and (tiny_run / "finetune-24px.json").exists()
+    assert result["img_size"] == 24 and json.loads((tiny_run / "finetune-24px.json").read_text()) == \
+        json.loads(json.dumps(result))
+
+
+def test_one_result_name_for_finetune_and_compare(tmp_path):
+    """compare finds a saved fine-tune under the name finetune wrote it, the run's own size included."""
+    from mimaim.eval.finetune import result_path
+
+    names = [result_path(tmp_path, FinetuneConfig(**kw), 32).name
+             for kw in ({}, {"img_size": 32}, {"img_size": 24}, {"init": "random"}, {"img_size": 48, "init": "random"})]
+    assert names == ["finetune.json", "finetune.json", "finetune-24px.json", "finetune-random.json",
+                     "finetune-48px-random.json"]
 
 
 def test_finetune_refuses_unlabelled_data_before_training(tiny_run, tmp_path):

@@ -287,8 +287,7 @@ def finetune(run_dir: str | Path, fcfg: FinetuneConfig | None = None) -> dict:
     model = Classifier(encoder, num_classes, head_bn=fcfg.head_bn).to(device)
     optimizer = build_optimizer(model, fcfg)
     mixup, criterion = build_criterion(fcfg, num_classes)
-    tag = (f"finetune{'' if img_size == record['img_size'] else f'-{img_size}px'}"
-           f"{'' if fcfg.init == 'pretrained' else '-random'}")
+    out = result_path(run_dir, fcfg, record["img_size"])
     objective, model_name = record["objective"], record["backbone"]["name"]
     print(f"mimaim finetune: {objective} {model_name} ({fcfg.init}) at {img_size}px on {data}, {fcfg.recipe} "
           f"recipe: {len(train)} train / {len(val)} held-out images, {num_classes} classes, "
@@ -297,7 +296,7 @@ def finetune(run_dir: str | Path, fcfg: FinetuneConfig | None = None) -> dict:
           file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     steps, last_loss = train_epochs(model, LabelledDataset(train, train_transform(img_size, fcfg)), optimizer,
-                                    criterion, mixup, fcfg, device, desc=f"{objective} {tag}")
+                                    criterion, mixup, fcfg, device, desc=f"{objective} {out.stem}")
     wall = time.perf_counter() - t0
     top1 = evaluate(model, val, img_size, device)
     config = {k: v for k, v in asdict(fcfg).items() if k not in ("progress", "device")}
@@ -307,7 +306,14 @@ def finetune(run_dir: str | Path, fcfg: FinetuneConfig | None = None) -> dict:
               "val_images": len(val), "num_classes": num_classes, "pretrain_img_size": record["img_size"],
               "img_size": img_size, "steps": steps, "final_loss": last_loss, "top1": round(top1, 2),
               "wall_time_s": round(wall, 2), "lr": fcfg.effective_lr(), "config": config}
-    (run_dir / f"{tag}.json").write_text(json.dumps(result, indent=2))
-    print(f"fine-tuned top-1 on the held-out split: {top1:.2f}% ({steps} steps, {wall:.1f}s) -> "
-          f"{run_dir / (tag + '.json')}", file=sys.stderr, flush=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"fine-tuned top-1 on the held-out split: {top1:.2f}% ({steps} steps, {wall:.1f}s) -> {out}",
+          file=sys.stderr, flush=True)
     return result
+
+
+def result_path(run_dir: str | Path, fcfg: FinetuneConfig, pretrain_img_size: int) -> Path:
+    """RUN_DIR/finetune[-<size>px][-random].json: where ``finetune`` writes its result."""
+    size = fcfg.img_size or pretrain_img_size
+    return Path(run_dir) / (f"finetune{'' if size == pretrain_img_size else f'-{size}px'}"
+                            f"{'' if fcfg.init == 'pretrained' else '-random'}.json")

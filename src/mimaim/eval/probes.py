@@ -21,8 +21,8 @@ def labelled_splits(data: str, val_fraction: float) -> tuple[Source, Source, int
     """(train, held-out, number of classes) of a labelled data spec; names what is missing."""
     source = build_source(data, progress=False)
     if not source.has_labels:
-        raise DataError(f"data {data!r} has no labels: probes need class sub-folders "
-                        "(imagefolder:PATH/<class>/<image>); pass a labelled --data")
+        raise DataError(f"data {data!r} has no labels: probes need class sub-folders (imagefolder:PATH/<class>/"
+                        "<image>) or WebDataset shards with an integer `cls`; pass a labelled --data")
     train, val = source.split("train", val_fraction), source.split("val", val_fraction)
     if len(val) == 0:
         raise DataError(f"the held-out split of {data!r} is empty; raise --val-fraction")

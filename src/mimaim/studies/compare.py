@@ -30,7 +30,7 @@ from ..engine.checkpoint import latest_checkpoint
 from ..engine.logging import read_metrics
 from ..engine.optim import build_optimizer
 from ..engine.trainer import pretrain
-from ..eval.finetune import finetune
+from ..eval.finetune import finetune, result_path
 from ..eval.probe_run import DEFAULT_PROBES, probe_run
 from ..eval.probes import get_probe
 from ..eval.recipes import FinetuneConfig
@@ -134,7 +134,7 @@ def check_probe_data(cfg: PretrainConfig, train_images: int, val_images: int, la
     """Stop before any training when the cells could not be trained or probed."""
     if not labelled:
         raise ConfigError(f"--data {cfg.data!r} has no labels, so the cells cannot be probed; pass a labelled "
-                          "folder (imagefolder:PATH/<class>/<image>)")
+                          "folder (imagefolder:PATH/<class>/<image>) or shards with an integer `cls`")
     if val_images == 0:
         raise ConfigError(f"the held-out split of {cfg.data!r} is empty at val_fraction {cfg.val_fraction}; "
                           "raise --val-fraction or add images")
@@ -211,11 +211,9 @@ def trunk_flavour(run_dir: Path) -> tuple[str, str]:
     return key, ", ".join(traits)
 
 
-def finetune_cell(run_dir: Path, fcfg) -> dict:
-    """``finetune`` on a cell unless its result for the same settings is on disk."""
-    tag = "finetune" + ("" if fcfg.img_size is None else f"-{fcfg.img_size}px") + \
-          ("" if fcfg.init == "pretrained" else "-random")
-    path = run_dir / f"{tag}.json"
+def finetune_cell(run_dir: Path, fcfg, img_size: int) -> dict:
+    """``finetune`` on a cell (pre-trained at ``img_size``) unless its result for the same settings is on disk."""
+    path = result_path(run_dir, fcfg, img_size)
     wanted = {k: v for k, v in dataclasses.asdict(fcfg).items() if k not in ("progress", "device")}
     if path.exists():
         saved = json.loads(path.read_text())
@@ -386,7 +384,7 @@ def result_rows(cells: Sequence[Cell], probes, layers, pool, random_init, device
                "flops_per_image": cell.flops_per_image,
                "train_flops": cell.flops_per_image * summary["steps"] * cell.cfg.batch_size}
         if ft:
-            row["finetune_top1"] = finetune_cell(run_dir, ft)["top1"]
+            row["finetune_top1"] = finetune_cell(run_dir, ft, cell.cfg.img_size)["top1"]
         rows.append(row)
         if first:
             rnd = {"cell": f"random-init-{cell.name}", "options": "{}", "model": cell.cfg.model, "epochs": 0,
@@ -395,7 +393,8 @@ def result_rows(cells: Sequence[Cell], probes, layers, pool, random_init, device
                    "images_per_s": float("nan"), "wall_time_s": 0.0, "flops_per_image": cell.flops_per_image,
                    "train_flops": 0.0, "random_init_of": ",".join(flavour["cells"])}
             if ft:
-                rnd["finetune_top1"] = finetune_cell(run_dir, dataclasses.replace(ft, init="random"))["top1"]
+                random_ft = dataclasses.replace(ft, init="random")
+                rnd["finetune_top1"] = finetune_cell(run_dir, random_ft, cell.cfg.img_size)["top1"]
             random_rows.append(rnd)
     return rows + random_rows
 
