@@ -1,10 +1,8 @@
-"""Settings declared once (``opt``: default, help, section, rules): ``PretrainConfig`` here, ``FinetuneConfig``
-in ``eval/recipes.py``. Flags are generated from the fields (``cli/options.py``); every setting also takes
-the one dotted override ``--set KEY=VALUE`` (``objective.KEY``: the objective's options, ``augmentation.KEY``),
-and one converter (``convert``) reads every string. Precedence: defaults < ``--config`` preset < flags < for
-``--resume``, the run's record, of which only ``RESUME_MUTABLE`` may change. Knows no objective: the
-objective's name and options are checked where the run is built (``engine/build.py``).
-"""
+"""Settings declared once (``opt``): ``PretrainConfig`` here, ``FinetuneConfig`` in ``eval/recipes.py``; flags are
+generated from the fields (``cli/options.py``), every setting takes the one dotted override ``--set KEY=VALUE``
+(``objective.KEY``, ``augmentation.KEY``) and one converter reads every string. Precedence: defaults < preset <
+flags < for ``--resume``, the run's record (only ``RESUME_MUTABLE`` may change). Knows no objective: its name
+and options are checked where the run is built (``engine/build.py``)."""
 
 from __future__ import annotations
 
@@ -29,9 +27,11 @@ def opt(default=dataclasses.MISSING, help: str = "", group: str = "", factory=No
 
 # --------------------------------------------------------------------------- one converter
 BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def kind_of(like) -> str:
-    """The type a value is read as: a field's annotation (``'float | None'`` -> float) or a default's type."""
-    if isinstance(like, dataclasses.Field):  # a string under ``from __future__ import annotations``, else a type
+    """A field's annotation (``'float | None'`` -> float; a string under postponed annotations) or a default's type."""
+    if isinstance(like, dataclasses.Field):
         t = like.type if isinstance(like.type, str) else getattr(like.type, "__name__", str(like.type))
         parts = [p.strip() for p in t.split("|") if p.strip() != "None"]
         return (parts[0] if parts else "str").split("[")[0]
@@ -48,30 +48,19 @@ def _literal(text: str):
     return text
 
 
-def _mapping(text: str) -> dict:
-    parsed = yaml.safe_load(text)
-    if not isinstance(parsed, dict):
-        raise ValueError(text)
-    return parsed
-
-
 def convert(value: Any, like, name: str) -> Any:
-    """``value`` (a command-line string or a YAML value) as the type of ``like``, a dataclass field or a
-    default value; an error names the setting. Strings for a value of unknown type are read as YAML."""
+    """``value`` (a string or a YAML value) as the type of ``like``, a dataclass field or a default value."""
     kind = kind_of(like)
-    if not isinstance(value, str):
+    if not isinstance(value, str):  # a YAML or Python value: a list where a tuple is declared, an int for a float
         if kind == "tuple" and isinstance(value, list):
             return tuple(value)
-        if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        return value
+        return float(value) if kind == "float" and type(value) is int else value
     optional = like is None or (isinstance(like, dataclasses.Field) and
                                 (like.default is None or "None" in str(like.type)))
     if optional and value.lower() in ("none", "null"):
         return None
-    readers = {"bool": lambda v: BOOLS[v.lower()], "int": int, "float": float, "any": _literal,
-               "tuple": lambda v: tuple(_literal(x.strip()) for x in v.split(",") if x.strip()),
-               "dict": _mapping}
+    readers = {"bool": lambda v: BOOLS[v.lower()], "int": int, "float": float, "any": _literal, "dict": dict,
+               "tuple": lambda v: tuple(_literal(x.strip()) for x in v.split(",") if x.strip())}  # dict: key by key
     try:
         return readers.get(kind, str)(value)
     except (KeyError, TypeError, ValueError, yaml.YAMLError):
@@ -83,23 +72,19 @@ NESTED = {"objective": "objective_options", "augmentation": "augmentation", "fin
 
 
 def parse_overrides(items, flag: str = "--set") -> dict[str, Any]:
-    """``["warmup_epochs=5", "objective.mask_ratio=0.6"]`` -> ``{"warmup_epochs": "5", "objective_options":
-    {"mask_ratio": 0.6}}``: the one KEY=VALUE syntax. Values stay strings (the receiving field converts
-    them), except those of nested options, read as YAML (``8`` is recorded as 8, not '8')."""
+    """``["lr=1e-3", "objective.mask_ratio=0.6"]`` -> ``{"lr": "1e-3", "objective_options": {"mask_ratio": 0.6}}``:
+    the one KEY=VALUE syntax. A field converts its string; nested options are read as literals (8, not '8')."""
     out: dict[str, Any] = {}
     for item in items or []:
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} warmup_epochs=5 or "
-                              f"{flag} objective.mask_ratio=0.6")
-        head, dot, sub = key.partition(".")
-        if not dot:
-            out[key] = value.strip()
-        elif head in NESTED and sub:
-            out.setdefault(NESTED[head], {})[sub] = _literal(value.strip())
+        key, sep, value = (part.strip() for part in item.partition("="))
+        head, dot, sub = key.replace("-", "_").partition(".")
+        need(sep and head and (dot or head not in NESTED.values()) and (not dot or head in NESTED and sub),
+             f"{flag} {item!r}: expected KEY=VALUE or {'|'.join(NESTED)}.KEY=VALUE, e.g. {flag} warmup_epochs=5 "
+             f"or {flag} objective.mask_ratio=0.6")
+        if dot:
+            out.setdefault(NESTED[head], {})[sub] = _literal(value)
         else:
-            raise ConfigError(f"{flag} {item!r}: dotted keys start with {', '.join(k + '.' for k in NESTED)}")
+            out[head] = value
     return out
 
 
@@ -116,7 +101,7 @@ class PretrainConfig:
     patch_size: int = opt(4, "ViT patch size in pixels", W, must="> 0")
     recipe: str = opt("quick", "quick: heads and epochs sized for a CPU demo; paper: the paper's", W,
                       choices=("quick", "paper"))
-    objective_options: dict = opt(help="the objective's options: --set objective.KEY=VALUE", factory=dict, flag=False)
+    objective_options: dict = opt(help="the objective's options: objective.KEY=VALUE", factory=dict, flag=False)
     init: str | None = opt(None, "start a NEW run from these weights: a run dir, a checkpoint folder, a local HF "
                                  "folder or a timm checkpoint file", W, metavar="SOURCE")
     data: str = opt("digits", f"training data: {DATA_HELP}", D)
@@ -125,26 +110,23 @@ class PretrainConfig:
     num_workers: int = opt(-1, "DataLoader workers per process (-1: from the CPU count)", D)
     max_bad_fraction: float = opt(0.01, "stop if a larger share of images is unreadable", D, must="in [0, 1]")
     data_fraction: float = opt(1.0, "train on this nested, seeded, per-class share", D, flag=False, must="in (0, 1]")
-    augmentation: dict = opt(help="the objective's augmentation, e.g. augmentation.crop_scale=0.4,1", factory=dict,
+    augmentation: dict = opt(help="the objective's augmentation: augmentation.crop_scale=0.4,1", factory=dict,
                              flag=False)
-    epochs: int = opt(20, "epochs (may grow on --resume); recipe quick: the objective's own if not given", O,
-                      must="> 0")
-    batch_size: int = opt(64, "global batch per optimiser step (split over processes and --accum-steps)", O,
-                          must="> 0")
+    epochs: int = opt(20, "epochs (may grow on --resume); recipe quick: the objective's own if unset", O, must="> 0")
+    batch_size: int = opt(64, "global batch per step (split over processes and --accum-steps)", O, must="> 0")
     accum_steps: int = opt(1, "gradient accumulation micro-steps", O, must="> 0")
     blr: float = opt(1e-3, "base learning rate, lr = blr x batch/256 (official MAE code default)", O)
     lr: float | None = opt(None, "absolute learning rate (overrides --blr)", O)
     min_lr: float = opt(0.0, "floor of the cosine schedule", O)
     warmup_epochs: float = opt(2.0, "linear warm-up epochs", O, must=">= 0")
-    schedule: str = opt("cosine", "cosine: warm-up, half-cosine to min_lr; multistep: warm-up, flat, x lr_gamma at "
-                                  "each milestone (SimMIM)", O, choices=("cosine", "multistep"))
+    schedule: str = opt("cosine", "cosine to min_lr | multistep: flat, x lr_gamma at each milestone (SimMIM)", O,
+                        choices=("cosine", "multistep"))
     milestones: tuple = opt((), "multistep's epochs, e.g. 700,750", O)
     lr_gamma: float = opt(0.1, "multistep factor at each milestone", O, must="> 0")
     weight_decay: float = opt(0.05, "AdamW weight decay", O)
     betas: tuple = opt((0.9, 0.95), "AdamW betas", O, flag=False)
     clip_grad: float | None = opt(None, "clip the gradient norm to this value (default off)", O)
-    precision: str = opt("auto", "auto: bf16 autocast on CUDA, fp32 on CPU (bf16 CPUs need AVX512-BF16/AMX)", E,
-                         choices=("auto", "fp32", "bf16"))
+    precision: str = opt("auto", "auto: bf16 on CUDA, fp32 on CPU", E, choices=("auto", "fp32", "bf16"))
     compile: bool = opt(False, "torch.compile the model", E)
     strategy: str = opt("ddp", "under torchrun: ddp (replicas) | fsdp (sharded)", E, choices=("ddp", "fsdp"))
     activation_checkpointing: bool = opt(False, "recompute block activations in the backward pass (less memory)", E)
@@ -180,7 +162,7 @@ class PretrainConfig:
              list(self.milestones) == sorted(self.milestones),
              f"milestones must be increasing positive epochs, got {self.milestones}")
         need(self.schedule != "multistep" or self.milestones,
-             "schedule multistep needs milestones, e.g. --set milestones=700,750")
+             "schedule multistep needs milestones, e.g. --milestones 700,750")
         need(len(self.betas) == 2, f"betas needs two values, got {self.betas}")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"device: unknown value {self.device!r}; choose auto, cpu or cuda")
@@ -194,7 +176,7 @@ def need(cond, msg: str) -> None:
 
 
 def holds(value, rule: str) -> bool:
-    """A field's ``must`` rule: ``"> 0"``, ``">= 1"``, or an interval ``"in (0, 1]"``."""
+    """``"> 0"``, ``">= 1"`` or an interval ``"in (0, 1]"``."""
     if rule.startswith("in "):
         lo, hi = (float(x) for x in rule[4:-1].split(","))
         return (lo < value if rule[3] == "(" else lo <= value) and (value < hi if rule[-1] == ")" else value <= hi)
@@ -203,7 +185,7 @@ def holds(value, rule: str) -> bool:
 
 
 def check_fields(settings) -> None:
-    """Every field's declared ``choices`` and ``must`` rule (a None value is not set, so not checked)."""
+    """Every field's ``choices`` and ``must`` rule (None: not set)."""
     for f in dataclasses.fields(settings):
         value, allowed, rule = getattr(settings, f.name), f.metadata.get("choices"), f.metadata.get("must")
         if value is not None:
@@ -212,18 +194,17 @@ def check_fields(settings) -> None:
             need(rule is None or holds(value, rule), f"{f.name} must be {rule}, got {value}")
 
 
-#: settings of the engine, not of what is computed: a re-run of a finished comparison cell may differ in them
-ENGINE_ONLY = frozenset({"out", "progress", "num_workers", "device", "cache", "log_every", "save_every",
-                         "keep_last", "compile", "precision", "max_bad_fraction", "strategy",
-                         "activation_checkpointing", "max_steps"})
-#: the one resume allow-list: a resumed run may also change the optimiser's step size and the schedule's
-#: length. ``init`` acts before step 0 only (a resumed run keeps its record); ``max_steps`` belongs to one launch.
+#: settings of the engine, not of what is computed (a re-run of a finished comparison cell may differ in them)
+ENGINE_ONLY = frozenset({"out", "progress", "num_workers", "device", "cache", "log_every", "save_every", "keep_last",
+                         "compile", "precision", "max_bad_fraction", "strategy", "activation_checkpointing",
+                         "max_steps"})
+#: the one resume allow-list: engine settings, the step size and the schedule's length (``init`` acts before step 0)
 RESUME_MUTABLE = ENGINE_ONLY | {"lr", "blr", "min_lr", "warmup_epochs", "clip_grad", "weight_decay", "epochs",
                                 "schedule", "milestones", "lr_gamma"}
 
 
 def typed(cls, values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``values`` read as the types of dataclass ``cls``'s fields (None: not given); unknown keys are errors."""
+    """``values`` as the types of ``cls``'s fields (None: not given); an unknown key is an error."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     out = {}
     for key, value in values.items():
@@ -252,25 +233,17 @@ def resolve_config(preset: dict[str, Any] | None = None, flags: dict[str, Any] |
         return make_config(preset, **(flags or {}))
     given = {k.replace("-", "_"): v for k, v in {**(preset or {}), **(flags or {})}.items() if k != "init"}
     old, new = make_config(recorded), make_config(recorded, **given)  # the second checks the given values
-    for key in given:
-        if key not in RESUME_MUTABLE and getattr(new, key) != getattr(old, key):
-            flag = "--" + key.replace("_", "-")
-            raise ConfigError(f"{flag} {_plain(getattr(new, key))!r} does not match the run being resumed, which "
-                              f"used {_plain(getattr(old, key))!r}; drop {flag} or start a new run with --out (a "
-                              f"resumed run may change only: {', '.join(sorted(RESUME_MUTABLE - {'out'}))})")
+    for key, flag in ((k, "--" + k.replace("_", "-")) for k in given):
+        need(key in RESUME_MUTABLE or getattr(new, key) == getattr(old, key),
+             f"{flag} {getattr(new, key)!r} does not match the run being resumed, which used {getattr(old, key)!r}; "
+             f"drop {flag} or start a new run with --out (a resumed run may change only: "
+             f"{', '.join(sorted(RESUME_MUTABLE - {'out'}))})")
     keep = {"max_steps": None, **{k: v for k, v in given.items() if k in RESUME_MUTABLE}}
     return make_config(recorded, **keep)
 
 
-def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for presets")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of setting: value")
+    need(Path(path).exists(), f"config file {str(path)!r} does not exist; see configs/ for presets")
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    need(isinstance(data, dict), f"config file {path} must hold a mapping of setting: value")
     return data

@@ -1,8 +1,5 @@
-"""Command-line flags generated from the settings' dataclass fields (``config.opt``): declared once.
-
-Every generated flag defaults to ``argparse.SUPPRESS``, so ``given(args, dests)`` holds only what the
-user typed and ``config.resolve_config`` can merge defaults < preset < flags < a resumed run's record.
-"""
+"""Flags generated from the settings' fields (``config.opt``); each defaults to SUPPRESS, so ``given(args, dests)``
+holds only what the user typed (``config.resolve_config`` merges it over the defaults and preset)."""
 
 from __future__ import annotations
 
