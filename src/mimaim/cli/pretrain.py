@@ -1,14 +1,8 @@
 """``mimaim pretrain``: resolve the config, assemble the run (``--init`` weights), train, draw the picture.
 
-Relaunching after a kill: the same command line a scheduler re-issues continues the run.
-
-* ``--resume RUN_DIR`` where RUN_DIR has a ``config.yaml``: the recorded config is used (the settings
-  in ``config.RESUME_MUTABLE`` may change); training continues from the newest checkpoint, or starts
-  from step 0 when the kill came before the first one.
-* ``--resume RUN_DIR`` where RUN_DIR has no ``config.yaml`` yet (killed before it was written, or the
-  first launch of a scheduled job): a new run starts in RUN_DIR from the preset and flags on the same
-  command line. ``--resume auto`` does the same with ``--out``.
-"""
+Relaunching after a kill, the same command continues the run: ``--resume RUN_DIR`` keeps its recorded config
+(``config.RESUME_MUTABLE`` may change) and its newest checkpoint, or starts RUN_DIR from this command's
+settings when it holds no run yet (``--resume auto``: the ``--out`` folder)."""
 
 from __future__ import annotations
 

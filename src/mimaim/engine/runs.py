@@ -1,18 +1,8 @@
-"""A run is a self-describing artifact: its checkpoints say what their weights are.
-
-Each checkpoint folder holds ``run.json``, the *run record* (``run_record(cfg)``)::
-
-    {"format": 1, "mimaim_version": "0.1.0",
-     "objective": "beit", "objective_options": {...resolved...},
-     "backbone": {"name": "vit_micro", "kwargs": {"img_size": 32, "patch_size": 4, "class_token": true, ...}},
-     "img_size": 32, "patch_size": 4, "probe_protocol": {...}, "config": {...the run's config...}}
-
-From it ``load_backbone`` rebuilds the encoder with ``models.create_model(name, **kwargs)``
-and loads the ``encoder.*`` weights of ``model.safetensors``, never building the objective,
-its heads or its tokenizer (a BEiT run trained with ``--tokenizer dalle:PATH`` loads after
-that file is gone). ``load_run`` rebuilds the whole objective, for what needs the heads
-(reconstruction pictures).
-"""
+"""A run is a self-describing artifact: each checkpoint folder holds ``run.json``, the *run record*
+(``run_record(cfg)``: objective and resolved options, backbone name and constructor arguments, sizes,
+probe protocol, the config). ``load_backbone`` rebuilds the encoder from it with ``models.create_model``
+and loads the ``encoder.*`` weights, never building the objective, its heads or its tokenizer (a BEiT
+run loads after its dalle file is gone); ``load_run`` rebuilds the whole objective (pictures)."""
 
 from __future__ import annotations
 

@@ -1,27 +1,14 @@
-"""A mimaim encoder as a timm model, written in timm's own hub format.
+"""A mimaim encoder as a timm model, in timm's own hub format (``save_for_hf``): ``timm.create_model(
+"local-dir:OUT", pretrained=True)`` rebuilds it with no other argument, ``push_to_hf_hub`` publishes it.
 
-``export_timm(RUN_DIR, OUT)`` writes ``config.json`` + ``model.safetensors`` with
-``timm.models.save_for_hf``, so that ``timm.create_model("local-dir:OUT", pretrained=True)``
-rebuilds it with no other argument and ``timm.models.push_to_hf_hub`` publishes it as is.
-
-Which timm class holds which flavour of our ViT (``models/vit.py``):
-
-* MAE, SimMIM ``vit_flavour=plain``: ``VisionTransformer`` (cls token, absolute positions,
-  biased q/k/v); our frozen sin-cos table is stored as timm's ``pos_embed`` parameter.
-* BEiT and SimMIM's BEiT-style ViT (q/v-only bias, layer scale, one relative position bias
-  shared by all blocks): timm ``Beit`` with ``use_shared_rel_pos_bias=True``.
-* AIM (no cls token, LayerNorm after the patch projection, bias-free q/k/v, projection and
-  MLP): ``VisionTransformer(class_token=False, embed_norm_layer="layernorm",
-  qkv_bias=False, proj_bias=False)``. The trunk is exact; AIM's probe protocol (average of
-  the last six blocks, without the final norm) is not a timm ``global_pool``: the export
-  pools the normed patch tokens (``avg``) and the protocol stays available as
-  ``forward_intermediates(x, indices=6, norm=False, intermediates_only=True)``.
-* SimMIM on Swin: timm's ``SwinTransformer`` itself (our ``Swin`` is one).
-
-``global_pool`` follows the objective's probe protocol (``Objective.probe_protocol``):
-"token" for the cls token (MAE), "avg" for the mean of patch tokens after the final norm
-(BEiT, SimMIM); ``num_classes`` is 0, so ``model(x)`` returns those pooled features.
-"""
+Which timm class holds which flavour of our ViT: MAE and SimMIM's plain ViT, ``VisionTransformer`` (our
+frozen sin-cos table as its ``pos_embed``); BEiT and SimMIM's BEiT-style ViT, ``Beit`` with a shared relative
+position bias; AIM, ``VisionTransformer(class_token=False, embed_norm_layer="layernorm", qkv_bias=False,
+proj_bias=False)`` (the trunk is exact; AIM's probe protocol, the average of the last six blocks without the
+final norm, is not a timm ``global_pool``: the export pools the normed patch tokens and the protocol stays
+available through ``forward_intermediates``); SimMIM's Swin, timm's ``SwinTransformer`` itself.
+``global_pool`` follows the objective's probe protocol ("token" for MAE, "avg" for BEiT/SimMIM) and
+``num_classes`` is 0, so ``model(x)`` returns the pooled features."""
 
 from __future__ import annotations
 
