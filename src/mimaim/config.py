@@ -31,11 +31,10 @@ BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": 
 
 def kind_of(like) -> str:
     """A field's annotation (``'float | None'`` -> float; a string under postponed annotations) or a default's type."""
-    if isinstance(like, dataclasses.Field):
-        t = like.type if isinstance(like.type, str) else getattr(like.type, "__name__", str(like.type))
-        parts = [p.strip() for p in t.split("|") if p.strip() != "None"]
-        return (parts[0] if parts else "str").split("[")[0]
-    return "any" if like is None else type(like).__name__
+    if not isinstance(like, dataclasses.Field):
+        return "any" if like is None else type(like).__name__
+    t = like.type if isinstance(like.type, str) else like.type.__name__
+    return next((p.strip() for p in t.split("|") if p.strip() != "None"), "str").split("[")[0]
 
 
 def _literal(text: str):
@@ -55,9 +54,8 @@ def convert(value: Any, like, name: str) -> Any:
         if kind == "tuple" and isinstance(value, list):
             return tuple(value)
         return float(value) if kind == "float" and type(value) is int else value
-    optional = like is None or (isinstance(like, dataclasses.Field) and
-                                (like.default is None or "None" in str(like.type)))
-    if optional and value.lower() in ("none", "null"):
+    if value.lower() in ("none", "null") and (like is None or getattr(like, "default", 0) is None
+                                               or "None" in str(getattr(like, "type", ""))):
         return None
     readers = {"bool": lambda v: BOOLS[v.lower()], "int": int, "float": float, "any": _literal, "dict": dict,
                "tuple": lambda v: tuple(_literal(x.strip()) for x in v.split(",") if x.strip())}  # dict: key by key

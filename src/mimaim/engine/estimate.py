@@ -274,7 +274,8 @@ def format_estimate(est: dict[str, Any], gpu_memory_gib: float | None = 80.0) ->
                  f"{est['activations_without_checkpointing'] / GiB:>8.2f} / "
                  f"{est['activations_with_checkpointing'] / GiB:.2f}")
     recompute = " + recompute" if est["activation_checkpointing"] else ""
-    lines += ["", f"training FLOPs per image (forward + backward{recompute}): {est['flops_per_image'] / 1e9:,.1f} GFLOP"]
+    lines += ["", f"training FLOPs per image (forward + backward{recompute}): "
+                  f"{est['flops_per_image'] / 1e9:,.1f} GFLOP"]
     if gpu_memory_gib and est["total_bytes"] / GiB > 0.9 * gpu_memory_gib:
         fixes = (["--strategy fsdp"] if ddp else []) + \
                 ([] if est["activation_checkpointing"] else ["--activation-checkpointing"]) + \
