@@ -81,14 +81,15 @@ def test_every_config_field_has_one_flag_with_help_and_set_converts_types(tmp_pa
     import dataclasses
 
     from mimaim.cli import build_parser
-    from mimaim.config import PretrainConfig
+    from mimaim.config import NESTED, PretrainConfig
 
     help_text = build_parser()._subparsers._group_actions[0].choices["pretrain"].format_help()
     for f in dataclasses.fields(PretrainConfig):
         assert f.metadata.get("help"), f"{f.name} has no help"
         flag = f.metadata.get("flag", True)
-        assert (f"  {f.name}: " if flag is False else flag if isinstance(flag, str) else
-                "--" + f.name.replace("_", "-")) in help_text, f.name  # a flag, or listed under --set
+        nested = {v: k for k, v in NESTED.items()}  # objective_options -> objective.KEY=VALUE under --set
+        assert (f"{nested[f.name]}." if flag is False else flag if isinstance(flag, str) else
+                "--" + f.name.replace("_", "-")) in help_text, f.name  # a flag, or the dotted --set for a dict
     args = build_parser().parse_args(["pretrain", "--milestones", "3,4", "--schedule", "multistep",
                                       "--set", "betas=0.9,0.99", "--no-progress"])
     assert args.milestones == (3, 4) and args.progress is False and not hasattr(args, "epochs")

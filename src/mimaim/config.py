@@ -6,6 +6,7 @@ and options are checked where the run is built (``engine/build.py``)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,18 +15,16 @@ from typing import Any
 import yaml
 
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the setting and the fix."""
+class ConfigError(ValueError, argparse.ArgumentTypeError):
+    """A configuration problem; the message names the setting and the fix (argparse prints it for a bad flag)."""
 
 
 def opt(default=dataclasses.MISSING, help: str = "", group: str = "", factory=None, **meta):
-    """A field: default, help, section; ``flag`` (False: ``--set`` only; or the flag's name), ``choices``,
-    ``metavar``, ``must`` (a rule: ``"> 0"``, ``"in (0, 1]"``)."""
+    """A field: default, help, section; ``flag`` (False or its name), ``choices``, ``metavar``, ``must``: ``"> 0"``."""
     metadata = {"help": help, "group": group, **meta}
     return field(default_factory=factory, metadata=metadata) if factory else field(default=default, metadata=metadata)
 
 
-# --------------------------------------------------------------------------- one converter
 BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
@@ -86,7 +85,6 @@ def parse_overrides(items, flag: str = "--set") -> dict[str, Any]:
     return out
 
 
-# --------------------------------------------------------------------------- pre-training
 W, D, O, E = "what to train", "data", "optimisation", "engine"  # the --help sections
 DATA_HELP = "digits (built in), imagefolder:PATH, or wds:SHARDS (WebDataset: DIR or DIR/train-{000000..000127}.tar)"
 
@@ -97,8 +95,7 @@ class PretrainConfig:
     model: str = opt("vit_micro", "backbone: vit_micro|vit_tiny|vit_small|vit_base|vit_large|swin_*|... ", W)
     img_size: int = opt(32, "input resolution in pixels", W, must="> 0")
     patch_size: int = opt(4, "ViT patch size in pixels", W, must="> 0")
-    recipe: str = opt("quick", "quick: heads and epochs sized for a CPU demo; paper: the paper's", W,
-                      choices=("quick", "paper"))
+    recipe: str = opt("quick", "quick: heads, epochs sized for a CPU demo | paper", W, choices=("quick", "paper"))
     objective_options: dict = opt(help="the objective's options: objective.KEY=VALUE", factory=dict, flag=False)
     init: str | None = opt(None, "start a NEW run from these weights: a run dir, a checkpoint folder, a local HF "
                                  "folder or a timm checkpoint file", W, metavar="SOURCE")
@@ -107,7 +104,7 @@ class PretrainConfig:
     cache: str = opt("auto", "decode images into memory once (auto: when under 4 GB)", D, choices=("auto", "on", "off"))
     num_workers: int = opt(-1, "DataLoader workers per process (-1: from the CPU count)", D)
     max_bad_fraction: float = opt(0.01, "stop if a larger share of images is unreadable", D, must="in [0, 1]")
-    data_fraction: float = opt(1.0, "train on this nested, seeded, per-class share", D, flag=False, must="in (0, 1]")
+    data_fraction: float = opt(1.0, "train on this nested, seeded, per-class share", D, must="in (0, 1]")
     augmentation: dict = opt(help="the objective's augmentation: augmentation.crop_scale=0.4,1", factory=dict,
                              flag=False)
     epochs: int = opt(20, "epochs (may grow on --resume); recipe quick: the objective's own if unset", O, must="> 0")
@@ -117,12 +114,11 @@ class PretrainConfig:
     lr: float | None = opt(None, "absolute learning rate (overrides --blr)", O)
     min_lr: float = opt(0.0, "floor of the cosine schedule", O)
     warmup_epochs: float = opt(2.0, "linear warm-up epochs", O, must=">= 0")
-    schedule: str = opt("cosine", "cosine to min_lr | multistep: flat, x lr_gamma at each milestone (SimMIM)", O,
-                        choices=("cosine", "multistep"))
+    schedule: str = opt("cosine", "cosine | multistep (x lr_gamma at milestones)", O, choices=("cosine", "multistep"))
     milestones: tuple = opt((), "multistep's epochs, e.g. 700,750", O)
     lr_gamma: float = opt(0.1, "multistep factor at each milestone", O, must="> 0")
     weight_decay: float = opt(0.05, "AdamW weight decay", O)
-    betas: tuple = opt((0.9, 0.95), "AdamW betas", O, flag=False)
+    betas: tuple = opt((0.9, 0.95), "AdamW betas", O)
     clip_grad: float | None = opt(None, "clip the gradient norm to this value (default off)", O)
     precision: str = opt("auto", "auto: bf16 on CUDA, fp32 on CPU", E, choices=("auto", "fp32", "bf16"))
     compile: bool = opt(False, "torch.compile the model", E)
@@ -132,7 +128,7 @@ class PretrainConfig:
     device: str = opt("auto", "auto | cpu | cuda", E)
     out: str = opt("runs/mae-digits", "run directory (default runs/<objective>-<data>, numbered if taken)", E)
     save_every: int = opt(0, "checkpoint every N optimiser steps (0: at each epoch's end)", E)
-    keep_last: int = opt(2, "checkpoints to keep", E, flag=False, must=">= 1")
+    keep_last: int = opt(2, "checkpoints to keep", E, must=">= 1")
     log_every: int = opt(10, "log metrics every N optimiser steps", E)
     max_steps: int | None = opt(None, "stop after N optimiser steps (the schedule still follows epochs)", E)
     progress: bool = opt(True, "no progress bars", E, flag="--no-progress")
@@ -156,9 +152,8 @@ class PretrainConfig:
         need(self.batch_size % self.accum_steps == 0,
              f"batch_size {self.batch_size} must be divisible by accum_steps {self.accum_steps}")
         self.augmentation = typed(Augmentation, self.augmentation, "augmentation.")
-        need(all(isinstance(m, (int, float)) and m > 0 for m in self.milestones) and
-             list(self.milestones) == sorted(self.milestones),
-             f"milestones must be increasing positive epochs, got {self.milestones}")
+        need(all(isinstance(m, (int, float)) and m > 0 for m in self.milestones) and list(self.milestones) ==
+             sorted(self.milestones), f"milestones must be increasing positive epochs, got {self.milestones}")
         need(self.schedule != "multistep" or self.milestones,
              "schedule multistep needs milestones, e.g. --milestones 700,750")
         need(len(self.betas) == 2, f"betas needs two values, got {self.betas}")

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from functools import partial
 
-from ..config import ConfigError, kind_of, convert
+from ..config import convert, kind_of
 
 SUPPRESS = argparse.SUPPRESS
 METAVARS = {"int": "N", "float": "X", "tuple": "A,B", "bool": "true|false"}
@@ -17,16 +18,6 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
-
-
-def _reader(f: dataclasses.Field):
-    def read(text: str):
-        try:
-            return convert(text, f, f.name)
-        except ConfigError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-    read.__name__ = kind_of(f)
-    return read
 
 
 def _show(value) -> str:
@@ -52,20 +43,13 @@ def add_fields(parser, cls, include=None, helps=None, sections=None, required=()
         else:
             if f.default not in (None, "", dataclasses.MISSING) and "(default" not in text:
                 text += f" (default {_show(f.default)})"
-            target.add_argument(flag, dest=f.name, type=_reader(f), help=text, required=f.name in required,
+            target.add_argument(flag, dest=f.name, type=partial(convert, like=f, name=f.name), help=text,
+                                required=f.name in required,
                                 default=None if f.name in required else SUPPRESS,
                                 choices=f.metadata.get("choices"),
                                 metavar=f.metadata.get("metavar") or METAVARS.get(kind_of(f)))
         dests.append(f.name)
     return dests
-
-
-def set_only_help(cls) -> str:
-    """The settings without a flag, for the epilog: they take ``--set KEY=VALUE``."""
-    lines = [f"  {f.name}: {f.metadata.get('help', '')}" + ("" if f.default is dataclasses.MISSING else
-                                                             f" (default {_show(f.default)})")
-             for f in dataclasses.fields(cls) if f.metadata.get("flag", True) is False]
-    return "settings without a flag of their own (--set KEY=VALUE):\n" + "\n".join(lines)
 
 
 def given(args: argparse.Namespace, dests) -> dict:

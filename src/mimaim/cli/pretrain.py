@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..config import RESUME_MUTABLE, ConfigError, PretrainConfig, load_yaml, parse_overrides, resolve_config
 from ..config import W as WHAT
-from .options import SUPPRESS, add_fields, given, set_only_help
+from .options import SUPPRESS, add_fields, given
 
 #: objective options with a flag of their own (any option: --set objective.KEY=VALUE)
 OBJECTIVE_FLAGS = {"mask_ratio": (float, "share of patches masked (MAE default 0.75)"),
@@ -28,14 +28,15 @@ def add_parser(sub) -> None:
                        description="Pre-train an encoder. Values come from the defaults, then --config, then "
                                    "flags and --set. --batch-size is the global optimiser batch, split across "
                                    "processes and --accum-steps; the learning rate is blr x batch/256 (MAE).",
-                       epilog=set_only_help(PretrainConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group(WHAT)
     g.add_argument("--config", help="YAML preset (see configs/), overridden by flags", default=SUPPRESS)
     for name, (typ, text) in OBJECTIVE_FLAGS.items():
         g.add_argument("--" + name.replace("_", "-"), type=typ, help=text, default=SUPPRESS)
     g.add_argument("--set", action="append", metavar="KEY=VALUE", dest="overrides", default=SUPPRESS,
-                   help="any setting: --set min_lr=1e-6, an objective option --set objective.decoder_depth=8, "
-                        "--set augmentation.crop_scale=0.4,1 (repeatable; `mimaim list` shows objective options)")
+                   help="any setting, e.g. --set min_lr=1e-6; an objective's option: --set objective.decoder_depth=8 "
+                        "(`mimaim list` shows them); the augmentation: --set augmentation.crop_scale=0.4,1 (a wrong "
+                        "key's error lists the keys); repeatable")
     g.add_argument("--resume", metavar="RUN_DIR", default=SUPPRESS,
                    help="continue the run in RUN_DIR from its last checkpoint (from step 0 if it has none; a new "
                         "run from this command's settings if RUN_DIR holds no run yet; `auto`: the --out folder). "
