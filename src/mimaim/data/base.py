@@ -1,9 +1,5 @@
-"""``Source``: an indexable collection of images with optional labels, and its held-out split.
-
-``len(source)``, ``source.load(i) -> PIL.Image`` (may raise for a broken file), ``source.labels``
-(ints, -1 = unlabelled), ``source.classes``, ``source.describe(i)`` (a path or name for messages).
-Every source splits into ``train`` and a held-out ``val``: the last ``val_fraction`` of each
-class in file order (for CIFAR-10's 5,000 per class and the default 0.1, the last 500).
+"""``Source``: an indexable collection of images (``load(i)`` may raise for a broken file) with labels (-1 =
+unlabelled), split into ``train`` and a held-out ``val``: the last ``val_fraction`` of each class in file order.
 """
 
 from __future__ import annotations
@@ -80,11 +76,8 @@ def group_by_class(labels) -> dict[int, list[int]]:
 
 
 def training_subset(train: Source, fraction: float, seed: int) -> Source:
-    """A deterministic ``fraction`` of each class of ``train`` (at least one image per class).
-
-    Each class is shuffled once from ``seed`` and its first share kept, so smaller
-    fractions are subsets of larger ones (0.1 inside 0.3 inside 1.0) for data-scaling runs.
-    """
+    """A deterministic ``fraction`` of each class of ``train`` (at least one image per class), each class shuffled
+    once from ``seed``, so smaller fractions are subsets of larger ones (0.1 inside 0.3) for data scaling."""
     if fraction >= 1.0:
         return train
     g = torch.Generator().manual_seed(seed)

@@ -1,13 +1,8 @@
-"""Deterministic, resumable, data-parallel loading of a :class:`Source`.
-
-* ``GlobalBatchSampler`` shuffles the whole split once per epoch from (seed, epoch), cuts
-  it into *global* batches of ``batch_size`` images (the optimiser batch), and hands this
-  rank its contiguous share of each, as ``accum_steps`` micro-batches. Starting at any
-  global step is an index computation, so a resumed run reads exactly what it would have.
-* ``PretrainDataset`` seeds every sample's augmentation and masking from (seed, epoch,
-  index): the result does not depend on batch size, worker count or process count.
-* An unreadable image is replaced by the next readable one and reported back with the
-  batch, so the engine can warn, count and stop if too many fail.
+"""Deterministic, resumable, data-parallel loading of a :class:`Source`: the split is shuffled from (seed,
+epoch) and cut into global (optimiser) batches, each rank reading its share as micro-batches, so starting
+at any step is index arithmetic; every sample's augmentation and masking is seeded from (seed, epoch,
+index), whatever the batch, worker or process count; an unreadable image is replaced by the next readable
+one and reported with the batch, for the engine to warn, count and stop if too many fail.
 """
 
 from __future__ import annotations
@@ -44,10 +39,8 @@ class PretrainDataset(Dataset):
 
 
 def first_readable(read: Callable, candidates: list[int], describe: Callable[[int], str], hint: str):
-    """``(read(c), bad)`` for the first candidate ``c`` that reads; the first candidate is the sample's own.
-
-    ``bad`` names the own sample if it failed, and nothing else: a broken image is counted once,
-    in its own place, not again each time it is tried as another's replacement."""
+    """``(read(c), bad)`` for the first candidate ``c`` that reads; ``bad`` names the first (the sample's own)
+    if it failed, and nothing else, so a broken image is counted once, not again as another's replacement."""
     for attempt, c in enumerate(candidates):
         try:
             return read(c), [describe(candidates[0])] if attempt else []
@@ -83,10 +76,8 @@ def collate(samples: list[dict]) -> dict:
 
 
 def steps_per_epoch(num_samples: int, batch_size: int, accum_steps: int = 1, world_size: int = 1) -> int:
-    """Optimiser steps in one epoch: whole global batches only (drop_last, as MAE).
-
-    Raises ``ValueError`` when the batch cannot be cut evenly into processes x accumulation
-    steps, or is larger than the data."""
+    """Optimiser steps in one epoch: whole global batches only (drop_last, as MAE); the batch must split
+    evenly into processes x accumulation steps and fit in the data."""
     if batch_size % (world_size * accum_steps):
         raise ValueError(f"batch size {batch_size} must be divisible by processes x accumulation steps "
                          f"({world_size} x {accum_steps})")
@@ -123,16 +114,9 @@ class GlobalBatchSampler(Sampler):
 def make_epoch_loader(train: Source, transform: Callable, masking_fn: Callable | None, *, seed: int, epoch: int,
                       start_step: int = 0, batch_size: int, accum_steps: int = 1, rank: int = 0,
                       world_size: int = 1, num_workers: int = 0, pin_memory: bool = False):
-    """This rank's micro-batches of one epoch, from optimiser step ``start_step`` on.
-
-    Each item is a dict: ``image`` (micro, 3, H, W), ``masking`` (stacked, or None),
-    ``label`` and ``bad`` (descriptions of unreadable images skipped for this batch).
-    A source that streams (``wds:...``, :mod:`mimaim.data.shards`) builds its own loader
-    (``train.epoch_loader``) with the same guarantees: every sample once per epoch across
-    ranks and workers, order from (seed, epoch), augmentation and masking from (seed, epoch,
-    sample), and resuming at ``start_step`` reads exactly the batches an uninterrupted run
-    would have read next.
-    """
+    """This rank's micro-batches of one epoch from optimiser step ``start_step``: dicts of ``image`` (micro, 3,
+    H, W), ``masking`` (or None), ``label`` and ``bad``. A streamed source (``wds:``) builds its own loader
+    (``train.epoch_loader``) with the same guarantees."""
     if hasattr(train, "epoch_loader"):
         return train.epoch_loader(transform, masking_fn, seed=seed, epoch=epoch, start_step=start_step,
                                   batch_size=batch_size, accum_steps=accum_steps, rank=rank,

@@ -1,33 +1,19 @@
-"""WebDataset shards: data larger than memory, streamed from tar files.
-
-``--data wds:/data/shards/train-{000000..000127}.tar`` (or ``wds:/data/shards``, every shard
-its ``index.json`` lists) reads tars in the WebDataset format (members ``<key>.<field>``
-grouped into samples by key: ``000001234.jpg``, ``000001234.cls``). ``write_shards`` (the
-``mimaim shards`` command) writes them with an ``index.json`` of each shard's sample count and
-labels, so the epoch length and the probes' splits are known without opening a tar. Tars from
-another writer (``webdataset.ShardWriter``) are scanned once for it (``index_shards``: ``mimaim
-shards index``, or on first read); a sample is a key with an image field, its label an integer ``cls``.
-
-The ``webdataset`` package writes and reads the tars (``TarWriter``, ``tarfile_samples``; local
-paths, ``pipe:`` and URLs). Its pipeline (``split_by_node``, ``split_by_worker``, a shuffle
-buffer) gives neither exactly-once epochs when shards do not divide evenly over processes x
+"""WebDataset shards, ``--data wds:...``: data larger than memory, streamed from tar files (README, "Data
+larger than memory"; ``index.json`` lists each shard's sample count, keys and labels). The ``webdataset``
+package reads and writes the tars, but its pipeline gives neither exactly-once epochs over processes x
 workers nor a resume inside an epoch, so the order is computed here:
 
-* The epoch order is a function of (seed, epoch): shards are permuted, then the samples
-  inside each shard; the concatenation ``C`` is cut, as for folders, into global batches.
-* Each process reads a contiguous ``1/world_size`` of ``C``, split into ``STREAMS_PER_RANK``
-  contiguous streams; micro-batch ``j`` comes from stream ``j % STREAMS_PER_RANK``. A loader
-  worker serves a fixed set of streams, so the batches do not depend on the number of
-  workers (1, 2, 4 or 8; others round down). Every sample is read once per epoch.
-* Resuming at step ``s`` is index arithmetic: a stream skips the shards it has finished
-  without opening them and starts inside the current one on the very next sample.
-* A stream holds its current shard's encoded bytes (to shuffle inside it): pick
-  ``--shard-size`` so that ``STREAMS_PER_RANK`` shards fit (1,000 ImageNet JPEGs: ~110 MB).
-* An unreadable sample is replaced by the next readable one of the same shard (its crop and
-  mask still drawn from the broken sample's seed) and reported in the batch's ``bad`` list;
-  an unreadable shard stops the run with one :class:`DataError` naming it.
-
-The index must be a local file beside the shards.
+* The epoch order is a function of (seed, epoch): shards are permuted, then the samples inside each
+  shard; the concatenation ``C`` is cut, as for folders, into global batches.
+* Each process reads a contiguous ``1/world_size`` of ``C`` in ``STREAMS_PER_RANK`` contiguous streams;
+  micro-batch ``j`` comes from stream ``j % STREAMS_PER_RANK`` and a loader worker serves a fixed set of
+  streams, so the batches do not depend on the number of workers (1, 2, 4 or 8; others round down).
+* Resuming at step ``s`` is index arithmetic: a stream skips its finished shards without opening them.
+* A stream holds its current shard's encoded bytes (to shuffle inside it): pick ``--shard-size`` so that
+  ``STREAMS_PER_RANK`` shards fit (1,000 ImageNet JPEGs: ~110 MB).
+* An unreadable sample is replaced by the next readable one of its shard (crop and mask still drawn from
+  its own seed) and reported in the batch's ``bad`` list; an unreadable shard stops the run with one
+  :class:`DataError` naming it.
 """
 
 from __future__ import annotations
@@ -60,9 +46,8 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 def shard_samples(url: str):
-    """The samples of one shard that hold an image, in order, as webdataset groups them: ``{"__key__", field: bytes}``.
-
-    A truncated, garbage or missing file ends in one :class:`DataError` naming the shard."""
+    """The samples of one shard that hold an image, as webdataset groups them (``{"__key__", field: bytes}``);
+    a truncated, garbage or missing file ends in one :class:`DataError` naming the shard."""
     try:
         for sample in tarfile_samples([{"url": url}]):
             if image_field(sample):
@@ -266,10 +251,8 @@ def read_index(path: Path) -> dict:
 
 
 def build_shard_source(arg: str, progress: bool = True) -> ShardSource:
-    """``wds:DIR`` (every shard of DIR/index.json) or ``wds:DIR/pattern-{000000..000009}.tar``.
-
-    Without an ``index.json`` (tars written by ``webdataset.ShardWriter``, say) the shards are
-    scanned once and the index written beside them, or kept in memory where the folder is read-only."""
+    """``wds:DIR`` (every shard of DIR/index.json) or ``wds:DIR/pattern-{000000..000009}.tar``; without an
+    ``index.json`` the shards are scanned once (``index_shard_set``)."""
     path = Path(arg).expanduser()
     folder = path if path.is_dir() else path.parent
     index_path = folder / INDEX_NAME
@@ -359,12 +342,8 @@ def write_index(path: Path, index: dict) -> None:
 
 def write_shards(source: Source, out: str | Path, shard_size: int = 1000, prefix: str = "train", seed: int = 0,
                  progress: bool = True) -> dict:
-    """Write ``source`` as WebDataset shards ``OUT/<prefix>-000000.tar``... plus ``OUT/index.json``.
-
-    Samples are written in an order shuffled once from ``seed`` (so a shard mixes classes);
-    image files are copied byte for byte (in-memory images are encoded as PNG); each
-    sample carries ``cls`` (class index, when labelled) and ``json`` (source path, label).
-    """
+    """Write ``source`` as WebDataset shards ``OUT/<prefix>-000000.tar``... plus ``OUT/index.json``, in an order
+    shuffled once from ``seed``; files copied byte for byte (in-memory images as PNG), with ``cls`` and ``json``."""
     from tqdm.auto import tqdm
 
     if shard_size < 1:

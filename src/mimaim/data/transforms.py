@@ -22,18 +22,9 @@ INTERPOLATIONS = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.Interpol
 
 @dataclass
 class Augmentation:
-    """What the data pipeline applies to an image before the objective sees it (docs/methods.md section 1).
-
-    RandomResizedCrop(``crop_scale``, ``crop_ratio``, ``interpolation``), an optional horizontal
-    flip, and an optional ColorJitter:
-
-    * ``color_jitter``: one float ``c`` means (c, c, c, 0) for (brightness, contrast, saturation,
-      hue), as BEiT's ``ColorJitter(0.4, 0.4, 0.4)``; a 4-tuple gives each, as AIM's
-      ``ColorJitter(0.4, 0.4, 0.2, 0.1)``; 0 disables it;
-    * ``jitter_prob``: the jitter is applied with this probability (AIM: ``RandomApply(p=0.8)``);
-    * ``jitter_first``: jitter the whole image before cropping (BEiT's order) rather than the
-      crop after crop and flip (AIM's order).
-    """
+    """RandomResizedCrop, an optional flip and an optional ColorJitter (docs/methods.md section 1):
+    ``color_jitter`` c means (c, c, c, 0) as BEiT's, a 4-tuple (brightness, contrast, saturation, hue) as AIM's;
+    applied with ``jitter_prob``, before the crop (``jitter_first``, BEiT) or after crop and flip (AIM)."""
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: bool = True
@@ -43,12 +34,9 @@ class Augmentation:
     interpolation: str = "bicubic"
 
     def __post_init__(self):
-        if isinstance(self.color_jitter, list):
-            self.color_jitter = tuple(self.color_jitter)
-        for name in ("crop_scale", "crop_ratio"):
-            value = getattr(self, name)
-            if isinstance(value, list):
-                setattr(self, name, tuple(value))
+        for name in ("crop_scale", "crop_ratio", "color_jitter"):  # YAML gives lists
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, tuple(getattr(self, name)))
         self.validate()
 
     def validate(self) -> None:
@@ -106,11 +94,8 @@ def eval_resize(img_size: int) -> int:
 
 
 def eval_transform(img_size: int):
-    """Resize to ``eval_resize(img_size)`` (bicubic) and centre-crop, as the MAE/AIM probes do.
-
-    For images no larger than the model input (digits, CIFAR at 32 px) the crop keeps
-    the whole image: resize straight to img_size.
-    """
+    """Resize to ``eval_resize(img_size)`` (bicubic) and centre-crop, as the MAE/AIM probes do; an image no
+    larger than the model input (digits, CIFAR at 32 px) is resized straight to img_size."""
     resize = eval_resize(img_size)
 
     def _resize(img):
