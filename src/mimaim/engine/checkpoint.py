@@ -6,6 +6,7 @@ Loading never unpickles arbitrary objects (safetensors, ``torch.load(weights_onl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,14 +26,12 @@ class CheckpointError(RuntimeError):
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError:
-        pass
 
 
 def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:

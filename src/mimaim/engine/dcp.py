@@ -1,11 +1,8 @@
-"""Sharded checkpoints for ``--strategy fsdp`` through ``torch.distributed.checkpoint`` (DCP).
-
-Every rank writes its shard of the weights and AdamW moments into ``checkpoints/step-N/`` (DCP's
-``.metadata`` index and one ``.distcp`` file per rank; ``state.pt`` and ``run.json`` from rank 0),
-renamed into place by rank 0 once all are flushed, as in ``checkpoint.py`` (several nodes need a
-shared filesystem). N writers load into M processes, M = 1 without a process group included.
-Loading never unpickles arbitrary objects: the index goes through an unpickler that admits only
-DCP's metadata classes, other entries through ``torch.load(weights_only=True)``.
+"""Sharded checkpoints for ``--strategy fsdp`` through ``torch.distributed.checkpoint`` (DCP): every rank writes
+its shard into ``checkpoints/step-N/`` (``.metadata``, one ``.distcp`` per rank; ``state.pt``, ``run.json`` from
+rank 0), renamed into place once all are flushed, as in ``checkpoint.py``. N writers load into M processes (M = 1
+without a process group too). Loading never unpickles arbitrary objects: the index goes through an unpickler
+that admits only DCP's metadata classes, other entries through ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -119,15 +116,6 @@ def _single_process_quiet():
         yield
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def save_sharded_checkpoint(ckpt_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                             state: dict, keep_last: int = 2, record: dict | None = None) -> Path:
     """Write ``ckpt_dir/step-N/`` from every rank (a collective; ``model`` sharded or plain); rank 0's
@@ -135,24 +123,28 @@ def save_sharded_checkpoint(ckpt_dir: str | Path, step: int, model: nn.Module, o
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"{PREFIX}{step:08d}"
     tmp = ckpt_dir / f".tmp-{final.name}"  # the same name on every rank
-    if _rank() == 0:
+    distributed = dist.is_initialized()
+    main = not distributed or dist.get_rank() == 0
+    if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():  # left by a process killed while writing this very step
             shutil.rmtree(tmp)
         tmp.mkdir()
-    _barrier()
+    if distributed:
+        dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with _single_process_quiet():
         dcp.save({MODEL_KEY: model_sd, OPTIMIZER_KEY: optim_sd},
-                 storage_writer=FileSystemWriter(str(tmp), sync_files=True), no_dist=not dist.is_initialized())
+                 storage_writer=FileSystemWriter(str(tmp), sync_files=True), no_dist=not distributed)
     # dcp.save returns on rank 0 after every rank's files are written (and flushed) and the index is on disk
-    if _rank() == 0:
+    if main:
         torch.save(state, tmp / STATE_FILE)
         if record is not None:
             (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2))
         publish(tmp, final, files=(STATE_FILE, METADATA_FILE, RECORD_FILE))
         prune(ckpt_dir, keep_last)
-    _barrier()
+    if distributed:
+        dist.barrier()
     return final
 
 

@@ -1,15 +1,12 @@
-"""``mimaim pretrain --dry-run``: memory per GPU and FLOPs per image, before renting GPUs.
-
-Nothing is allocated: the objective is built with its large tensors on the ``meta`` device and
-one training step is traced there. Parameters are counted exactly; weights, gradients and AdamW's
-two fp32 moments follow from the count (DDP: replicated, plus its gradient buckets and autocast's
-bf16 weight copies; FSDP2: split over the GPUs, plus the all-gathered units). Activations are
-*measured*: the distinct storages autograd saves for backward in one forward at the batch per
-GPU, with attention traced as CUDA's fused memory-efficient SDPA kernel (q, k, v, output and
-log-sum-exp, not the T x T scores); with activation checkpointing each block keeps its input,
-plus one block's activations while it is recomputed. FLOPs are counted by ``FlopCounterMode``
-over forward and backward (the count MFU uses). Not counted: the CUDA context (~0.5 GB), the
-allocator's cache, NCCL buffers, the data loader: keep 10-20% free.
+"""``mimaim pretrain --dry-run``: memory per GPU and FLOPs per image, before renting GPUs. Nothing is allocated:
+the objective is built with its large tensors on ``meta`` and one training step traced there. Weights, gradients
+and AdamW's two fp32 moments follow from the parameter count (DDP: replicated, plus its gradient buckets and
+autocast's bf16 weight copies; FSDP2: split, plus the all-gathered units). Activations are *measured*: the
+distinct storages autograd saves in one forward at the batch per GPU, attention traced as CUDA's fused
+memory-efficient SDPA (q, k, v, output and log-sum-exp, no T x T scores); with activation checkpointing each
+block keeps its input, plus one block's activations while recomputed. FLOPs: ``FlopCounterMode`` over forward
+and backward. Not counted (keep 10-20% free): the CUDA context (~0.5 GB), the allocator's cache, NCCL buffers,
+the data loader.
 """
 
 from __future__ import annotations
@@ -103,9 +100,8 @@ def _storage_key(t: torch.Tensor) -> int:
 
 
 def trace_step(objective: nn.Module, batch_size: int, dtype: torch.dtype) -> dict[str, Any]:
-    """One forward + backward of ``objective`` (on meta) at ``batch_size``: ``flops`` (whole batch),
-    ``saved_bytes`` (distinct storages saved for backward), ``outside_bytes`` (outside any block),
-    ``block_bytes`` (per block) and ``block_input_bytes``."""
+    """One forward + backward of ``objective`` (on meta) at ``batch_size``: ``flops`` (whole batch), and the bytes
+    saved for backward: in all (``saved_bytes``), outside any block, per block, and the blocks' inputs."""
     objective = objective.to(dtype)
     objective.train()
     param_storages = {_storage_key(p) for p in objective.parameters()}
@@ -168,13 +164,6 @@ def trace_step(objective: nn.Module, batch_size: int, dtype: torch.dtype) -> dic
             "block_input_bytes": sum(block_inputs.values())}
 
 
-def compute_dtype(precision: str) -> torch.dtype:
-    """The estimate is for GPUs: ``auto`` means bf16 there."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision: unknown value {precision!r}; choose auto, bf16 or fp32")
-    return torch.float32 if precision == "fp32" else torch.bfloat16
-
-
 def _as_meta_objective(objective_or_cfg) -> nn.Module:
     """A ``PretrainConfig``'s objective built on meta, or a meta copy of an objective module."""
     if not isinstance(objective_or_cfg, nn.Module):
@@ -194,7 +183,9 @@ def estimate(objective_or_cfg, strategy: str = "ddp", precision: str = "bf16", b
         raise ValueError(f"strategy: unknown value {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if batch_per_gpu < 1 or world_size < 1:
         raise ValueError(f"batch per GPU ({batch_per_gpu}) and world size ({world_size}) must be at least 1")
-    dtype = compute_dtype(precision)
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision: unknown value {precision!r}; choose auto, bf16 or fp32")
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16  # for GPUs: auto means bf16 there
     objective = _as_meta_objective(objective_or_cfg)
     params = sum(p.numel() for p in objective.parameters())
     trainable = sum(p.numel() for p in objective.parameters() if p.requires_grad)
@@ -297,9 +288,8 @@ def format_choices(choices: dict[tuple[str, bool], dict[str, Any]]) -> str:
 
 
 def dry_run(cfg, world_size: int | None = None, gpu_memory_gib: float | None = 80.0, show: bool = True) -> str:
-    """The ``--dry-run`` report for a ``PretrainConfig`` on ``world_size`` GPUs (default ``WORLD_SIZE``):
-    its estimate at ``batch_size / (world_size * accum_steps)`` per GPU and the alternatives.
-    Printed (by rank 0) when ``show``; returned either way."""
+    """The ``--dry-run`` report for a ``PretrainConfig`` on ``world_size`` GPUs (default ``WORLD_SIZE``): its
+    estimate and the alternatives; printed (by rank 0) when ``show``, returned either way."""
     world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     per_gpu = max(1, math.ceil(cfg.batch_size / (world_size * cfg.accum_steps)))
     choices = estimate_choices(cfg, cfg.precision, per_gpu, world_size)

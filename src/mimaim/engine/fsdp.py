@@ -89,11 +89,9 @@ def shard_objective(objective: nn.Module, device: torch.device, precision: str =
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     if activation_checkpointing:
         apply_activation_checkpointing(objective)
-    blocks = transformer_blocks(objective)
-    if compile:
-        for _, block in blocks:
+    for _, block in transformer_blocks(objective):
+        if compile:
             block.compile()  # in place: parameter names unchanged
-    for _, block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mixed_precision_policy(device, precision))
     fully_shard(objective, mesh=mesh, mp_policy=mixed_precision_policy(device, precision, root=True))
     # The objective returns `pred[:, 1:]`-style views for pictures; nothing writes into them in place.
@@ -106,25 +104,21 @@ def is_fsdp(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+@contextlib.contextmanager
 def gradient_sync(model: nn.Module, enabled: bool):
     """Context for one micro-batch: skip the gradient all-reduce (DDP ``no_sync``) / reduce-scatter
     (FSDP2 ``set_requires_gradient_sync(False)``) unless ``enabled``, on the last micro-batch."""
-    if enabled:
-        return contextlib.nullcontext()
-    if is_fsdp(model):
-        return _fsdp_no_sync(model)
-    if isinstance(model, DDP):
-        return model.no_sync()
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _fsdp_no_sync(model):
-    model.set_requires_gradient_sync(False)
-    try:
+    if enabled or not isinstance(model, (FSDPModule, DDP)):
         yield
-    finally:
-        model.set_requires_gradient_sync(True)
+    elif isinstance(model, DDP):
+        with model.no_sync():
+            yield
+    else:
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
 
 
 def all_finite(parameters) -> bool:

@@ -35,7 +35,8 @@ class MetricsLogger:
         if self._fields is None:
             self._fields = list(row)
             csv.writer(self._csv).writerow(self._fields)
-        csv.writer(self._csv).writerow([_fmt(row.get(k, "")) for k in self._fields])
+        values = [row.get(k, "") for k in self._fields]
+        csv.writer(self._csv).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in values])
         self._csv.flush()
         if self._tb is not None:
             for key, value in row.items():
@@ -59,10 +60,6 @@ class MetricsLogger:
             self._csv.close()
         if self._tb is not None:
             self._tb.close()
-
-
-def _fmt(value):
-    return f"{value:.6g}" if isinstance(value, float) else value
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

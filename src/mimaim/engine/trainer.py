@@ -52,10 +52,8 @@ class Run:
 
 
 def pretrain(cfg: PretrainConfig, resume: bool = False, init: Callable[[Objective], str] | None = None) -> Path:
-    """Pre-train ``cfg.objective``; returns the run directory. ``resume`` continues ``cfg.out``
-    from its newest checkpoint, or starts it from step 0 when it has none yet. ``init`` loads
-    ``cfg.init``'s weights into a new run's objective and returns its report (the caller that
-    assembles the run passes it: ``cli/pretrain.py``)."""
+    """Pre-train ``cfg.objective`` -> the run directory. ``resume`` continues ``cfg.out`` from its newest checkpoint
+    (from step 0 if none); ``init`` (from ``cli/pretrain.py``) loads ``cfg.init`` into a new run -> its report."""
     device = resolve_device(cfg.device)
     info = init_distributed(device)
     try:
@@ -192,9 +190,8 @@ def setup(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
 
 
 def restore(ckpt: Path, objective: Objective, optimizer, cfg: PretrainConfig, device: torch.device) -> int:
-    """Weights, optimiser moments, RNG state; returns the step. The optimiser's hyper-parameters
-    (lr, weight decay) come from ``cfg``, so a resumed run may change them. A sharded checkpoint
-    (``--strategy fsdp``) loads into any number of processes, sharded or not."""
+    """Weights, optimiser moments, RNG state -> the step; lr and weight decay come from ``cfg`` (a resumed run may
+    change them). A sharded checkpoint (``--strategy fsdp``) loads into any number of processes."""
     if is_sharded_checkpoint(ckpt):
         state = load_sharded_checkpoint(ckpt, objective, optimizer)  # a collective under FSDP
     elif is_fsdp(objective):
