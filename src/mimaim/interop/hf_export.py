@@ -1,15 +1,7 @@
-"""A mimaim run as a HuggingFace ``transformers`` folder (``from_pretrained`` loads it).
-
-* MAE -> ``ViTMAEForPreTraining`` (encoder and decoder; ``interop/hf_mae.py``).
-* BEiT -> ``BeitForMaskedImageModeling``'s weights (encoder, mask token, final norm, ``lm_head``;
-  ``interop/hf_beit.py``) under a config with ``use_mean_pooling: false``, so that ``AutoModel``
-  (a ``BeitModel``) applies the trained final norm to every token, as BEiT's probe reads it;
-  ``BeitForMaskedImageModeling.from_pretrained(DIR, use_mean_pooling=True)`` opens the MIM head.
-  The visual tokenizer has no HF counterpart and is not needed: nothing opens its file.
-* SimMIM, plain ViT or Swin -> ``ViTForMaskedImageModeling`` / ``SwinForMaskedImageModeling``
-  (``interop/hf_simmim.py``); SimMIM's BEiT-style ViT has no HF masked-modeling class with a
-  pixel head, so its encoder is written as a ``BeitModel`` (the backbone alone).
-* AIM: ``transformers`` has no AIM model; use ``--to timm``.
+"""A mimaim run as a HuggingFace ``transformers`` folder (``mimaim export --to hf``'s help says which class each
+objective becomes). BEiT's config says ``use_mean_pooling: false``, so that ``AutoModel`` (a ``BeitModel``)
+applies the trained final norm to every token, as BEiT's probe reads it; its tokenizer is not needed. SimMIM's
+BEiT-style ViT has no HF masked-modeling class with a pixel head: its encoder is written as a ``BeitModel``.
 """
 
 from __future__ import annotations

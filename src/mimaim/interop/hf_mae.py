@@ -1,13 +1,7 @@
-"""MAE to and from HuggingFace ``transformers``' ``ViTMAEForPreTraining``, both ways.
-
-* ``mae_to_hf(objective) -> (ViTMAEConfig, state_dict)``, ``mae_to_hf_model``, ``save_pretrained``;
-* ``mae_from_hf(model_or_state_dict, config) -> MAE``, ``from_pretrained(local_dir)`` (HF's own loader).
-
-The mapping is that of HF's ``convert_vit_mae_to_pytorch.py`` (``interop/keymap.py``, docs/methods.md
-section 9); both frozen sin-cos tables travel with the weights. Export sets the two
-``ViTMAEConfig`` values whose defaults differ from MAE's code: ``layer_norm_eps`` 1e-6 (HF:
-1e-12) and ``norm_pix_loss`` (HF: False; MAE's released checkpoints: True). Import accepts
-another eps with a warning: our LayerNorms keep MAE's 1e-6.
+"""MAE to and from HuggingFace ``transformers``' ``ViTMAEForPreTraining`` (``mae_to_hf``, ``save_pretrained``;
+``mae_from_hf``, ``from_pretrained``), with HF's ``convert_vit_mae_to_pytorch.py`` mapping (docs/methods.md
+section 9). Export sets the ``ViTMAEConfig`` values whose defaults differ from MAE's: ``layer_norm_eps`` 1e-6
+(HF: 1e-12) and ``norm_pix_loss``; import accepts another eps with a warning (our LayerNorms keep 1e-6).
 """
 
 from __future__ import annotations
@@ -62,10 +56,8 @@ def hf_config_from_mae(objective: MAE, **overrides):
 
 
 def hf_state_dict_from_mae(objective: MAE, new_layout: bool | None = None) -> dict[str, torch.Tensor]:
-    """Our MAE state dict renamed to ``ViTMAEForPreTraining``'s keys (qkv split into q, k, v).
-
-    ``new_layout``: the transformers >= 5 key names; by default those of the installed version.
-    """
+    """Our MAE state dict under ``ViTMAEForPreTraining``'s keys (``new_layout``: transformers >= 5 names; default:
+    those of the installed version)."""
     return keymap.to_hf(objective.state_dict(), _names(keymap.installed(new_layout)))
 
 
@@ -110,13 +102,8 @@ def _registry_name(embed_dim: int, depth: int, num_heads: int) -> str | None:
 
 
 def backbone_spec_from_hf(config) -> dict[str, Any]:
-    """What ``build_objective`` needs to match an HF ``ViTMAEConfig``.
-
-    -> dict(model, img_size, patch_size, options, overrides): ``model`` is a registry
-    name when the shape is a registered one (overrides then hold only what differs,
-    e.g. ``in_chans``), else ``vit_base`` with ``embed_dim``/``depth``/``num_heads``/
-    ``mlp_ratio`` overrides.
-    """
+    """What ``build_objective`` needs to match an HF ``ViTMAEConfig``: dict(model, img_size, patch_size, options,
+    overrides), ``model`` a registered shape's name, else ``vit_base`` with the shape as overrides."""
     problems = []
     if not config.qkv_bias:
         problems.append("qkv_bias=False (MAE biases q, k and v)")
@@ -149,10 +136,7 @@ def mae_state_dict_from_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
 
 
 def mae_from_hf(model_or_state_dict, config=None) -> MAE:
-    """Our MAE objective holding the weights of an HF ``ViTMAEForPreTraining``.
-
-    Pass the HF model (its config is used), or a state dict plus its ``ViTMAEConfig``.
-    """
+    """Our MAE holding the weights of an HF ``ViTMAEForPreTraining`` (or of a state dict, given its config)."""
     if isinstance(model_or_state_dict, dict):
         state_dict = model_or_state_dict
         if config is None:

@@ -1,16 +1,8 @@
-"""SimMIM to and from HuggingFace ``ViTForMaskedImageModeling`` / ``SwinForMaskedImageModeling``.
-
-Both HF classes are SimMIM (the same head: a 1x1 conv to ``encoder_stride^2 x 3`` channels and
-a pixel shuffle; the same masked L1 loss). Public, both ways: ``simmim_to_hf(objective) ->
-(config, state_dict)``, ``simmim_to_hf_model``, ``hf_config_from_simmim``,
-``hf_state_dict_from_simmim``, ``simmim_from_hf(model_or_state_dict, config, options=None)``.
-
-Mapping (``interop/keymap.py``, docs/methods.md section 9): only ``vit_flavour="plain"`` maps for
-ViT (HF's ViT has learned absolute positions and biased q/k/v, but no layer scale or relative
-position bias). Swin: timm puts each patch merging at the *start* of stage i
-(``layers.i.downsample``), HF at the *end* of stage i-1. ``layer_norm_eps``: HF's ViT default
-is 1e-12, ours (SimMIM's) 1e-6, set on export; Swin uses 1e-5 on both sides. HF requires
-``encoder_stride == patch_size`` for ViT; for Swin it is ``patch_size x 2^(stages - 1)``.
+"""SimMIM to and from HuggingFace ``ViTForMaskedImageModeling`` / ``SwinForMaskedImageModeling``: both are
+SimMIM (a 1x1 conv to ``encoder_stride^2 x 3`` channels, a pixel shuffle, the masked L1 loss). Mapping as
+docs/methods.md section 9: only ``vit_flavour="plain"`` maps for ViT; a Swin's patch merging moves from the start
+of stage i (timm) to the end of stage i-1 (HF). ``encoder_stride``: ``patch_size`` for ViT, the total downsampling
+for Swin; ``layer_norm_eps``: 1e-6 for ViT (HF's default 1e-12, set on export), 1e-5 for Swin on both sides.
 """
 
 from __future__ import annotations
@@ -125,12 +117,8 @@ def simmim_state_dict_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def simmim_from_hf(model_or_state_dict, config, options: dict | None = None) -> SimMIM:
-    """A SimMIM objective holding an HF model's weights.
-
-    ``config``: the HF ``ViTConfig`` / ``SwinConfig``. ``options``: SimMIM options to use
-    (the mask is not part of an HF model); ``mask_patch_size`` defaults to 32 when it
-    divides the image, else the model's output stride.
-    """
+    """A SimMIM holding an HF model's weights (``config``: its ``ViTConfig`` / ``SwinConfig``); ``options``: SimMIM's
+    (no HF model holds the mask); ``mask_patch_size`` defaults to 32 where it divides the image, else the stride."""
     state = model_or_state_dict if isinstance(model_or_state_dict, dict) else model_or_state_dict.state_dict()
     opts = dict(options or {})
     if config.model_type == "swin":

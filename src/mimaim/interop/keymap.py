@@ -1,13 +1,8 @@
-"""The one key mapping between our ViT-family objectives and HuggingFace's (ViTMAE, ViT, BEiT, Swin).
-
-A mapping is a table of key templates, ours -> HF, where ``{}`` stands for a block (or
-stage) number: ``"encoder.blocks.{}.norm1.weight" -> "vit.layers.{}.layernorm_before.weight"``.
-A tuple target is our fused ``attn.qkv`` split into thirds, q, k, v in that order
-(docs/methods.md section 9). ``to_hf`` renames with a table, ``from_hf`` inverts it.
-
-transformers 5 renamed the block keys (``encoder.layer.N.attention.attention.query`` became
-``layers.N.attention.q_proj``, ``intermediate.dense`` became ``mlp.fc1``, ...); export writes
-the layout of the installed version (``new_layout()``), import reads either (``layout_of``).
+"""The one key mapping between our ViT-family objectives and HuggingFace's (ViTMAE, ViT, BEiT, Swin): a table of
+key templates, ours -> HF, ``{}`` a block (or stage) number; a tuple target is our fused ``attn.qkv`` split into
+q, k, v (docs/methods.md section 9). ``to_hf`` renames with a table, ``from_hf`` inverts it. transformers 5
+renamed the block keys (``attention.attention.query`` -> ``attention.q_proj``, ...): export writes the installed
+version's layout (``new_layout()``), import reads either (``layout_of``).
 """
 
 from __future__ import annotations

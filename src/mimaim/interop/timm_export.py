@@ -1,14 +1,9 @@
-"""A mimaim encoder as a timm model, in timm's own hub format (``save_for_hf``): ``timm.create_model(
-"local-dir:OUT", pretrained=True)`` rebuilds it with no other argument, ``push_to_hf_hub`` publishes it.
-
-Which timm class holds which flavour of our ViT: MAE and SimMIM's plain ViT, ``VisionTransformer`` (our
-frozen sin-cos table as its ``pos_embed``); BEiT and SimMIM's BEiT-style ViT, ``Beit`` with a shared relative
-position bias; AIM, ``VisionTransformer(class_token=False, embed_norm_layer="layernorm", qkv_bias=False,
-proj_bias=False)`` (the trunk is exact; AIM's probe protocol, the average of the last six blocks without the
-final norm, is not a timm ``global_pool``: the export pools the normed patch tokens and the protocol stays
-available through ``forward_intermediates``); SimMIM's Swin, timm's ``SwinTransformer`` itself.
-``global_pool`` follows the objective's probe protocol ("token" for MAE, "avg" for BEiT/SimMIM) and
-``num_classes`` is 0, so ``model(x)`` returns the pooled features."""
+"""A mimaim encoder as a timm model in timm's hub format (``save_for_hf``): ``timm.create_model("local-dir:OUT",
+pretrained=True)`` rebuilds it. MAE's and SimMIM's plain ViT become ``VisionTransformer``, BEiT-style ViTs ``Beit``
+(shared relative position bias), AIM a ``VisionTransformer`` without cls token and with a patch LayerNorm (its
+probe protocol, the last six blocks averaged without the final norm, is no timm ``global_pool``: it stays
+available through ``forward_intermediates``), a Swin timm's own. ``num_classes`` 0 and ``global_pool`` from the
+objective's probe protocol: ``model(x)`` returns the pooled features."""
 
 from __future__ import annotations
 
@@ -40,10 +35,8 @@ def _is_beit_style(backbone: nn.Module) -> bool:
 
 
 def timm_spec(backbone: nn.Module, pool: str = "mean") -> tuple[str, dict[str, Any]]:
-    """-> (timm architecture name, constructor kwargs) for our backbone; ``pool``: "cls" | "mean".
-
-    Raises ValueError naming what timm cannot hold.
-    """
+    """-> (timm architecture name, constructor kwargs) for our backbone (``pool``: "cls" | "mean"); a ValueError
+    names what timm cannot hold."""
     global_pool = {"cls": "token", "mean": "avg"}[pool]
     if _is_swin(backbone):
         first = backbone.layers[0].blocks[0]
