@@ -63,10 +63,8 @@ class AttentionPoolingClassifier(nn.Module):
 
     @torch.no_grad()
     def fix_statistics(self, tokens: torch.Tensor, chunk: int = 2048) -> None:
-        """Set the BatchNorm's running mean/variance to the per-channel statistics of all ``tokens`` (N, T, D).
-
-        Chunk sums in float32 (torch.var_mean over dim 0 is ~5x slower on a CPU), totals in float64.
-        """
+        """Set the BatchNorm's running mean/variance to the per-channel statistics of all ``tokens`` (N, T, D):
+        chunk sums in float32 (torch.var_mean over dim 0 is ~5x slower on a CPU), totals in float64."""
         D = tokens.shape[-1]
         n, total, squares = 0, torch.zeros(D, dtype=torch.float64), torch.zeros(D, dtype=torch.float64)
         for i in range(0, len(tokens), chunk):

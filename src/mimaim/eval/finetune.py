@@ -205,13 +205,6 @@ def evaluate(model: nn.Module, source: Source, img_size: int, device, batch_size
 
 
 # --------------------------------------------------------------------------- the recipe
-def build_optimizer(model: Classifier, fcfg: FinetuneConfig) -> torch.optim.Optimizer:
-    """AdamW (0.9, 0.999) over the layer-decay groups (``param_groups_lrd``)."""
-    groups = param_groups_lrd(model, fcfg.weight_decay, fcfg.layer_decay)
-    return torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
-                             lr=fcfg.effective_lr(), betas=(0.9, 0.999))
-
-
 def build_criterion(fcfg: FinetuneConfig, num_classes: int):
     """-> (timm ``Mixup`` or None, loss): soft-target CE under mixup/cutmix (smoothing folded into the
     mixed targets), else label-smoothing CE, else plain CE."""
@@ -285,7 +278,9 @@ def finetune(run_dir: str | Path, fcfg: FinetuneConfig | None = None) -> dict:
     del pretrained  # its weights are in the encoder now
     torch.manual_seed(fcfg.seed)
     model = Classifier(encoder, num_classes, head_bn=fcfg.head_bn).to(device)
-    optimizer = build_optimizer(model, fcfg)
+    groups = param_groups_lrd(model, fcfg.weight_decay, fcfg.layer_decay)
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
+                                  lr=fcfg.effective_lr(), betas=(0.9, 0.999))
     mixup, criterion = build_criterion(fcfg, num_classes)
     out = result_path(run_dir, fcfg, record["img_size"])
     objective, model_name = record["objective"], record["backbone"]["name"]
