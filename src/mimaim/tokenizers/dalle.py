@@ -1,8 +1,6 @@
-"""The paper's tokenizer: OpenAI DALL-E's dVAE encoder (BEiT section 2.1.2), via the ``dall-e`` package.
-
-``encoder.pkl`` is a *pickled module*, readable only by ``torch.load(weights_only=False)``, which runs
-code from it: that is done only for the one file the user named, after the safe reader refused it; a
-state dict of the same ``Encoder`` goes through the safe reader alone. Nothing is downloaded here.
+"""The paper's tokenizer: OpenAI DALL-E's dVAE encoder (BEiT section 2.1.2), via the ``dall-e`` package, never
+downloaded. ``encoder.pkl`` is a *pickled module*, readable only by ``torch.load(weights_only=False)``, which runs
+its code: done only for the one file the user named, after the safe reader refused it (a state dict passes it).
 """
 
 from __future__ import annotations

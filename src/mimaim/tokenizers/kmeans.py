@@ -63,9 +63,6 @@ class KMeansTokenizer(VisualTokenizer):
         self.register_buffer("codebook", torch.zeros(vocab_size, patch_size * patch_size * channels))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
-    def patch_vectors(self, pixels: torch.Tensor) -> torch.Tensor:
-        return normalized_pixel_targets(patchify(pixels.float(), self.downsample))  # (B, N, p*p*C)
-
     @torch.no_grad()
     def fit(self, vectors: torch.Tensor) -> None:
         """Fit the codebook on (M, p*p*C) normalised patches; rank 0's result is shared."""
@@ -78,7 +75,7 @@ class KMeansTokenizer(VisualTokenizer):
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         B, _, H, W = pixels.shape
-        vectors = self.patch_vectors(pixels)  # (B, N, P)
+        vectors = normalized_pixel_targets(patchify(pixels.float(), self.downsample))  # (B, N, p*p*C)
         if not bool(self.fitted):
             self.fit(vectors)
         dist = torch.cdist(vectors.reshape(B, -1, vectors.shape[-1]), self.codebook[None].to(vectors.dtype))
