@@ -1,8 +1,5 @@
-"""Data: sources (built-in digits, image folders, WebDataset shards), transforms, and the resumable loader.
-
-Modules import one way: ``base`` (Source) <- ``loader`` <- ``shards`` <- ``sources`` (data specs).
-The engine calls ``build_source``, ``training_subset``, ``steps_per_epoch`` and ``make_epoch_loader``.
-"""
+"""Data: sources (built-in digits, image folders, WebDataset shards), transforms, and the resumable loader;
+modules import one way: ``base`` (Source) <- ``loader`` <- ``shards`` <- ``sources`` (data specs)."""
 
 from .base import DataError, Source, check_bad_fraction, group_by_class, training_subset
 from .loader import GlobalBatchSampler, PretrainDataset, collate, make_epoch_loader, steps_per_epoch

@@ -35,11 +35,10 @@ def _is_image(name: str) -> bool:
 def scan_image_folder(root: str | os.PathLike) -> Source:
     """Find images under ``root``; each top-level sub-folder is a class, loose images are unlabelled."""
     root = Path(root).expanduser()
-    if not root.exists():
-        raise DataError(f"data folder {str(root)!r} does not exist; pass --data imagefolder:PATH with a "
-                        "folder of images (class sub-folders optional)")
     if not root.is_dir():
-        raise DataError(f"{str(root)!r} is not a folder; pass --data imagefolder:PATH with a folder of images")
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise DataError(f"data folder {str(root)!r} {what}; pass --data imagefolder:PATH with a folder of images "
+                        "(class sub-folders optional)")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     items = [str(root / name) for name in sorted(os.listdir(root)) if _is_image(name) and (root / name).is_file()]
     labels = [-1] * len(items)

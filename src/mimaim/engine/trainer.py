@@ -261,9 +261,8 @@ SPIKE = 10.0
 
 def diverged(run_dir: Path, losses: torch.Tensor, start_step: int, step: int, spe: int, what,
              is_main: bool = True) -> str:
-    """Rename the checkpoints written after the blow-up began ``diverged-step-N`` (a resumed run never reads
-    them: step s's checkpoint is kept if step s's loss was finite and below ``SPIKE`` x the median before it);
-    -> the message saying how to continue."""
+    """Rename ``diverged-step-N`` the checkpoints written as the run blew up (step s's is kept if its loss was finite
+    and below ``SPIKE`` x the median before it), which a resumed run never reads -> the message saying what next."""
     history = losses.tolist()
     set_aside = []
     for ckpt in reversed(list_checkpoints(run_dir / "checkpoints")):
