@@ -1,8 +1,6 @@
-"""``mimaim pretrain``: resolve the config, assemble the run (``--init`` weights), train, draw the picture.
-
-Relaunching after a kill, the same command continues the run: ``--resume RUN_DIR`` keeps its recorded config
-(``config.RESUME_MUTABLE`` may change) and its newest checkpoint, or starts RUN_DIR from this command's
-settings when it holds no run yet (``--resume auto``: the ``--out`` folder)."""
+"""``mimaim pretrain``: resolve the config, assemble the run (``--init`` weights), train, draw the picture. The same
+command relaunched continues the run: ``--resume RUN_DIR`` (``auto``: ``--out``) keeps its recorded config
+(``config.RESUME_MUTABLE`` may change), or starts RUN_DIR from this command's settings if it holds no run yet."""
 
 from __future__ import annotations
 

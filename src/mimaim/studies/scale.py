@@ -1,10 +1,6 @@
-"""``mimaim scale``: one objective over a grid of model sizes and data fractions.
-
-The AIM paper's scaling claims (2401.08541, Sec. 5.1, Fig. 1 and 4): the loss falls with capacity,
-tracks downstream accuracy, and more data helps. Each cell ``OUT/<model>-f<fraction>/`` is run as
-in ``mimaim compare``; by default every cell takes the optimiser steps of the full data at
-``epochs`` (a fraction f trains ``round(epochs / f)`` epochs: fewer distinct images, not less
-compute). One fit ``L(N) = a * N^(-alpha) [+ c]`` per data fraction (N = encoder parameters).
+"""``mimaim scale``: one objective over a grid of model sizes and data fractions, for the AIM paper's scaling
+claims (2401.08541, Sec. 5.1, Fig. 1 and 4). By default a fraction f trains ``round(epochs / f)`` epochs (the
+full data's steps: fewer distinct images, not less compute); one fit ``L(N) = a * N^(-alpha) [+ c]`` per fraction.
 """
 
 from __future__ import annotations
