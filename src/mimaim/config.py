@@ -96,6 +96,7 @@ class PretrainConfig:
     img_size: int = opt(32, "input resolution in pixels", W, must="> 0")
     patch_size: int = opt(4, "ViT patch size in pixels", W, must="> 0")
     recipe: str = opt("quick", "quick: heads, epochs sized for a CPU demo | paper", W, choices=("quick", "paper"))
+    trunk: str = opt("paper", "paper: each objective's own ViT | shared: one for all", W, choices=("paper", "shared"))
     objective_options: dict = opt(help="the objective's options: objective.KEY=VALUE", factory=dict, flag=False)
     init: str | None = opt(None, "start a NEW run from these weights: a run dir, a checkpoint folder, a local HF "
                                  "folder or a timm checkpoint file", W, metavar="SOURCE")
@@ -105,8 +106,7 @@ class PretrainConfig:
     num_workers: int = opt(-1, "DataLoader workers per process (-1: from the CPU count)", D)
     max_bad_fraction: float = opt(0.01, "stop if a larger share of images is unreadable", D, must="in [0, 1]")
     data_fraction: float = opt(1.0, "train on this nested, seeded, per-class share", D, must="in (0, 1]")
-    augmentation: dict = opt(help="the objective's augmentation: augmentation.crop_scale=0.4,1", factory=dict,
-                             flag=False)
+    augmentation: dict = opt(help="the objective's augmentation: augmentation.KEY=VALUE", factory=dict, flag=False)
     epochs: int = opt(20, "epochs (may grow on --resume); recipe quick: the objective's own if unset", O, must="> 0")
     batch_size: int = opt(64, "global batch per step (split over processes and --accum-steps)", O, must="> 0")
     accum_steps: int = opt(1, "gradient accumulation micro-steps", O, must="> 0")

@@ -11,7 +11,7 @@ from .options import add_fields, given
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
 #: PretrainConfig fields every cell of a grid shares, offered as flags (others: --set)
-RUN_FIELDS = ("data", "model", "img_size", "patch_size", "epochs", "batch_size", "blr", "warmup_epochs",
+RUN_FIELDS = ("data", "model", "trunk", "img_size", "patch_size", "epochs", "batch_size", "blr", "warmup_epochs",
               "val_fraction", "recipe", "seed", "max_steps", "progress")
 
 
@@ -22,6 +22,8 @@ def _add_run_options(p: argparse.ArgumentParser, default_model: str) -> None:
         g, PretrainConfig, include=RUN_FIELDS, required=("data",),
         helps={"data": "labelled data (class sub-folders): digits, imagefolder:PATH or wds:SHARDS",
                "model": f"backbone for every cell (default {default_model})", "epochs": "pre-training epochs per cell",
+               "trunk": "shared: one ViT for every objective (sin-cos positions, no cls token) | paper: each "
+                        "objective's own flavour (default: shared in compare, paper in scale)",
                "val_fraction": "held-out share of each class for the probes"}))
     g.add_argument("--set", action="append", metavar="KEY=VALUE", dest="overrides",
                    help="any other setting of every cell, e.g. --set precision=bf16, --set objective.KEY=VALUE; "
@@ -97,6 +99,9 @@ def add_parser(sub) -> None:
                     "write OUT/results.csv, OUT/results.md, OUT/loss_curves.png and OUT/probe_accuracy.png. Every "
                     "cell is an ordinary run directory OUT/<cell>/: re-running the same command skips finished "
                     "cells and resumes a half-finished one.\n\n"
+                    "Trunk: --trunk shared (default) builds every objective on one ViT (--model's width, depth "
+                    "and heads; fixed 2-D sin-cos positions, no cls token, xavier init), so that the cells differ "
+                    "in objective, masking and target only; --trunk paper gives each objective its paper's own.\n"
                     "Budget: --epochs N (the same epochs for every cell; default) or --budget-flops F (the same "
                     "training FLOPs: forward + backward of the whole objective per image, counted with torch's "
                     "FlopCounterMode, rounded to whole epochs so every schedule completes).\n"

@@ -11,7 +11,6 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
@@ -19,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..config import ConfigError, PretrainConfig, load_yaml, make_config
-from ..models import create_model, model_family
+from ..models import create_model
 from ..version import __version__
 from .checkpoint import (RECORD_FILE, SHARDED_INDEX, CheckpointError, check_weights_fit, latest_checkpoint,
                          list_checkpoints)
@@ -29,37 +28,23 @@ RECORD_FORMAT = 1
 ENCODER_PREFIX = "encoder."
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
 def run_record(cfg: PretrainConfig) -> dict:
     """What a checkpoint of ``cfg``'s run holds, JSON-serialisable, from the config and the objective
     *class* only (options, backbone flavour, probe protocol): nothing is built, no file is opened."""
-    from ..objectives import get_objective_class, parse_options
-    from .build import resolved_objective_options
+    from .build import check_objective
 
-    cls = get_objective_class(cfg.objective)
-    options = parse_options(cls, resolved_objective_options(cfg))
-    kwargs = dict(img_size=cfg.img_size, patch_size=cfg.patch_size)
-    kwargs.update(cls.family_backbone_kwargs(options, model_family(cfg.model)))
-    return _json_safe({
+    options, kwargs, protocol = check_objective(cfg)  # the trunk (``cfg.trunk``) and the probe protocol on it
+    return json.loads(json.dumps({
         "format": RECORD_FORMAT,
         "mimaim_version": __version__,
         "objective": cfg.objective,
         "objective_options": dataclasses.asdict(options),
-        "backbone": {"name": cfg.model, "kwargs": kwargs},
+        "backbone": {"name": cfg.model, "kwargs": dict(img_size=cfg.img_size, patch_size=cfg.patch_size, **kwargs)},
         "img_size": cfg.img_size,
         "patch_size": cfg.patch_size,
-        "probe_protocol": dataclasses.asdict(cls.probe_protocol),
+        "probe_protocol": dataclasses.asdict(protocol),
         "config": cfg.to_dict(),
-    })
+    }, default=str))  # JSON-safe: tuples as lists, anything else as its string
 
 
 def read_record(ckpt: str | Path) -> dict:

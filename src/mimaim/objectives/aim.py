@@ -130,6 +130,8 @@ class AIM(Objective):
     probe_protocol = ProbeProtocol(pool="mean", layers=(-6, -5, -4, -3, -2, -1), norm=False,
                                    source="AIM paper sec. 4 / apple/ml-aim AverageLayers "
                                           "(last 6 blocks, no final norm)")
+    #: the raster-order (prefix-)causal mask covers the patches only: no place for a cls token
+    trunk_needs = {"class_token": False}
     #: ``recipe: quick``: a small head and fewer epochs, so the built-in run takes minutes on a CPU
     #: (AIM runs the trunk over all tokens, MAE over a quarter; benchmarks/bench_quick_options.py)
     quick_options = {"head_depth": 2, "head_width": 128}

@@ -59,6 +59,8 @@ class Objective(nn.Module):
     augmentation: ClassVar[Augmentation] = Augmentation()
     #: "vit" if only the ViT backbone works; ("vit", "swin") for objectives with a Swin path
     backbone_families: ClassVar[tuple[str, ...]] = ("vit",)
+    #: backbone arguments it cannot train without, e.g. ``{"class_token": False}`` (checked by ``fit_trunk``)
+    trunk_needs: ClassVar[dict] = {}
     #: augmented views per image: 1 -> ``images`` is (B, 3, H, W); k > 1 -> (B, k, 3, H, W), k draws of
     #: ``augmentation`` from the same image (two-view objectives such as data2vec/I-JEPA-style targets)
     num_views: ClassVar[int] = 1
@@ -231,5 +233,18 @@ def build_objective(name: str, model: str, img_size: int, patch_size: int, optio
     kwargs = dict(img_size=img_size, patch_size=patch_size)
     kwargs.update(cls.family_backbone_kwargs(opts, family))
     kwargs.update(backbone_overrides)
+    fit_trunk(cls, kwargs)
     encoder = create_model(model, **kwargs)
     return cls(encoder, opts)
+
+
+def fit_trunk(cls: type[Objective], kwargs: dict) -> ProbeProtocol:
+    """Where an objective meets its trunk (backbone arguments ``kwargs``): ValueError unless they hold its
+    ``trunk_needs``; -> its probe protocol there, a cls pool read as the patch mean on a trunk without cls token."""
+    for k, v in cls.trunk_needs.items():
+        if kwargs.get(k) != v:
+            raise ValueError(f"objective {cls.name!r} cannot use a trunk with {k}={kwargs.get(k)!r}: it needs {v!r}")
+    proto = cls.probe_protocol
+    if proto.pool == "cls" and kwargs.get("class_token") is False:
+        proto = dataclasses.replace(proto, pool="mean", source=f"{proto.source}; pool mean: the trunk has no cls token")
+    return proto

@@ -56,7 +56,7 @@ class MAE(Objective):
         p = encoder.patch_size
         self.decoder_embed = nn.Linear(D, Dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
-        table = sincos_2d(Dd, encoder.grid_size, num_prefix_tokens=1)[None]
+        table = sincos_2d(Dd, encoder.grid_size, num_prefix_tokens=encoder.num_prefix_tokens)[None]
         self.decoder_pos_embed = nn.Parameter(table, requires_grad=False)
         self.decoder_blocks = nn.ModuleList([
             Block(Dd, options.decoder_num_heads, 4.0, qkv_bias="all") for _ in range(options.decoder_depth)
@@ -71,21 +71,21 @@ class MAE(Objective):
         return mae_noise(self.encoder.num_patches, generator)  # (N,)
 
     def forward_encoder(self, images, noise=None):
-        """-> latent (B, 1 + K, D), mask (B, N), ids_restore (B, N)."""
+        """-> latent (B, prefix + K, D) (prefix: the cls token, if the trunk has one), mask, ids_restore (B, N)."""
         x = self.encoder.embed(images)  # (B, N, D) with positions
         x, mask, ids_restore = random_masking(x, self.options.mask_ratio, noise)  # (B, K, D)
-        return self.encoder.forward_tokens(x), mask, ids_restore  # latent (B, 1 + K, D)
+        return self.encoder.forward_tokens(x), mask, ids_restore
 
     def forward_decoder(self, latent, ids_restore):
         """-> per-patch predictions (B, N, p*p*3)."""
-        x = self.decoder_embed(latent)  # (B, 1 + K, Dd)
+        x, p = self.decoder_embed(latent), self.encoder.num_prefix_tokens  # (B, p + K, Dd)
         B, N = ids_restore.shape
-        mask_tokens = self.mask_token.expand(B, N + 1 - x.shape[1], -1)
-        patches = unshuffle(torch.cat([x[:, 1:], mask_tokens], dim=1), ids_restore)  # (B, N, Dd)
-        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
+        mask_tokens = self.mask_token.expand(B, N + p - x.shape[1], -1)
+        patches = unshuffle(torch.cat([x[:, p:], mask_tokens], dim=1), ids_restore)  # (B, N, Dd)
+        x = torch.cat([x[:, :p], patches], dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # drop cls
+        return self.decoder_pred(self.decoder_norm(x))[:, p:]  # drop cls
 
     def forward_loss(self, images, pred, mask):
         """MAE's loss, as ``models_mae.forward_loss``: the MSE per patch against the pixels (per-patch

@@ -186,6 +186,8 @@ def probe_cell(run_dir: Path, probes: Sequence[str], layers: Sequence[int] | Non
         saved = json.loads(memo.read_text())
         if saved.get("key") == key:
             return saved["rows"]
+    if pool == "auto":  # the protocol on the cell's trunk (a cls pool reads the patch mean on a trunk without one)
+        pool = runs.read_record(latest_checkpoint(run_dir))["probe_protocol"]["pool"]
     rows = probe_run(run_dir, probes=probes, layers=layers, pool=pool, random_init=random_init, device=device,
                      progress=progress)
     memo.write_text(json.dumps({"key": key, "rows": rows}, indent=2))
@@ -196,16 +198,16 @@ def probe_cell(run_dir: Path, probes: Sequence[str], layers: Sequence[int] | Non
 _NOT_ARCHITECTURE = {"drop_path_rate", "drop_rate", "attn_drop_rate"}
 
 
-def trunk_flavour(run_dir: Path) -> tuple[str, str]:
-    """(key, words) of a cell's trunk from its run record (backbone name and architecture arguments): cells
-    with the same key share one random-init row (MAE and MAE@mask_ratio=0.5 do, MAE and AIM do not)."""
-    _, record, _ = runs.open_backbone(run_dir)
-    backbone = record.get("backbone") or {}
-    kwargs = {k: v for k, v in (backbone.get("kwargs") or {}).items() if k not in _NOT_ARCHITECTURE}
-    key = json.dumps({"name": backbone.get("name"), "kwargs": kwargs}, sort_keys=True, default=str)
-    traits = [str(backbone.get("name", "?")), "cls token" if kwargs.get("class_token", True) else "no cls token"]
+def trunk_flavour(record: dict) -> tuple[str, str]:
+    """(key, words) of a run record's trunk (backbone name and architecture arguments) and probe protocol: cells
+    with the same key share one random-init row (on the paper trunks MAE and MAE@mask_ratio=0.5 do, MAE and AIM
+    do not; on the shared trunk, one row per protocol family: AIM's last-six-block mean apart)."""
+    backbone, protocol = record["backbone"], {k: v for k, v in record["probe_protocol"].items() if k != "source"}
+    kwargs = {k: v for k, v in backbone["kwargs"].items() if k not in _NOT_ARCHITECTURE}
+    key = json.dumps({"name": backbone["name"], "kwargs": kwargs, "protocol": protocol}, sort_keys=True, default=str)
+    traits = [backbone["name"], "cls token" if kwargs.get("class_token", True) else "no cls token"]
     for k, words in (("pos_embed", "pos"), ("qkv_bias", "qkv bias"), ("rel_pos_bias", "rel. bias"),
-                     ("init_values", "layer scale"), ("patch_norm", "patch norm")):
+                     ("init_values", "layer scale"), ("patch_norm", "patch norm"), ("weight_init", "init")):
         if kwargs.get(k) not in (None, False):
             traits.append(f"{words} {kwargs[k]}")
     return key, ", ".join(traits)
@@ -235,6 +237,7 @@ def plan_cells(specs: Sequence[str], out: Path, base: dict, budget_flops: float 
         objective, settings = parse_objective_spec(spec)
         name = cell_name(spec)
         cfg = make_config(base, **settings, objective=objective, out=str(out / name))
+        check_objective(cfg)  # a trunk the objective cannot use stops here
         cells.append(Cell(name, objective, settings.get("objective_options", {}), cfg))
     train_images, val_images, labelled = split_sizes(cells[0].cfg)
     check_probe_data(cells[0].cfg, train_images, val_images, labelled)
@@ -286,12 +289,13 @@ def format_grid(cells: Sequence[Cell]) -> str:
 def estimate_seconds(cells: Sequence[Cell], probes: Sequence[str], val_images: int, random_init: bool,
                      finetune_epochs: int) -> list[dict]:
     """Per cell: seconds per step and the estimated wall time, from a short measurement."""
-    out, seen = [], set()  # one random-init row per trunk flavour; the objective name stands for it before training
+    out, seen = [], set()  # one random-init row per trunk
     for c in cells:
         step_s = time_training_steps(c.cfg)
         per_image = time_feature_extraction(c.cfg)
-        first = random_init and (c.objective, c.cfg.model) not in seen
-        seen.add((c.objective, c.cfg.model))
+        key = trunk_flavour(runs.run_record(c.cfg))[0]
+        first = random_init and key not in seen
+        seen.add(key)
         passes = 2 if first else 1  # the random-init row reads (and fine-tunes) the trunk once more
         probe_s = per_image * (c.train_images + val_images) * passes
         # fine-tuning runs the whole trunk forward and backward: about 3 forward passes per image
@@ -308,14 +312,15 @@ def compare(objectives: str | Sequence[str], out: str | Path, base: dict | None 
             crop_scale: tuple[float, float] = SAME_CROP_SCALE, probes: Sequence[str] | None = None,
             layers: Sequence[int] | None = None, pool: str = "auto", random_init: bool = True,
             finetune_epochs: int = 0, finetune_options: dict | None = None, dry_run: bool = False,
-            device: str = "cpu", progress: bool = True) -> list[dict]:
+            device: str = "cpu", progress: bool = True, trunk: str = "shared") -> list[dict]:
     """Pre-train, probe (and fine-tune) every objective; write OUT/results.{csv,md} and PNGs.
 
-    ``base`` holds ``PretrainConfig`` fields shared by every cell (data, model, epochs, ...);
+    ``base`` holds ``PretrainConfig`` fields shared by every cell (data, model, epochs, ...; its ``trunk`` wins);
+    ``trunk``: "shared" (one ViT for every objective) or "paper" (each objective's own flavour);
     ``finetune_options``: ``FinetuneConfig`` fields of the fine-tune column. Returns the table's rows
     (an estimate per cell with ``dry_run``).
     """
-    out, base = Path(out), {"progress": progress, **(base or {})}
+    out, base = Path(out), {"progress": progress, "trunk": trunk, **(base or {})}
     if same_augmentation:
         base["augmentation"] = {"crop_scale": list(crop_scale), "color_jitter": 0.0, "hflip": True,
                                 "interpolation": "bicubic"}
@@ -339,7 +344,8 @@ def compare(objectives: str | Sequence[str], out: str | Path, base: dict | None 
         "each objective's paper recipe"
     print(f"mimaim compare: {len(cells)} cells on {cfg.model}/{cfg.patch_size} at {cfg.img_size}px, data {cfg.data} "
           f"({cells[0].train_images} training / {val_images} held-out images), budget {budget}, augmentation {aug}, "
-          f"probes {', '.join(probes)}{f', fine-tune {finetune_epochs} epochs' if ft else ''} -> {out}")
+          f"probes {', '.join(probes)}{f', fine-tune {finetune_epochs} epochs' if ft else ''} -> {out}\n"
+          f"trunk: {describe_trunk(cells)}")
     print(format_grid(cells))
     if dry_run:
         return print_estimate(estimate_seconds(cells, probes, val_images, random_init, finetune_epochs), bool(ft))
@@ -350,6 +356,14 @@ def compare(objectives: str | Sequence[str], out: str | Path, base: dict | None 
     rows = result_rows(cells, probes, layers, pool, random_init, device, progress, ft)
     write_results(out, rows, cells, budget, aug, val_images)
     return rows
+
+
+def describe_trunk(cells: Sequence[Cell]) -> str:
+    """The trunk every cell trains, in words, for the plan and results.md."""
+    kinds = {c.cfg.trunk for c in cells}
+    if kinds == {"shared"}:
+        return f"shared ViT ({trunk_flavour(runs.run_record(cells[0].cfg))[1]}) for every cell"
+    return "each paper's own (see the random-init rows)" if kinds == {"paper"} else "per cell (column trunk)"
 
 
 def print_estimate(est: list[dict], finetune: bool = False) -> list[dict]:
@@ -364,11 +378,11 @@ def print_estimate(est: list[dict], finetune: bool = False) -> list[dict]:
 
 
 def result_rows(cells: Sequence[Cell], probes, layers, pool, random_init, device, progress, ft) -> list[dict]:
-    """One row per cell, then one random-init row per trunk flavour (MAE's ViT, AIM's trunk, the BEiT-style
-    ViT of BEiT/SimMIM, ...): every cell is read against its own architecture at init, with its protocol."""
+    """One row per cell, then one random-init row per trunk and probe protocol (``trunk_flavour``): every cell
+    is read against its own architecture at init, with its protocol."""
     flavours, flavour_of = {}, {}
     for cell in cells:
-        key, words = trunk_flavour(Path(cell.cfg.out))
+        key, words = trunk_flavour(runs.read_record(latest_checkpoint(Path(cell.cfg.out))))
         flavour_of[cell.name] = flavours.setdefault(key, {"first": cell, "cells": [], "words": words})
         flavour_of[cell.name]["cells"].append(cell.name)
     rows, random_rows = [], []
@@ -378,7 +392,7 @@ def result_rows(cells: Sequence[Cell], probes, layers, pool, random_init, device
         probe_rows = probe_cell(run_dir, probes, layers, first, device, progress, pool=pool)
         summary = json.loads((run_dir / "summary.json").read_text())
         row = {"cell": cell.name, "objective": cell.objective, "options": json.dumps(cell.options),
-               "model": cell.cfg.model, "epochs": cell.cfg.epochs, "steps": summary["steps"],
+               "model": cell.cfg.model, "trunk": cell.cfg.trunk, "epochs": cell.cfg.epochs, "steps": summary["steps"],
                "pretrain_loss": round(final_loss(run_dir), 5), **_probe_columns(probe_rows[0]),
                "images_per_s": summary.get("images_per_s"), "wall_time_s": summary.get("wall_time_s"),
                "flops_per_image": cell.flops_per_image,
@@ -387,8 +401,9 @@ def result_rows(cells: Sequence[Cell], probes, layers, pool, random_init, device
             row["finetune_top1"] = finetune_cell(run_dir, ft, cell.cfg.img_size)["top1"]
         rows.append(row)
         if first:
-            rnd = {"cell": f"random-init-{cell.name}", "options": "{}", "model": cell.cfg.model, "epochs": 0,
-                   "objective": f"random init ({flavour['words']}; trunk of {', '.join(flavour['cells'])})",
+            rnd = {"cell": f"random-init-{cell.name}", "options": "{}", "model": cell.cfg.model,
+                   "trunk": cell.cfg.trunk, "epochs": 0,
+                   "objective": f"random init ({flavour['words']}; for {', '.join(flavour['cells'])})",
                    "steps": 0, "pretrain_loss": float("nan"), **_probe_columns(probe_rows[1]),
                    "images_per_s": float("nan"), "wall_time_s": 0.0, "flops_per_image": cell.flops_per_image,
                    "train_flops": 0.0, "random_init_of": ",".join(flavour["cells"])}
@@ -440,9 +455,10 @@ def write_results(out: Path, rows: list[dict], cells: Sequence[Cell], budget: st
                             if r.get("protocol_source") not in (None, "-") and not r.get("random_init_of"))
     header = (f"# mimaim compare\n\n{cfg.model}/{cfg.patch_size} at {cfg.img_size}px on `{cfg.data}`; held-out "
               f"split: the last {cfg.val_fraction:.0%} of each class ({val_images} images). Budget: {budget}. "
-              f"Augmentation: {aug}. Probes: each cell is read with its own objective's probe protocol (column "
-              "'probe protocol'; sources below), and each random-init row with the protocol of the cells whose "
-              "trunk it shares, so every pre-trained cell is read against its own architecture at init. "
+              f"Trunk: {describe_trunk(cells)}. Augmentation: {aug}. Probes: each cell is read with its own "
+              "objective's probe protocol (column 'probe protocol'; sources below), and each random-init row with "
+              "the protocol of the cells whose trunk and protocol it shares, so every pre-trained cell is read "
+              "against its own architecture at init. "
               "Pre-training loss: mean over the last 10% of logged steps (each objective's own loss, not "
               "comparable across objectives). FLOPs: forward + backward of the whole objective, counted by torch "
               "FlopCounterMode.\n\n")
