@@ -24,7 +24,7 @@ from torch.utils._device import _device_constructors
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..objectives import build_objective
-from .build import resolved_objective_options
+from .build import check_objective, resolved_objective_options
 from .fsdp import transformer_blocks
 
 GiB = 1024 ** 3
@@ -169,7 +169,7 @@ def _as_meta_objective(objective_or_cfg) -> nn.Module:
     if not isinstance(objective_or_cfg, nn.Module):
         cfg = objective_or_cfg
         return build_on_meta(lambda: build_objective(cfg.objective, cfg.model, cfg.img_size, cfg.patch_size,
-                                                     resolved_objective_options(cfg)))
+                                                     resolved_objective_options(cfg), **check_objective(cfg)[1]))
     if next(objective_or_cfg.parameters()).device.type == "meta":
         return objective_or_cfg
     return copy.deepcopy(objective_or_cfg).to("meta")

@@ -21,6 +21,9 @@ def export_hf(run: str | Path, out: str | Path, checkpoint: str | Path | None = 
     """Write run ``run`` (newest checkpoint) as a ``transformers`` folder ``out``; returns ``out``."""
     backbone, record, ckpt = open_backbone(run, checkpoint=checkpoint)
     objective, options = record["objective"], record["objective_options"]
+    if record["backbone"]["kwargs"].get("class_token") is False and objective != "aim":
+        raise ValueError(f"{run} was trained on a trunk without a cls token (--trunk shared), which HF's "
+                         f"{objective} classes always hold; export it with `mimaim export {run} --to timm`")
     weights = read_checkpoint_weights(ckpt)  # model.safetensors (ddp) or sharded (fsdp); no tokenizer file needed
     if objective == "beit":
         model = hf_beit.hf_model(backbone, weights, vocab_size=weights["lm_head.weight"].shape[0])
