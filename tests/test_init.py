@@ -123,15 +123,24 @@ def test_timm_vit_checkpoint_file_gives_the_encoder(tmp_path, suffix):
         torch.testing.assert_close(mae.encoder.forward_features(x), model.forward_features(x), rtol=0, atol=1e-5)
 
 
-def test_timm_beit_checkpoint_file_gives_the_beit_encoder(tmp_path):
-    model = randomize(timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=0, use_abs_pos_emb=False,
-                                        use_rel_pos_bias=False, use_shared_rel_pos_bias=True, init_values=0.1,
+#: BEiT's two ViT flavours: the paper recipe's (a shared relative bias, layer scale 0.1, no absolute table) and the
+#: quick recipe's (the released BEiT-base flags --abs_pos_emb --disable_rel_pos_bias --layer_scale_init_value 0)
+BEIT_FLAVOURS = {"paper": (False, True, 0.1), "quick": (True, False, 0.0)}
+
+
+@pytest.mark.parametrize("recipe", list(BEIT_FLAVOURS))
+def test_timm_beit_checkpoint_file_gives_the_beit_encoder(tmp_path, recipe):
+    absolute, relative, layer_scale = BEIT_FLAVOURS[recipe]
+    model = randomize(timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=0,
+                                        use_abs_pos_emb=absolute, use_rel_pos_bias=False,
+                                        use_shared_rel_pos_bias=relative, init_values=layer_scale,
                                         use_fc_norm=False, **MICRO)).eval()
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "beit.safetensors"))
-    beit = fresh("beit")
+    beit = fresh("beit", recipe=recipe)
     report = initialize_from(beit, tmp_path / "beit.safetensors")
-    assert "encoder.blocks.0.ls1.gamma" in report.loaded and "lm_head.weight" in report.initialised
+    assert ("encoder.blocks.0.ls1.gamma" in report.loaded) == bool(layer_scale)
+    assert ("encoder.pos_embed" in report.loaded) == absolute and "lm_head.weight" in report.initialised
     x = images()
     with torch.no_grad():
         torch.testing.assert_close(beit.encoder.forward_features(x), model.forward_features(x), rtol=0, atol=1e-5)
@@ -195,13 +204,15 @@ def test_pretrain_init_end_to_end(tmp_path, capsys):
     torch.testing.assert_close(new.blocks[0].attn.qkv.weight, old.blocks[0].attn.qkv.weight, rtol=0, atol=1e-6)
 
 
-def test_hf_beit_folder_gives_encoder_mask_token_and_lm_head(tmp_path):
-    beit = fresh("beit")
+@pytest.mark.parametrize("recipe", list(BEIT_FLAVOURS))
+def test_hf_beit_folder_gives_encoder_mask_token_and_lm_head(tmp_path, recipe):
+    absolute, relative, layer_scale = BEIT_FLAVOURS[recipe]
+    beit = fresh("beit", recipe=recipe)
     config = transformers.BeitConfig(
         image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
         intermediate_size=512, vocab_size=beit.lm_head.out_features, layer_norm_eps=1e-6, use_mask_token=True,
-        use_absolute_position_embeddings=False, use_relative_position_bias=False,
-        use_shared_relative_position_bias=True, layer_scale_init_value=0.1)
+        use_absolute_position_embeddings=absolute, use_relative_position_bias=False,
+        use_shared_relative_position_bias=relative, layer_scale_init_value=layer_scale)
     hf = randomize(transformers.BeitForMaskedImageModeling(config)).eval()
     hf.save_pretrained(tmp_path / "hf")
     report = initialize_from(beit, tmp_path / "hf")
