@@ -12,6 +12,7 @@ import torch
 from mimaim.config import make_config
 from mimaim.engine.build import build_run_objective
 from mimaim.interop.init import initialize_from
+from mimaim.models.layers import sincos_2d
 
 from tiny_runs import images, make_run, randomize
 
@@ -26,8 +27,9 @@ def fresh(objective="mae", **overrides):
                                            **overrides)).eval()
 
 
-def hf_vitmae(decoder_width=None, decoder_depth=None, layer_norm_eps=1e-6, norm_pix_loss=True):
-    """A ViTMAEForPreTraining shaped like ``fresh("mae")`` (the quick recipe's decoder unless given)."""
+def hf_vitmae(decoder_width=None, decoder_depth=None, layer_norm_eps=1e-6, norm_pix_loss=True, tables=True):
+    """A ViTMAEForPreTraining shaped like ``fresh("mae")`` (the quick recipe's decoder unless given), with the
+    sin-cos tables a saved MAE holds (``tables``; transformers 5.x leaves zeros in one built from a config)."""
     options = fresh("mae").options
     decoder_width = decoder_width or options.decoder_embed_dim
     decoder_depth = decoder_depth or options.decoder_depth
@@ -36,7 +38,33 @@ def hf_vitmae(decoder_width=None, decoder_depth=None, layer_norm_eps=1e-6, norm_
         patch_size=4, layer_norm_eps=layer_norm_eps, decoder_hidden_size=decoder_width,
         decoder_num_hidden_layers=decoder_depth, decoder_num_attention_heads=4,
         decoder_intermediate_size=4 * decoder_width, norm_pix_loss=norm_pix_loss)
-    return randomize(transformers.ViTMAEForPreTraining(config)).eval()
+    hf = randomize(transformers.ViTMAEForPreTraining(config)).eval()
+    with torch.no_grad():
+        for table in (hf.vit.embeddings.position_embeddings, hf.decoder.decoder_pos_embed):
+            table.copy_(sincos_2d(table.shape[-1], 8, 1)[None] if tables else torch.zeros_like(table))
+    return hf
+
+
+def test_a_position_table_that_is_not_the_fixed_sin_cos_one_is_re_derived_and_reported(tmp_path):
+    """MAE's frozen sin-cos tables: a source's zeros (or another table) are not loaded, the report says so."""
+    hf_vitmae(tables=False).save_pretrained(tmp_path / "zeros")
+    mae = fresh("mae")
+    report = initialize_from(mae, tmp_path / "zeros")
+    assert report.initialised == ["decoder_pos_embed", "encoder.pos_embed"]
+    assert "note: the source's position table encoder.pos_embed is zeros: kept the run's sin-cos table" in \
+        report.summary()
+    torch.testing.assert_close(mae.encoder.pos_embed, sincos_2d(128, 8, 1)[None], rtol=0, atol=0)
+    torch.testing.assert_close(mae.decoder_pos_embed, fresh("mae").decoder_pos_embed, rtol=0, atol=0)
+    hf = hf_vitmae()
+    with torch.no_grad():
+        hf.vit.embeddings.position_embeddings.mul_(-1)
+    hf.save_pretrained(tmp_path / "other")
+    notes = [n for n in initialize_from(fresh("mae"), tmp_path / "other").notes if "position table" in n]
+    assert notes == ["the source's position table encoder.pos_embed differs from the fixed sin-cos table by 2: "
+                     "kept the run's sin-cos table"]
+    hf_vitmae().save_pretrained(tmp_path / "ok")  # the tables a saved MAE holds: loaded, no note
+    report = initialize_from(fresh("mae"), tmp_path / "ok")
+    assert report.initialised == [] and "position table" not in report.summary()
 
 
 def test_hf_vitmae_folder_gives_encoder_and_decoder(tmp_path):
@@ -108,6 +136,7 @@ def test_hf_decoder_of_another_size_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_timm_vit_checkpoint_file_gives_the_encoder(tmp_path, suffix):
     model = randomize(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10, **MICRO)).eval()
+    model.pos_embed.data.copy_(sincos_2d(128, 8, 1)[None])  # MAE's fixed table, as its checkpoints hold
     path = tmp_path / f"vit{suffix}"
     if suffix == ".safetensors":
         from safetensors.torch import save_file
