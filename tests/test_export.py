@@ -28,7 +28,7 @@ TIMM_CASES = {  # id: (objective, make_run overrides, timm class)
     "beit-abs-and-rel-pos": ("beit", {**PAPER, "objective_options": {"abs_pos_emb": True}}, "Beit"),
     "beit-quick": ("beit", {}, "Beit"),  # absolute table, no relative bias, no layer scale
     "simmim-beit-vit": ("simmim", PAPER, "Beit"),
-    "simmim-beit-vit-ape": ("simmim", {}, "Beit"),  # the quick recipe's USE_APE
+    "simmim-beit-vit-ape": ("simmim", {}, "Beit"),  # the quick recipe: USE_APE, as BEiT quick
     "simmim-plain-vit": ("simmim", {"objective_options": {"vit_flavour": "plain"}}, "VisionTransformer"),
     "simmim-swin": pytest.param("simmim", {"model": "swin_tiny", "img_size": 64}, "SwinTransformer",
                                 marks=pytest.mark.slow),  # 28M parameters
@@ -103,6 +103,7 @@ HF_CASES = {
     "mae": ("mae", {}),
     "beit": ("beit", PAPER),
     "beit-quick": ("beit", {}),
+    "beit-abs-and-rel-pos": ("beit", {**PAPER, "objective_options": {"abs_pos_emb": True}}),
     "simmim-plain-vit": ("simmim", {"objective_options": {"vit_flavour": "plain"}}),
     "simmim-beit-vit": ("simmim", PAPER),
     "simmim-beit-vit-ape": ("simmim", {}),

@@ -60,10 +60,11 @@ class SimMIM(Objective):
                                    source="mean of patch tokens (SimMIM ships no linear-probe script; its cls output "
                                           "gets no gradient from the loss)")
     #: ``recipe: quick``: mask cells that tile the built-in 32-px images, a Swin window that fits them, no
-    #: drop path, and fewer epochs (SimMIM runs the trunk over all tokens, MAE over a quarter); USE_APE for positions
-    #: from step 0 (the relative bias starts at zero; it and layer scale 0.1 stay, as neither changes how a patch
-    #: shuffle moves the random trunk's features)
-    quick_options = {"mask_patch_size": 8, "window_size": 4, "drop_path_rate": 0.0, "use_ape": True}
+    #: drop path, and fewer epochs (SimMIM runs the trunk over all tokens, MAE over a quarter); BEiT's quick ViT
+    #: (one trunk for both): only USE_APE gives positions at step 0, the relative bias starts at zero and layer
+    #: scale does not change how a patch shuffle moves the random trunk's features
+    quick_options = {"mask_patch_size": 8, "window_size": 4, "drop_path_rate": 0.0, "use_ape": True,
+                     "rel_pos_bias": False, "layer_scale": 0.0}
     quick_epochs = 10
 
     @classmethod
