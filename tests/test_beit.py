@@ -101,6 +101,19 @@ def test_backbone_flavour():
     assert tiny_beit(rel_pos_bias=False).encoder.pos_embed is not None
 
 
+def test_absolute_positions_combine_with_the_relative_bias_as_the_official_flags():
+    """--abs_pos_emb adds a learned table (trunc normal std 0.02 clipped at +-std, modeling_pretrain.py) beside
+    the shared relative bias; the quick recipe is the released BEiT-base's --abs_pos_emb --disable_rel_pos_bias
+    --layer_scale_init_value 0."""
+    from mimaim.objectives.beit import BEiT
+
+    enc = tiny_beit(abs_pos_emb=True).encoder
+    assert enc.pos_embed is not None and enc.rel_pos_bias is not None and hasattr(enc.blocks[0].ls1, "gamma")
+    assert enc.pos_embed.requires_grad and 0 < enc.pos_embed.abs().max() <= 0.02
+    enc = tiny_beit(**BEiT.quick_options).encoder
+    assert enc.pos_embed is not None and enc.rel_pos_bias is None and not hasattr(enc.blocks[0].ls1, "gamma")
+
+
 def decay_split(objective):
     """(decayed, undecayed) parameter names of the optimiser groups the engine builds for ``objective``."""
     from mimaim.engine.optim import param_groups_weight_decay

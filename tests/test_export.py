@@ -20,11 +20,15 @@ transformers = pytest.importorskip("transformers")
 
 TOL = dict(rtol=0, atol=1e-5)
 
+PAPER = {"recipe": "paper"}  # BEiT's and SimMIM's ViT: a shared relative bias, layer scale 0.1, no absolute table
 TIMM_CASES = {  # id: (objective, make_run overrides, timm class)
     "mae": ("mae", {}, "VisionTransformer"),
-    "beit": ("beit", {}, "Beit"),
-    "beit-abs-pos": ("beit", {"objective_options": {"rel_pos_bias": False}}, "Beit"),
-    "simmim-beit-vit": ("simmim", {}, "Beit"),
+    "beit": ("beit", PAPER, "Beit"),
+    "beit-abs-pos": ("beit", {**PAPER, "objective_options": {"rel_pos_bias": False}}, "Beit"),
+    "beit-abs-and-rel-pos": ("beit", {**PAPER, "objective_options": {"abs_pos_emb": True}}, "Beit"),
+    "beit-quick": ("beit", {}, "Beit"),  # absolute table, no relative bias, no layer scale
+    "simmim-beit-vit": ("simmim", PAPER, "Beit"),
+    "simmim-beit-vit-ape": ("simmim", {}, "Beit"),  # the quick recipe: USE_APE, as BEiT quick
     "simmim-plain-vit": ("simmim", {"objective_options": {"vit_flavour": "plain"}}, "VisionTransformer"),
     "simmim-swin": pytest.param("simmim", {"model": "swin_tiny", "img_size": 64}, "SwinTransformer",
                                 marks=pytest.mark.slow),  # 28M parameters
@@ -88,7 +92,7 @@ def _hf_features(objective, overrides, out, encoder, x):
     if overrides.get("model") == "swin_tiny":
         model = transformers.SwinForMaskedImageModeling.from_pretrained(out).eval()
         return model.swin(pixel_values=x).last_hidden_state
-    if overrides:
+    if overrides.get("objective_options", {}).get("vit_flavour") == "plain":
         return transformers.ViTForMaskedImageModeling.from_pretrained(out).eval().vit(pixel_values=x).last_hidden_state
     model = transformers.AutoModel.from_pretrained(out).eval()
     assert type(model).__name__ == "BeitModel"
@@ -97,9 +101,12 @@ def _hf_features(objective, overrides, out, encoder, x):
 
 HF_CASES = {
     "mae": ("mae", {}),
-    "beit": ("beit", {}),
+    "beit": ("beit", PAPER),
+    "beit-quick": ("beit", {}),
+    "beit-abs-and-rel-pos": ("beit", {**PAPER, "objective_options": {"abs_pos_emb": True}}),
     "simmim-plain-vit": ("simmim", {"objective_options": {"vit_flavour": "plain"}}),
-    "simmim-beit-vit": ("simmim", {}),
+    "simmim-beit-vit": ("simmim", PAPER),
+    "simmim-beit-vit-ape": ("simmim", {}),
     # a window that fits every stage (HF keeps the configured window where timm shrinks it)
     "simmim-swin": pytest.param("simmim", {"model": "swin_tiny", "img_size": 64,
                                            "objective_options": {"window_size": 2}},

@@ -12,6 +12,7 @@ import torch
 from mimaim.config import make_config
 from mimaim.engine.build import build_run_objective
 from mimaim.interop.init import initialize_from
+from mimaim.models.layers import sincos_2d
 
 from tiny_runs import images, make_run, randomize
 
@@ -26,8 +27,9 @@ def fresh(objective="mae", **overrides):
                                            **overrides)).eval()
 
 
-def hf_vitmae(decoder_width=None, decoder_depth=None, layer_norm_eps=1e-6, norm_pix_loss=True):
-    """A ViTMAEForPreTraining shaped like ``fresh("mae")`` (the quick recipe's decoder unless given)."""
+def hf_vitmae(decoder_width=None, decoder_depth=None, layer_norm_eps=1e-6, norm_pix_loss=True, tables=True):
+    """A ViTMAEForPreTraining shaped like ``fresh("mae")`` (the quick recipe's decoder unless given), with the
+    sin-cos tables a saved MAE holds (``tables``; transformers 5.x leaves zeros in one built from a config)."""
     options = fresh("mae").options
     decoder_width = decoder_width or options.decoder_embed_dim
     decoder_depth = decoder_depth or options.decoder_depth
@@ -36,7 +38,33 @@ def hf_vitmae(decoder_width=None, decoder_depth=None, layer_norm_eps=1e-6, norm_
         patch_size=4, layer_norm_eps=layer_norm_eps, decoder_hidden_size=decoder_width,
         decoder_num_hidden_layers=decoder_depth, decoder_num_attention_heads=4,
         decoder_intermediate_size=4 * decoder_width, norm_pix_loss=norm_pix_loss)
-    return randomize(transformers.ViTMAEForPreTraining(config)).eval()
+    hf = randomize(transformers.ViTMAEForPreTraining(config)).eval()
+    with torch.no_grad():
+        for table in (hf.vit.embeddings.position_embeddings, hf.decoder.decoder_pos_embed):
+            table.copy_(sincos_2d(table.shape[-1], 8, 1)[None] if tables else torch.zeros_like(table))
+    return hf
+
+
+def test_a_position_table_that_is_not_the_fixed_sin_cos_one_is_re_derived_and_reported(tmp_path):
+    """MAE's frozen sin-cos tables: a source's zeros (or another table) are not loaded, the report says so."""
+    hf_vitmae(tables=False).save_pretrained(tmp_path / "zeros")
+    mae = fresh("mae")
+    report = initialize_from(mae, tmp_path / "zeros")
+    assert report.initialised == ["decoder_pos_embed", "encoder.pos_embed"]
+    assert "note: the source's position table encoder.pos_embed is zeros: kept the run's sin-cos table" in \
+        report.summary()
+    torch.testing.assert_close(mae.encoder.pos_embed, sincos_2d(128, 8, 1)[None], rtol=0, atol=0)
+    torch.testing.assert_close(mae.decoder_pos_embed, fresh("mae").decoder_pos_embed, rtol=0, atol=0)
+    hf = hf_vitmae()
+    with torch.no_grad():
+        hf.vit.embeddings.position_embeddings.mul_(-1)
+    hf.save_pretrained(tmp_path / "other")
+    notes = [n for n in initialize_from(fresh("mae"), tmp_path / "other").notes if "position table" in n]
+    assert notes == ["the source's position table encoder.pos_embed differs from the fixed sin-cos table by 2: "
+                     "kept the run's sin-cos table"]
+    hf_vitmae().save_pretrained(tmp_path / "ok")  # the tables a saved MAE holds: loaded, no note
+    report = initialize_from(fresh("mae"), tmp_path / "ok")
+    assert report.initialised == [] and "position table" not in report.summary()
 
 
 def test_hf_vitmae_folder_gives_encoder_and_decoder(tmp_path):
@@ -108,6 +136,7 @@ def test_hf_decoder_of_another_size_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_timm_vit_checkpoint_file_gives_the_encoder(tmp_path, suffix):
     model = randomize(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10, **MICRO)).eval()
+    model.pos_embed.data.copy_(sincos_2d(128, 8, 1)[None])  # MAE's fixed table, as its checkpoints hold
     path = tmp_path / f"vit{suffix}"
     if suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -123,15 +152,24 @@ def test_timm_vit_checkpoint_file_gives_the_encoder(tmp_path, suffix):
         torch.testing.assert_close(mae.encoder.forward_features(x), model.forward_features(x), rtol=0, atol=1e-5)
 
 
-def test_timm_beit_checkpoint_file_gives_the_beit_encoder(tmp_path):
-    model = randomize(timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=0, use_abs_pos_emb=False,
-                                        use_rel_pos_bias=False, use_shared_rel_pos_bias=True, init_values=0.1,
+#: BEiT's two ViT flavours: the paper recipe's (a shared relative bias, layer scale 0.1, no absolute table) and the
+#: quick recipe's (the released BEiT-base flags --abs_pos_emb --disable_rel_pos_bias --layer_scale_init_value 0)
+BEIT_FLAVOURS = {"paper": (False, True, 0.1), "quick": (True, False, 0.0)}
+
+
+@pytest.mark.parametrize("recipe", list(BEIT_FLAVOURS))
+def test_timm_beit_checkpoint_file_gives_the_beit_encoder(tmp_path, recipe):
+    absolute, relative, layer_scale = BEIT_FLAVOURS[recipe]
+    model = randomize(timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=0,
+                                        use_abs_pos_emb=absolute, use_rel_pos_bias=False,
+                                        use_shared_rel_pos_bias=relative, init_values=layer_scale,
                                         use_fc_norm=False, **MICRO)).eval()
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "beit.safetensors"))
-    beit = fresh("beit")
+    beit = fresh("beit", recipe=recipe)
     report = initialize_from(beit, tmp_path / "beit.safetensors")
-    assert "encoder.blocks.0.ls1.gamma" in report.loaded and "lm_head.weight" in report.initialised
+    assert ("encoder.blocks.0.ls1.gamma" in report.loaded) == bool(layer_scale)
+    assert ("encoder.pos_embed" in report.loaded) == absolute and "lm_head.weight" in report.initialised
     x = images()
     with torch.no_grad():
         torch.testing.assert_close(beit.encoder.forward_features(x), model.forward_features(x), rtol=0, atol=1e-5)
@@ -195,13 +233,15 @@ def test_pretrain_init_end_to_end(tmp_path, capsys):
     torch.testing.assert_close(new.blocks[0].attn.qkv.weight, old.blocks[0].attn.qkv.weight, rtol=0, atol=1e-6)
 
 
-def test_hf_beit_folder_gives_encoder_mask_token_and_lm_head(tmp_path):
-    beit = fresh("beit")
+@pytest.mark.parametrize("recipe", list(BEIT_FLAVOURS))
+def test_hf_beit_folder_gives_encoder_mask_token_and_lm_head(tmp_path, recipe):
+    absolute, relative, layer_scale = BEIT_FLAVOURS[recipe]
+    beit = fresh("beit", recipe=recipe)
     config = transformers.BeitConfig(
         image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
         intermediate_size=512, vocab_size=beit.lm_head.out_features, layer_norm_eps=1e-6, use_mask_token=True,
-        use_absolute_position_embeddings=False, use_relative_position_bias=False,
-        use_shared_relative_position_bias=True, layer_scale_init_value=0.1)
+        use_absolute_position_embeddings=absolute, use_relative_position_bias=False,
+        use_shared_relative_position_bias=relative, layer_scale_init_value=layer_scale)
     hf = randomize(transformers.BeitForMaskedImageModeling(config)).eval()
     hf.save_pretrained(tmp_path / "hf")
     report = initialize_from(beit, tmp_path / "hf")

@@ -131,3 +131,38 @@ def test_random_init_row_is_the_same_architecture_freshly_initialised(tiny_runs)
     assert type(fresh) is type(trained) and fresh.num_prefix_tokens == trained.num_prefix_tokens == 0
     assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in trained.state_dict().items()}
     assert any(not torch.equal(v, trained.state_dict()[k]) for k, v in fresh.state_dict().items())
+
+
+# --------------------------------------------------------------------------- position-blind trunks
+@pytest.mark.parametrize("objective, recipe, blind", [
+    ("mae", "quick", False), ("aim", "quick", False), ("beit", "quick", False), ("simmim", "quick", False),
+    ("beit", "paper", True), ("simmim", "paper", True)])  # the papers' ViT: a relative bias that starts at zero
+def test_a_patch_shuffle_moves_the_features_of_every_quick_trunk_from_step_0(objective, recipe, blind):
+    from mimaim.config import make_config
+    from mimaim.engine.build import build_run_objective
+    from mimaim.eval.probe_run import BLIND_BELOW, position_change
+
+    encoder = build_run_objective(make_config(objective=objective, recipe=recipe)).encoder.eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    moved = position_change(encoder, x, resolve_protocol(objective))
+    assert (moved < BLIND_BELOW) == blind, moved
+    assert moved < 1e-5 if blind else moved > 1e-2
+
+
+def test_probe_warns_when_a_trunk_is_position_blind(tmp_path, capsys, monkeypatch):
+    """BEiT's paper ViT at init (no absolute table, a zero relative bias) is flagged, with the fix; MAE's is not."""
+    import tiny_runs
+    from conftest import make_image_folder
+    from mimaim.eval.probe_run import BLIND_BELOW
+
+    monkeypatch.setattr(tiny_runs, "randomize", lambda module, **kw: module)  # keep the zero relative bias
+    data = f"imagefolder:{make_image_folder(tmp_path / 'images')}"
+    blind, _ = tiny_runs.make_run(tmp_path / "beit", "beit", recipe="paper", data=data)
+    rows = probe_run(blind, probes=["knn"], progress=False)
+    assert all(r["position_change"] < 1e-5 for r in rows)
+    err = capsys.readouterr().err
+    assert "warning: the vit_micro trunk of this beit run is position-blind" in err
+    assert "pre-trained" in err and "random init" in err and "--set objective.abs_pos_emb=true" in err
+    mae, _ = tiny_runs.make_run(tmp_path / "mae", "mae", data=data)
+    assert probe_run(mae, probes=["knn"], progress=False)[0]["position_change"] > BLIND_BELOW
+    assert "position-blind" not in capsys.readouterr().err

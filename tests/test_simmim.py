@@ -117,6 +117,13 @@ def test_vit_flavours_and_weight_decay_follow_the_official_code():
     decayed, undecayed = decay_split(beit)
     assert {"mask_token", "encoder.rel_pos_bias.relative_position_bias_table"} <= decayed
     assert "encoder.cls_token" in undecayed
+    # MODEL.VIT.USE_APE: a learned table clipped at +-std as the rest (VisionTransformerForSimMIM._trunc_normal_),
+    # beside the shared relative bias; USE_SHARED_RPB off or INIT_VALUES 0 (layer_scale) as the official flags
+    ape = _tiny_vit(use_ape=True).encoder
+    assert ape.pos_embed_kind == "learned" and ape.rel_pos_bias is not None and 0 < ape.pos_embed.abs().max() <= 0.02
+    bare = _tiny_vit(use_ape=True, rel_pos_bias=False, layer_scale=0.0).encoder
+    assert bare.rel_pos_bias is None and not hasattr(bare.blocks[0].ls1, "gamma")
+    assert "encoder.pos_embed" in decay_split(_tiny_vit(use_ape=True))[1]
     plain = _tiny_vit(vit_flavour="plain")
     assert plain.encoder.rel_pos_bias is None and plain.encoder.pos_embed_kind == "learned"
     assert plain.encoder.blocks[0].attn.q_bias is None

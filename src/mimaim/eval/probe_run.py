@@ -7,31 +7,31 @@ tokenizer), with the objective's probe protocol (docs/methods.md sec. 7) unless 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
+from ..data import eval_transform
 from ..engine.runs import build_backbone, open_backbone
 from ..objectives import ProbeProtocol, get_objective_class
-from .features import POOLS, cached_features, extract_features
+from .features import POOLS, cached_features, encode, extract_features, pool_tokens
 from . import attentive  # noqa: F401  (registers the "attentive" probe)
 from .probes import get_probe, labelled_splits
 
 DEFAULT_PROBES = ("linear", "attentive", "knn")
 
 
-def objective_protocol(objective: str) -> ProbeProtocol:
-    """The probe protocol ``objective`` declares (``ProbeProtocol()`` for an unknown name)."""
-    try:
-        return get_objective_class(objective).probe_protocol
-    except (KeyError, ValueError):
-        return ProbeProtocol(source="mimaim default (objective not registered)")
-
-
 def resolve_protocol(objective: str, pool: str = "auto", layers: Sequence[int] | None = None,
                      norm: bool | None = None) -> ProbeProtocol:
-    """The objective's protocol with any explicit override applied; ``source`` says which parts were overridden."""
-    proto = objective_protocol(objective)
+    """The objective's protocol (``ProbeProtocol()`` for an unknown name) with any explicit override applied;
+    ``source`` says which parts were overridden."""
+    try:
+        proto = get_objective_class(objective).probe_protocol
+    except (KeyError, ValueError):
+        proto = ProbeProtocol(source="mimaim default (objective not registered)")
     if pool not in ("auto", *POOLS):
         raise ValueError(f"pool must be auto, cls or mean; got {pool!r}")
     changes = {}
@@ -72,6 +72,22 @@ def probe_encoder(backbone, train, val, num_classes: int, img_size: int, probes:
     return {spec.name: spec.fn(feats["train"], feats["val"], num_classes, num_heads=heads) for spec in specs}
 
 
+BLIND_BELOW = 1e-3  # a trunk without positions moves by float rounding (~1e-7), MAE's random trunk by ~5e-2
+
+
+@torch.no_grad()
+def position_change(backbone, images: torch.Tensor, proto: ProbeProtocol) -> float:
+    """Relative change of the probe's pooled features of ``images`` (B, C, H, W) when their patch tiles are
+    shuffled (one permutation for all): ~0 when the trunk cannot tell where a patch is."""
+    (h, w), p, (B, C) = backbone.grid_size, backbone.patch_size, images.shape[:2]
+    tiles = images.reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C, p, p)
+    perm = torch.randperm(h * w, generator=torch.Generator().manual_seed(0))
+    shuffled = tiles[:, perm].reshape(B, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(images.shape)
+    feats = [pool_tokens(encode(backbone, x, proto.layers, proto.norm), backbone.num_prefix_tokens, proto.pool)
+             for x in (images, shuffled)]
+    return ((feats[1] - feats[0]).norm() / feats[0].norm()).item()
+
+
 def _run_dir_of(path: Path) -> Path:
     """Where probe outputs go: the run directory (``path``, or the run its checkpoint folder belongs to)."""
     if (path / "config.yaml").exists():
@@ -99,17 +115,26 @@ def probe_run(run_dir: str | Path, data: str | None = None, probes: Sequence[str
     encoders = [("pre-trained", backbone, f"{ckpt}")]
     if random_init:
         encoders.append(("random init", build_backbone(record, seed=seed), f"random-{model}-{objective}-{seed}"))
+    held_out = torch.stack([eval_transform(img_size)(val.load(i)) for i in range(min(8, len(val)))]).to(device)
     rows = []
     for label, encoder, key in encoders:
-        scores = probe_encoder(encoder.to(device).eval(), train, val, num_classes, img_size, probes, layers,
+        encoder = encoder.to(device).eval()
+        moved = position_change(encoder, held_out, proto)
+        scores = probe_encoder(encoder, train, val, num_classes, img_size, probes, layers,
                                proto.pool, device, cache_dir=out_dir / "features", cache_key=f"{key}|{data}",
                                progress=progress, norm=proto.norm)
         rows.append({"encoder": label, "checkpoint": ckpt.name if label == "pre-trained" else "-",
                      "objective": objective, "model": model, "data": data, "train_images": len(train),
                      "val_images": len(val), "pool": proto.pool, "layers": layers, "norm": proto.norm,
-                     "protocol": describe_protocol(proto), "protocol_source": proto.source,
+                     "protocol": describe_protocol(proto), "protocol_source": proto.source, "position_change": moved,
                      **{f"{p}_top1": round(v, 2) for p, v in scores.items()}})
     (out_dir / "probe.json").write_text(json.dumps(rows, indent=2))
+    blind = [f"{r['position_change']:.0e} ({r['encoder']})" for r in rows if r["position_change"] < BLIND_BELOW]
+    if blind:
+        print(f"warning: the {model} trunk of this {objective} run is position-blind: shuffling the patches of "
+              f"held-out images moves its probe features by {', '.join(blind)} relative; give it positions from "
+              "step 0 as --recipe quick does: --set objective.abs_pos_emb=true (BEiT), objective.use_ape=true "
+              "(SimMIM)", file=sys.stderr)
     return rows
 
 

@@ -1,24 +1,21 @@
 """``mimaim pretrain --init SOURCE``: start a new run from existing weights.
 
-``initialize_from(objective, source)`` copies into a freshly built objective whatever
-``source`` holds of it and reports the rest as initialised:
+``initialize_from(objective, source)`` copies into a freshly built objective whatever ``source`` holds of it and
+reports the rest as initialised:
 
-* a mimaim run directory or checkpoint folder of the same objective: everything (encoder,
-  heads, a fitted k-means codebook);
-* a local HuggingFace folder (``config.json`` + weights, e.g. ``facebook/vit-mae-base``
-  saved with ``save_pretrained``): ``vit_mae`` (encoder and decoder: MAE), ``beit`` (encoder,
-  mask token, ``lm_head``: BEiT), ``vit`` / ``swin`` (SimMIM's plain ViT or Swin, with its head
-  when the folder is a ``*ForMaskedImageModeling``);
-* a timm checkpoint: a hub folder (``mimaim export --to timm`` writes one) or a file
-  (``.safetensors``, ``.pth``, ``.pt``, ``.bin``) holding a timm ``VisionTransformer`` /
-  ``Beit`` / ``SwinTransformer`` state dict, optionally under ``"model"`` or ``"state_dict"``
-  (the official MAE checkpoints: their ``decoder_*`` and ``mask_token`` load too).
+* a mimaim run directory or checkpoint folder of the same objective: everything (encoder, heads, a fitted codebook);
+* a local HuggingFace folder (``config.json`` + weights, e.g. ``facebook/vit-mae-base`` saved with
+  ``save_pretrained``): ``vit_mae`` (encoder and decoder: MAE), ``beit`` (encoder, mask token, ``lm_head``: BEiT),
+  ``vit`` / ``swin`` (SimMIM's plain ViT or Swin, with its head when the folder is a ``*ForMaskedImageModeling``);
+* a timm checkpoint: a hub folder (``mimaim export --to timm`` writes one) or a file (``.safetensors``, ``.pth``,
+  ``.pt``, ``.bin``) holding a timm ``VisionTransformer`` / ``Beit`` / ``SwinTransformer`` state dict, optionally
+  under ``"model"`` or ``"state_dict"`` (the official MAE checkpoints: their ``decoder_*`` and ``mask_token`` too).
 
-The encoder must come whole: a missing block, another width, patch or image size, or
-another flavour (e.g. q/v-only bias) is a ValueError naming the source's and the run's
-values. Weights of a head the run does not have (a classifier, another objective's
-decoder) are skipped and listed. Settings of an HF ``config.json`` that the run does not take
-are noted in the report with both values (``_setting_notes``).
+The encoder must come whole: a missing block, another width, patch or image size, or another flavour (e.g. q/v-only
+bias) is a ValueError naming the source's and the run's values. Weights of a head the run does not have (a
+classifier, another objective's decoder) are skipped and listed. The report notes the settings of an HF
+``config.json`` that the run does not take, with both values, and a source's frozen position table that is not the
+fixed sin-cos one (zeros, say): the run keeps its own.
 """
 
 from __future__ import annotations
@@ -32,6 +29,7 @@ import torch
 from torch import nn
 
 from ..engine.runs import read_checkpoint_weights, read_record, resolve_checkpoint
+from ..models.layers import sincos_2d
 from . import hf_beit, hf_mae, hf_simmim
 
 __all__ = ["InitReport", "initialize_from", "read_source"]
@@ -237,6 +235,22 @@ def _setting_notes(objective: nn.Module, config: dict | None) -> list[str]:
     return notes
 
 
+@torch.no_grad()
+def _fixed_tables(objective: nn.Module, take: dict[str, torch.Tensor]) -> list[str]:
+    """A frozen position table is the fixed sin-cos one: a source's other table (e.g. the zeros of a transformers
+    5.x ``ViTMAEForPreTraining`` built from a config) is left out of ``take``, the run's re-derived, with a note."""
+    notes, grid = [], objective.encoder.grid_size
+    for name, param in objective.named_parameters():
+        if name in take and name.endswith("pos_embed") and not param.requires_grad:
+            table = sincos_2d(param.shape[-1], grid, param.shape[1] - grid[0] * grid[1])[None].to(param.dtype)
+            gap = (take[name].float() - table.float()).abs().max().item()
+            if gap > 1e-3:
+                param.copy_(table)
+                what = "is zeros" if not take.pop(name).any() else f"differs from the fixed sin-cos table by {gap:.2g}"
+                notes.append(f"the source's position table {name} {what}: kept the run's sin-cos table")
+    return notes
+
+
 def initialize_from(objective: nn.Module, source: str | Path) -> InitReport:
     """Load what ``source`` holds of ``objective`` (in place); see the module docstring."""
     kind, weights, record, config = read_source(source)
@@ -266,11 +280,12 @@ def initialize_from(objective: nn.Module, source: str | Path) -> InitReport:
                          ". It is probably another depth or ViT flavour (biases, layer scale, cls token, "
                          "relative position bias); build the run with the source's --model and --objective")
     take = {k: v.to(expected[k].dtype) for k, v in weights.items() if k in expected}
+    tables = _fixed_tables(objective, take)
     objective.load_state_dict(take, strict=False)
     return InitReport(source=str(source), kind=kind, loaded=sorted(take),
                       initialised=sorted(k for k in expected if k not in take),
                       skipped=sorted(k for k in weights if k not in expected),
-                      notes=_setting_notes(objective, config))
+                      notes=tables + _setting_notes(objective, config))
 
 
 def initializer(source: str | None):

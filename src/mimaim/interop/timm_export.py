@@ -65,7 +65,7 @@ def timm_spec(backbone: nn.Module, pool: str = "mean") -> tuple[str, dict[str, A
         name = _BEIT_NAMES.get((D, depth, heads), "beit_base_patch16_224")
         return name, dict(common, qkv_bias=True, use_abs_pos_emb=backbone.pos_embed is not None,
                           use_rel_pos_bias=False, use_shared_rel_pos_bias=backbone.rel_pos_bias is not None,
-                          init_values=0.1 if has_ls else None,
+                          init_values=0.1 if has_ls else 0.0,  # not None: create_model drops it, Beit's 0.1 stays
                           use_fc_norm=False)  # final norm on every token, then pool (as our probes)
     if backbone.pos_embed is None:
         raise ValueError("a ViT without absolute positions and without a relative position bias has no "

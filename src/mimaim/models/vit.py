@@ -104,8 +104,9 @@ class VisionTransformer(nn.Module):
                 trunc_normal_(self.cls_token, std=0.02, a=-0.02, b=0.02)
         else:
             raise ValueError(f"weight_init must be xavier or trunc_normal; got {mode!r}")
-        if self.pos_embed_kind == "learned":
-            trunc_normal_(self.pos_embed, std=0.02)
+        if self.pos_embed_kind == "learned":  # BEiT / SimMIM (USE_APE): clipped at +-std as the rest of their init
+            clip = dict(a=-0.02, b=0.02) if mode == "trunc_normal" else {}
+            trunc_normal_(self.pos_embed, std=0.02, **clip)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names kept out of weight decay besides 1-D ones (biases, norms)."""

@@ -29,6 +29,11 @@ class SimMIMOptions:
     vit_flavour: str = "beit"  # beit: official SimMIM ViT | plain: HF ViTForMaskedImageModeling's ViT
     window_size: int = 6  # Swin only: the official Swin-B pre-training window (at 192 px)
     drop_path_rate: float = 0.1  # official ViT-B value (config.py default; the Swin-B preset sets 0.0)
+    # the BEiT-style ViT's positions and layer scale, MODEL.VIT.USE_APE (a learned absolute table), USE_SHARED_RPB
+    # (a relative bias, zero at init; without it the table is always there) and INIT_VALUES (0 disables it)
+    use_ape: bool = False
+    rel_pos_bias: bool = True
+    layer_scale: float = 0.1
 
     def validate(self):
         if not 0.0 < self.mask_ratio < 1.0:
@@ -55,8 +60,11 @@ class SimMIM(Objective):
                                    source="mean of patch tokens (SimMIM ships no linear-probe script; its cls output "
                                           "gets no gradient from the loss)")
     #: ``recipe: quick``: mask cells that tile the built-in 32-px images, a Swin window that fits them, no
-    #: drop path, and fewer epochs (SimMIM runs the trunk over all tokens, MAE over a quarter)
-    quick_options = {"mask_patch_size": 8, "window_size": 4, "drop_path_rate": 0.0}
+    #: drop path, and fewer epochs (SimMIM runs the trunk over all tokens, MAE over a quarter); BEiT's quick ViT
+    #: (one trunk for both): only USE_APE gives positions at step 0, the relative bias starts at zero and layer
+    #: scale does not change how a patch shuffle moves the random trunk's features
+    quick_options = {"mask_patch_size": 8, "window_size": 4, "drop_path_rate": 0.0, "use_ape": True,
+                     "rel_pos_bias": False, "layer_scale": 0.0}
     quick_epochs = 10
 
     @classmethod
@@ -66,7 +74,9 @@ class SimMIM(Objective):
         if options.vit_flavour == "plain":
             return dict(class_token=True, pos_embed="learned", qkv_bias="all", weight_init="trunc_normal",
                         drop_path_rate=options.drop_path_rate)
-        return dict(class_token=True, pos_embed="none", qkv_bias="qv", rel_pos_bias=True, init_values=0.1,
+        absolute = options.use_ape or not options.rel_pos_bias
+        return dict(class_token=True, pos_embed="learned" if absolute else "none", qkv_bias="qv",
+                    rel_pos_bias=options.rel_pos_bias, init_values=options.layer_scale or None,
                     weight_init="trunc_normal", drop_path_rate=options.drop_path_rate)
 
     @classmethod
