@@ -113,7 +113,7 @@ def test_trunk_flavours_group_cells_by_architecture():
     for spec in ("mae", "mae@objective.mask_ratio=0.5", "beit", "simmim", "aim"):
         objective, settings = compare_mod.parse_objective_spec(spec)
         records[spec] = runs.run_record(make_config(settings, objective=objective, model="vit_micro", img_size=16,
-                                                    patch_size=4))
+                                                    patch_size=4, recipe="paper"))
     keys = {spec: compare_mod.trunk_flavour(records[spec])[0] for spec in records}
     assert keys["mae"] == keys["mae@objective.mask_ratio=0.5"]
     assert keys["beit"] == keys["simmim"]

@@ -28,7 +28,7 @@ def test_load_backbone_gives_the_trained_encoder(tmp_path, objective):
 
 
 def test_checkpoint_holds_the_run_record(tmp_path):
-    run, _ = make_run(tmp_path / "run", "beit")
+    run, _ = make_run(tmp_path / "run", "beit", recipe="paper")  # the relative-bias trunk (quick: absolute table)
     record = json.loads((run / "checkpoints" / "step-00000001" / "run.json").read_text())
     assert record["format"] == 1 and record["objective"] == "beit" and record["mimaim_version"] == mimaim.__version__
     assert record["backbone"]["name"] == "vit_micro"

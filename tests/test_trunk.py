@@ -95,7 +95,7 @@ def test_a_trunk_an_objective_cannot_use_is_refused(images, tmp_path, counted_pr
     with pytest.raises(ConfigError, match="swin_tiny is a swin backbone.*--trunk paper"):
         check_objective(make_config(objective="simmim", model="swin_tiny", trunk="shared"))
     with pytest.raises(ConfigError, match="rel_pos_bias.*--trunk paper"):
-        check_objective(make_config(objective="beit", trunk="shared", objective_options={"rel_pos_bias": False}))
+        check_objective(make_config(objective="beit", trunk="shared", objective_options={"rel_pos_bias": True}))
     check_objective(make_config(objective="beit", trunk="shared", objective_options={"mask_ratio": 0.3}))
     with pytest.raises(ConfigError, match="swin"):  # compare's default trunk: before anything trains
         compare_mod.compare("simmim", tmp_path / "c", base_for(images, model="swin_tiny"), probes=PROBES)
@@ -134,3 +134,19 @@ def test_compare_on_the_shared_trunk(images, tmp_path):  # noqa: F811
     assert trunk in (out / "results.md").read_text()
     with open(out / "results.csv") as f:
         assert {r["trunk"] for r in csv.DictReader(f)} == {"shared"}
+
+
+def test_mimaim_probe_reads_a_shared_trunk_run_with_its_recorded_protocol(tmp_path, capsys):
+    """MAE's cls-token protocol on a trunk without cls token: `mimaim probe` reads the patch mean the run recorded."""
+    from conftest import make_image_folder
+    from mimaim.cli import main
+    from mimaim.engine.trainer import pretrain
+
+    folder = make_image_folder(tmp_path / "images", per_class=10)
+    cfg = make_config(objective="mae", trunk="shared", data=f"imagefolder:{folder}", img_size=16, patch_size=4,
+                      batch_size=4, epochs=1, max_steps=1, progress=False, out=str(tmp_path / "run"),
+                      objective_options={"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2})
+    pretrain(cfg)
+    assert main(["probe", str(tmp_path / "run"), "--probes", "knn", "--no-progress"]) == 0
+    rows = json.loads((tmp_path / "run" / "probe.json").read_text())
+    assert {r["pool"] for r in rows} == {"mean"} and "overridden" not in rows[0]["protocol_source"]

@@ -25,11 +25,12 @@ DEFAULT_PROBES = ("linear", "attentive", "knn")
 
 
 def resolve_protocol(objective: str, pool: str = "auto", layers: Sequence[int] | None = None,
-                     norm: bool | None = None) -> ProbeProtocol:
-    """The objective's protocol (``ProbeProtocol()`` for an unknown name) with any explicit override applied;
-    ``source`` says which parts were overridden."""
+                     norm: bool | None = None, recorded: dict | None = None) -> ProbeProtocol:
+    """The run's recorded protocol (its objective's on its trunk), else the objective's (``ProbeProtocol()`` for an
+    unknown name), with any explicit override applied; ``source`` says which parts were overridden."""
     try:
-        proto = get_objective_class(objective).probe_protocol
+        proto = ProbeProtocol(**{**recorded, "layers": tuple(recorded["layers"]) if recorded["layers"] else None}) \
+            if recorded else get_objective_class(objective).probe_protocol
     except (KeyError, ValueError):
         proto = ProbeProtocol(source="mimaim default (objective not registered)")
     if pool not in ("auto", *POOLS):
@@ -109,7 +110,7 @@ def probe_run(run_dir: str | Path, data: str | None = None, probes: Sequence[str
     ckpt, out_dir, run_cfg = Path(ckpt), _run_dir_of(Path(run_dir)), record["config"]
     objective, model, img_size = record["objective"], record["backbone"]["name"], record["img_size"]
     seed, data = run_cfg["seed"], data or run_cfg["data"]
-    proto = resolve_protocol(objective, pool, layers, norm)
+    proto = resolve_protocol(objective, pool, layers, norm, record.get("probe_protocol"))
     layers = list(proto.layers) if proto.layers is not None else None
     train, val, num_classes = labelled_splits(data, run_cfg["val_fraction"])
     encoders = [("pre-trained", backbone, f"{ckpt}")]

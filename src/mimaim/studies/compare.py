@@ -181,13 +181,11 @@ def probe_cell(run_dir: Path, probes: Sequence[str], layers: Sequence[int] | Non
     ``compare_probe.json`` against its checkpoint and settings."""
     memo = run_dir / "compare_probe.json"
     key = {"checkpoint": latest_checkpoint(run_dir).name, "probes": list(probes),
-           "layers": list(layers) if layers else None, "pool": pool, "random_init": random_init, "format": 2}
+           "layers": list(layers) if layers else None, "pool": pool, "random_init": random_init, "format": 3}
     if memo.exists():
         saved = json.loads(memo.read_text())
         if saved.get("key") == key:
             return saved["rows"]
-    if pool == "auto":  # the protocol on the cell's trunk (a cls pool reads the patch mean on a trunk without one)
-        pool = runs.read_record(latest_checkpoint(run_dir))["probe_protocol"]["pool"]
     rows = probe_run(run_dir, probes=probes, layers=layers, pool=pool, random_init=random_init, device=device,
                      progress=progress)
     memo.write_text(json.dumps({"key": key, "rows": rows}, indent=2))
