@@ -290,10 +290,10 @@ def diverged(run_dir: Path, losses: torch.Tensor, start_step: int, step: int, sp
 
 def finish(cfg: PretrainConfig, run: Run, info: DistInfo, start_step: int, step: int, wall: float,
            last_loss: float, bad: BadImages) -> None:
-    run_dir = Path(cfg.out)
-    if not math.isfinite(last_loss):  # no step in this session (a resume of a finished run): the last logged loss
+    run_dir, what = Path(cfg.out), "loss of the last step"
+    if not math.isfinite(last_loss):  # no step in this session (killed after the last checkpoint): the log's
         rows = read_metrics(run_dir) if info.is_main else []
-        last_loss = float(rows[-1]["loss"]) if rows else float("nan")
+        last_loss, what = (float(rows[-1]["loss"]) if rows else float("nan")), "last logged loss (a window mean)"
     if step == start_step and (run_dir / "summary.json").exists():
         _say(info, f"{run_dir} had already finished all {step} steps; nothing to do")
         return
@@ -304,8 +304,8 @@ def finish(cfg: PretrainConfig, run: Run, info: DistInfo, start_step: int, step:
                    "images_per_s": round((step - start_step) * cfg.batch_size / max(wall, 1e-9), 2),
                    "encoder_parameters": n_params, "skipped_images": bad.bad + len(run.source.bad)}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        _say(info, f"done: {step} steps in {wall:.1f}s, loss of the last step {last_loss:.4f} (the same for a "
-                   f"resumed run). Next: `mimaim probe {run_dir}` and `mimaim reconstruct {run_dir}`")
+        _say(info, f"done: {step} steps in {wall:.1f}s, {what} {last_loss:.4f}. Next: `mimaim probe {run_dir}` "
+                   f"and `mimaim reconstruct {run_dir}`")
 
 
 def _describe(cfg: PretrainConfig, run: Run, info: DistInfo, device: torch.device) -> None:
