@@ -126,6 +126,8 @@ class IJEPA(Objective):
     #: ``recipe: quick``: a narrow, shallow predictor; min_keep 4 (the collator's default) since a 3x3 target
     #: block on the 8x8 digits grid cannot keep more than the official 10
     quick_options = {"predictor_embed_dim": 64, "predictor_depth": 3, "predictor_num_heads": 4, "min_keep": 4}
+    #: a step costs about twice MAE's (the target encoder sees every patch, the predictor 4 sequences an image)
+    quick_epochs = 12
 
     @classmethod
     def backbone_kwargs(cls, options):
