@@ -121,3 +121,66 @@ def blockwise_mask(grid_size: tuple[int, int], num_masking_patches: int, min_num
             break
         count += delta
     return mask.flatten()
+
+
+# --------------------------------------------------------------------------- I-JEPA
+def ijepa_block_size(u: float, grid_size: tuple[int, int], scale: tuple[float, float],
+                     aspect: tuple[float, float]) -> tuple[int, int]:
+    """I-JEPA's block size (``MaskCollator._sample_block_size``): ONE uniform ``u`` sets both the scale and the
+    aspect ratio; area int(N * scale), h = round(sqrt(area * aspect)), w = round(sqrt(area / aspect)), each
+    kept below the grid side."""
+    H, W = grid_size
+    area = int(H * W * (scale[0] + u * (scale[1] - scale[0])))
+    ratio = aspect[0] + u * (aspect[1] - aspect[0])
+    return min(int(round(math.sqrt(area * ratio))), H - 1), min(int(round(math.sqrt(area / ratio))), W - 1)
+
+
+def ijepa_place_block(size: tuple[int, int], grid_size: tuple[int, int], min_keep: int,
+                      allowed: list[torch.Tensor] | None = None,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block of ``size`` at a random corner (top in [0, H - h), as the official ``randint``), cut to the
+    ``allowed`` regions, re-drawn until it keeps more than ``min_keep`` patches; after every 20 failures the
+    last remaining region is dropped (``_sample_block_mask``). -> (kept (H, W) bool, whole block (H, W) bool)"""
+    (h, w), (H, W) = size, grid_size
+    allowed, tries, failures = allowed or [], 0, 0
+    while True:
+        top = int(torch.randint(0, H - h, (1,), generator=generator))
+        left = int(torch.randint(0, W - w, (1,), generator=generator))
+        block = torch.zeros(H, W, dtype=torch.bool)
+        block[top:top + h, left:left + w] = True
+        kept = block.clone()
+        for region in allowed[:max(len(allowed) - tries, 0)]:
+            kept &= region
+        if int(kept.sum()) > min_keep:
+            return kept, block
+        failures += 1
+        if failures == 20:
+            tries, failures = tries + 1, 0
+            if tries > len(allowed):
+                raise ValueError(f"a {h}x{w} block never keeps more than min_keep={min_keep} patches; "
+                                 "lower min_keep or raise the block scale")
+
+
+def ijepa_multiblock(grid_size: tuple[int, int], num_targets: int = 4, target_scale=(0.15, 0.2),
+                     target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0), min_keep: int = 10,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """I-JEPA's multi-block masks for one image (paper Sec. 3, official ``MaskCollator``): a target size, a
+    context size (aspect 1), ``num_targets`` target blocks, then one context block with every target block
+    removed. -> (N,) int32 codes: bit k set = in target block k, bit ``num_targets`` = in the context."""
+    target = ijepa_block_size(torch.rand(1, generator=generator).item(), grid_size, target_scale, target_aspect)
+    context = ijepa_block_size(torch.rand(1, generator=generator).item(), grid_size, context_scale, (1.0, 1.0))
+    code = torch.zeros(grid_size, dtype=torch.int32)
+    outside = []
+    for k in range(num_targets):
+        block = ijepa_place_block(target, grid_size, min_keep, generator=generator)[0]
+        code |= block.int() << k
+        outside.append(~block)
+    kept = ijepa_place_block(context, grid_size, min_keep, outside, generator)[0]
+    return (code | kept.int() << num_targets).flatten()
+
+
+def first_members(member: torch.Tensor) -> torch.Tensor:
+    """(R, N) bool -> (R, K) indices of each row's first K True positions in raster order, K the smallest row
+    count: how the official collator gives a batch's masks one length (``cm[:min_keep]``). One host sync."""
+    K = int(member.sum(dim=1).min())
+    return torch.argsort((~member).to(torch.uint8), dim=1, stable=True)[:, :K]

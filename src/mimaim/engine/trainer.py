@@ -67,6 +67,7 @@ def train(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
     run = setup(cfg, resume, device, info, init)
     spe, step, start_step = run.steps_per_epoch, run.step, run.step
     total_steps = spe * cfg.epochs
+    run.objective.total_steps = total_steps  # the whole run's optimiser steps, for schedules (I-JEPA's EMA)
     max_steps = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
     progress = Progress(info, cfg.progress, total_steps, step, f"{cfg.objective} pretrain")
     bad, window = BadImages(progress), LogWindow(device, cfg.batch_size)
