@@ -125,13 +125,30 @@ def test_aim_is_read_bidirectionally_as_offline(tmp_path, one_torch_thread):
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["mae", "aim"])
 def test_final_online_linear_is_within_1_5_points_of_mimaim_probe(tmp_path, objective):
-    """A short digits run (the default run's settings, 2 epochs): online linear at the end vs ``mimaim probe``."""
+    """A short digits run (the default run's settings, 1 epoch): online linear and k-NN at the end vs
+    ``mimaim probe``."""
     from mimaim.eval.probe_run import probe_run
 
-    cfg = make_config({"objective": objective, "epochs": 2, "progress": False, "out": str(tmp_path / objective),
+    cfg = make_config({"objective": objective, "epochs": 1, "progress": False, "out": str(tmp_path / objective),
                        "online_probe": "linear,knn"})
     out = pretrain(cfg)
     online = read_metrics(out)[-1]
     offline = probe_run(out, probes=("linear", "knn"), random_init=False, progress=False)[0]
     assert abs(float(online["online_linear"]) - offline["linear_top1"]) <= 1.5, (online, offline)
     assert abs(float(online["online_knn"]) - offline["knn_top1"]) <= 1.5, (online, offline)
+
+
+def test_studies_plot_online_accuracy_against_flops_only_when_logged(tmp_path):
+    from mimaim.studies.compare import plot_online_probe
+
+    for name, online in (("probed", True), ("plain", False)):
+        (tmp_path / name).mkdir()
+        log = MetricsLogger(tmp_path / name)
+        for step in (10, 20):
+            log.log(step, {"loss": 1.0 / step, **({"flops": 1e9 * step, "online_linear": 40.0 + step,
+                                                    "online_knn": 30.0 + step} if online and step == 20 else {})})
+        log.close()
+    assert not plot_online_probe(tmp_path / "none.png", [("plain", tmp_path / "plain")])
+    assert not (tmp_path / "none.png").exists()
+    assert plot_online_probe(tmp_path / "online.png", [("plain", tmp_path / "plain"), ("probed", tmp_path / "probed")])
+    assert (tmp_path / "online.png").stat().st_size > 1000
