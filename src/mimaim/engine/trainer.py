@@ -26,8 +26,8 @@ from .dcp import is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_ch
 from .distributed import DistInfo, cleanup, init_distributed, resolve_device
 from .fsdp import all_finite, gradient_sync, is_fsdp, parallelize
 from .logging import MetricsLogger, read_metrics
-from .online_probe import OnlineProbe, start_online_probe
 from .meters import BadImages, LogWindow, Progress
+from .online_probe import OnlineProbe, start_online_probe
 from .optim import build_optimizer, lr_at, set_lr
 from .pipeline import build_transform, default_num_workers, epoch_loader
 from .precision import autocast_context, slow_bf16_warning
