@@ -3,7 +3,6 @@
 read-out shared with ``mimaim probe``; slow: the final online linear figure within 1.5 points of the offline one."""
 
 import csv
-import math
 
 import pytest
 import torch
