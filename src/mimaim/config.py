@@ -132,6 +132,12 @@ class PretrainConfig:
     log_every: int = opt(10, "log metrics every N optimiser steps", E)
     max_steps: int | None = opt(None, "stop after N optimiser steps (the schedule still follows epochs)", E)
     progress: bool = opt(True, "no progress bars", E, flag="--no-progress")
+    online_probe: tuple = opt((), "probe the unmasked trunk while training: linear,knn (default off; needs labels)",
+                              E, metavar="PROBES")
+    online_probe_every: int = opt(0, "online probe every N steps (0: at most 3 percent of the training FLOPs)",
+                                  E, must=">= 0")
+    online_probe_images: int = opt(4096, "online probe slice: images of the train and of the held-out split", E,
+                                   must="> 0")
 
     def effective_lr(self) -> float:
         return self.lr if self.lr is not None else self.blr * self.batch_size / 256
@@ -159,6 +165,8 @@ class PretrainConfig:
         need(len(self.betas) == 2, f"betas needs two values, got {self.betas}")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"device: unknown value {self.device!r}; choose auto, cpu or cuda")
+        need(set(self.online_probe) <= {"linear", "knn"},
+             f"online_probe: unknown probe(s) in {','.join(map(str, self.online_probe))}; choose from linear, knn")
         parse_data_spec(self.data)
         return self
 
@@ -190,7 +198,7 @@ def check_fields(settings) -> None:
 #: settings of the engine, not of what is computed (a re-run of a finished comparison cell may differ in them)
 ENGINE_ONLY = frozenset({"out", "progress", "num_workers", "device", "cache", "log_every", "save_every", "keep_last",
                          "compile", "precision", "max_bad_fraction", "strategy", "activation_checkpointing",
-                         "max_steps"})
+                         "max_steps", "online_probe", "online_probe_every", "online_probe_images"})
 #: the one resume allow-list: engine settings, the step size and the schedule's length (``init`` acts before step 0)
 RESUME_MUTABLE = ENGINE_ONLY | {"lr", "blr", "min_lr", "warmup_epochs", "clip_grad", "weight_decay", "epochs",
                                 "schedule", "milestones", "lr_gamma"}

@@ -1,4 +1,6 @@
-"""Metrics: a CSV file, TensorBoard events, and console messages (rank 0 only)."""
+"""Metrics: a CSV file, TensorBoard events, and console messages (rank 0 only). A column that first appears
+later (the online probe's, or a resumed run that turns it on) widens the CSV header; with a ``flops`` column the
+``online_*`` scalars are also written against training FLOPs (TensorBoard ``online_vs_flops/``)."""
 
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ class MetricsLogger:
         if self._fields is None:
             self._fields = list(row)
             csv.writer(self._csv).writerow(self._fields)
+        elif set(row) - set(self._fields):
+            self._widen([k for k in row if k not in self._fields])
         values = [row.get(k, "") for k in self._fields]
         csv.writer(self._csv).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in values])
         self._csv.flush()
@@ -42,6 +46,18 @@ class MetricsLogger:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(f"pretrain/{key}", value, step)
+                if key.startswith("online_") and isinstance(row.get("flops"), (int, float)):
+                    self._tb.add_scalar(f"online_vs_flops/{key}", value, int(row["flops"]))
+
+    def _widen(self, new: list[str]) -> None:
+        """Rewrite ``metrics.csv`` with ``new`` columns appended to the header (empty in the rows before)."""
+        self._csv.close()
+        with open(self.path) as f:
+            rows = list(csv.reader(f))[1:]
+        self._fields = self._fields + new
+        with open(self.path, "w", newline="") as f:
+            csv.writer(f).writerows([self._fields] + [r + [""] * (len(self._fields) - len(r)) for r in rows if r])
+        self._csv = open(self.path, "a", newline="")
 
     def truncate_after(self, step: int) -> None:
         """Drop rows past ``step`` (written after the checkpoint a resumed run restarts from)."""

@@ -27,6 +27,7 @@ from .distributed import DistInfo, cleanup, init_distributed, resolve_device
 from .fsdp import all_finite, gradient_sync, is_fsdp, parallelize
 from .logging import MetricsLogger, read_metrics
 from .meters import BadImages, LogWindow, Progress
+from .online_probe import OnlineProbe, start_online_probe
 from .optim import build_optimizer, lr_at, set_lr
 from .pipeline import build_transform, default_num_workers, epoch_loader
 from .precision import autocast_context, slow_bf16_warning
@@ -74,6 +75,7 @@ def train(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
     logger = MetricsLogger(run_dir, enabled=info.is_main)
     if resume:
         logger.truncate_after(step)
+    online = start_online_probe(cfg, run, device, max_steps, say=lambda msg: _say(info, msg))  # None: off
 
     def checkpoint(at: int) -> None:
         if not all_finite(run.objective.parameters()):  # each rank checks its shards under FSDP
@@ -98,8 +100,8 @@ def train(cfg: PretrainConfig, resume: bool, device: torch.device, info: DistInf
                                                     info.is_main))
                 window.add(loss)
                 step += 1
-                if step % cfg.log_every == 0 or step == max_steps:
-                    last_loss = log(logger, window, bad, info, run, cfg, step, progress)
+                if step % cfg.log_every == 0 or step == max_steps or (online and online.due(step)):
+                    last_loss = log(logger, window, bad, info, run, cfg, step, progress, online)
                 progress.update()
                 if step % spe == 0 and progress.bar is None:
                     progress.say(f"epoch {step // spe}/{cfg.epochs} step {step}/{total_steps} loss "
@@ -241,7 +243,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 # --------------------------------------------------------------------------- logging, stop, finish
 def log(logger, window: LogWindow, bad: BadImages, info: DistInfo, run: Run, cfg: PretrainConfig, step: int,
-        progress: Progress) -> float:
+        progress: Progress, online: OnlineProbe | None = None) -> float:
     w = window.flush(info, bad)
     if w["seen"] >= min(len(run.train), 1000):  # too few images seen for a stable share
         check_bad_fraction(w["bad"], w["seen"], cfg.max_bad_fraction, sorted(bad.warned)[:3])
@@ -249,6 +251,9 @@ def log(logger, window: LogWindow, bad: BadImages, info: DistInfo, run: Run, cfg
     row = {"epoch": round(step / run.steps_per_epoch, 4), "loss": w["loss"],
            "lr": group["lr"] / group.get("lr_scale", 1.0), "images_per_s": w["images_per_s"],
            "skipped_images": w["bad"] + len(run.source.bad)}
+    if online is not None:  # training FLOPs so far, and the online probe on its steps (every rank runs it)
+        row.update(online.row(step))
+        window.reset()  # the probe's time is not counted in the next line's images/s (the summary's wall time has it)
     logger.log(step, row)
     if progress.bar is not None:
         progress.bar.set_postfix(loss=f"{w['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['images_per_s']:.0f}")

@@ -1,6 +1,5 @@
 """Frozen-encoder features for probes, extracted once and cached, as an objective's ``ProbeProtocol``
-says (docs/methods.md sec. 7): the last block or the mean of ``layers`` (AIM: ml-aim's ``AverageLayers``),
-each after the final norm when ``norm``, pooled by cls or patch mean; all tokens in bf16 on request.
+says, read by ``models/readout.py`` (shared with the engine's online probe); all tokens in bf16 on request.
 """
 
 from __future__ import annotations
@@ -12,35 +11,7 @@ from typing import Sequence
 import torch
 
 from ..data import Source, eval_transform
-
-POOLS = ("cls", "mean")
-
-
-def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, pool: str = "mean") -> torch.Tensor:
-    """(B, T, D) -> (B, D): the cls token (``pool="cls"``) or the mean of patch tokens (``"mean"``)."""
-    if pool == "cls":  # probe_run.resolve_protocol has checked the name
-        if num_prefix_tokens == 0:
-            raise ValueError("pool 'cls' needs a backbone with a cls token, and this one has none; "
-                             "probe it with --pool mean")
-        return tokens[:, 0]
-    return tokens[:, num_prefix_tokens:].mean(dim=1)
-
-
-@torch.no_grad()
-def encode(backbone, images: torch.Tensor, layers: Sequence[int] | None = None, norm: bool = True) -> torch.Tensor:
-    """(B, C, H, W) -> (B, T, D) frozen tokens, prefix tokens first (see the module docstring)."""
-    if layers is None and norm:
-        return backbone.forward_features(images)
-    if layers is not None and not list(layers):
-        raise ValueError("layers is empty; pass block indices such as -6,-5,-4,-3,-2,-1, or None for the last")
-    out = backbone.forward_intermediates(images, indices=1 if layers is None else list(layers), norm=norm,
-                                         return_prefix_tokens=True, stop_early=True, output_fmt="NLC",
-                                         intermediates_only=True)
-    maps = [torch.cat([t[1], t[0]], dim=1) if isinstance(t, tuple) else t for t in out]  # (prefix, spatial)
-    if len({t.shape for t in maps}) > 1:
-        raise ValueError(f"layers {list(layers)} give token maps of different shapes {[tuple(t.shape) for t in maps]} "
-                         "(a Swin's layers are its stages, each with its own width and grid): average one shape")
-    return torch.stack(maps).mean(dim=0)
+from ..models.readout import POOLS, encode, pool_tokens  # noqa: F401  (the one read-out; re-exported)
 
 
 @torch.no_grad()

@@ -9,12 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from ..data import DataError, Source, build_source
-from ..engine.optim import cosine_lr, set_lr
+from ..engine.online_probe import fit_head, knn_top1, linear_top1, top1  # noqa: F401  (shared with online probes)
 
 
 def labelled_splits(data: str, val_fraction: float) -> tuple[Source, Source, int]:
@@ -55,58 +51,12 @@ def get_probe(name: str) -> ProbeSpec:
 @register_probe("linear")
 def linear_probe(train: dict, val: dict, num_classes: int, epochs: int = 100, batch_size: int = 256,
                  base_lr: float = 0.1, warmup_epochs: int = 10, seed: int = 0, **_) -> float:
-    x_tr, y_tr = train["pooled"].float(), train["labels"]
-    x_va, y_va = val["pooled"].float(), val["labels"]
-    g = torch.Generator().manual_seed(seed)
-    head = nn.Sequential(nn.BatchNorm1d(x_tr.shape[1], affine=False, eps=1e-6), nn.Linear(x_tr.shape[1], num_classes))
-    nn.init.trunc_normal_(head[1].weight, std=0.01, generator=g)
-    nn.init.zeros_(head[1].bias)
-    batch_size = min(batch_size, len(x_tr))
-    lr = base_lr * batch_size / 256
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
-    fit_head(head, opt, x_tr, y_tr, epochs, batch_size, lr, warmup_epochs, g)
-    return top1(head, x_va, y_va)
-
-
-def fit_head(head: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, epochs: int,
-             batch_size: int, lr: float, warmup_epochs: float, generator: torch.Generator) -> None:
-    """Cross-entropy on cached features, shuffled mini-batches, cosine schedule with warm-up."""
-    steps_per_epoch = max(1, len(x) // batch_size)
-    step = 0
-    head.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for b in range(steps_per_epoch):
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            set_lr(opt, cosine_lr(step / steps_per_epoch, lr, 0.0, warmup_epochs, epochs))
-            loss = F.cross_entropy(head(x[idx].float()), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-
-
-@torch.no_grad()
-def top1(head: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> float:
-    """Top-1 (%) of ``head`` in eval mode, in chunks so that token caches fit in memory."""
-    head.eval()
-    correct = sum((head(x[i:i + chunk].float()).argmax(dim=1) == y[i:i + chunk]).sum().item()
-                  for i in range(0, len(x), chunk))
-    return 100.0 * correct / max(1, len(x))
+    return linear_top1(train["pooled"], train["labels"], val["pooled"], val["labels"], num_classes, epochs,
+                       batch_size, base_lr, warmup_epochs, seed)
 
 
 @register_probe("knn")
 def knn_probe(train: dict, val: dict, num_classes: int, k: int = 20, temperature: float = 0.07,
               chunk: int = 1024, **_) -> float:
-    x_tr = F.normalize(train["pooled"].float(), dim=1)
-    x_va = F.normalize(val["pooled"].float(), dim=1)
-    y_tr, y_va = train["labels"], val["labels"]
-    k = min(k, len(x_tr))
-    correct = 0
-    for start in range(0, len(x_va), chunk):
-        sims = x_va[start:start + chunk] @ x_tr.T  # (b, N_train)
-        top_sims, top_idx = sims.topk(k, dim=1)
-        weights = (top_sims / temperature).exp()
-        votes = torch.zeros(sims.shape[0], num_classes).scatter_add_(1, y_tr[top_idx], weights)
-        correct += (votes.argmax(dim=1) == y_va[start:start + chunk]).sum().item()
-    return 100.0 * correct / len(x_va)
+    return knn_top1(train["pooled"], train["labels"], val["pooled"], val["labels"], num_classes, k, temperature,
+                    chunk)

@@ -464,9 +464,10 @@ def write_results(out: Path, rows: list[dict], cells: Sequence[Cell], budget: st
     (out / "results.md").write_text(header + markdown_table(rows, columns) + footer)
     plot_loss_curves(out / "loss_curves.png", [(c.name, Path(c.cfg.out)) for c in cells])
     plot_probe_accuracy(out / "probe_accuracy.png", rows, probe_cols)
+    online = plot_online_probe(out / "online_probe.png", [(c.name, Path(c.cfg.out)) for c in cells])
     print(markdown_table(rows, columns))
     print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'loss_curves.png'}, "
-          f"{out / 'probe_accuracy.png'}")
+          f"{out / 'probe_accuracy.png'}" + (f", {out / 'online_probe.png'}" if online else ""))
 
 
 def save_plot(fig, ax, path: Path, **legend) -> None:
@@ -484,6 +485,29 @@ def plot_loss_curves(path: Path, runs: Sequence[tuple[str, Path]]) -> None:
             ax.plot([float(r["epoch"]) for r in rows], [float(r["loss"]) for r in rows], label=name)
     ax.set(xlabel="epoch", ylabel="training loss (each objective's own)", yscale="log", title="pre-training loss")
     save_plot(fig, ax, path)
+
+
+def plot_online_probe(path: Path, runs: Sequence[tuple[str, Path]]) -> bool:
+    """Online-probe top-1 against training FLOPs (``--online-probe``: metrics.csv's ``flops`` and ``online_*``
+    columns), a colour per run, linear solid and k-NN dashed; nothing when no run has them -> whether drawn."""
+    curves = []
+    for name, run_dir in runs:
+        rows = [r for r in read_metrics(run_dir) if r.get("flops") and (r.get("online_linear") or r.get("online_knn"))]
+        for col, style in (("online_linear", "-"), ("online_knn", "--")):
+            points = [(float(r["flops"]), float(r[col])) for r in rows if r.get(col)]
+            if points:
+                curves.append((name, col, style, points))
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    colours = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(c[0] for c in curves))}
+    for name, col, style, points in curves:
+        ax.plot(*zip(*points), style, marker="o", markersize=3, color=colours[name],
+                label=f"{name} {col.replace('online_', '')}")
+    ax.set(xlabel="training FLOPs", ylabel="held-out top-1 (%)", xscale="log",
+           title="online probe (unmasked trunk) vs compute")
+    save_plot(fig, ax, path, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return True
 
 
 def plot_probe_accuracy(path: Path, rows: list[dict], columns: Sequence[str]) -> None:

@@ -17,8 +17,8 @@ from ..config import ConfigError, make_config
 from ..models import list_models
 from ..eval.probe_run import DEFAULT_PROBES
 from .compare import (Cell, cell_steps, check_probe_data, estimate_seconds, final_loss, format_grid, markdown_table,
-                      measure_flops, parse_list, parse_objective_spec, plt, print_estimate, probe_cell, run_cell,
-                      save_plot, split_sizes, write_csv)
+                      measure_flops, parse_list, parse_objective_spec, plot_online_probe, plt, print_estimate,
+                      probe_cell, run_cell, save_plot, split_sizes, write_csv)
 
 
 def fit_power_law(n: Sequence[float], loss: Sequence[float], offset: bool = False) -> dict:
@@ -156,6 +156,8 @@ def scale(objective: str, models: str | Sequence[str], data_fractions: str | Seq
     plot_loss_vs_params(out / "scale_loss_vs_params.png", rows, fits, objective)
     plot_accuracy_vs_loss(out / "scale_accuracy_vs_loss.png", rows, acc, objective)
     plot_accuracy_vs_data(out / "scale_accuracy_vs_data.png", rows, acc, objective)
+    if plot_online_probe(out / "online_probe.png", [(c.name, Path(c.cfg.out)) for c in cells]):
+        print(f"wrote {out / 'online_probe.png'} (online probe vs training FLOPs)")
     columns = [("model", "model"), ("parameters", "parameters"), ("data_fraction", "data fraction"),
                ("train_images", "images"), ("epochs", "epochs"), ("pretrain_loss", "pre-training loss"),
                *[(f"{p}_top1", f"{p} top-1 (%)") for p in probes], ("train_flops", "training FLOPs")]

@@ -1,0 +1,229 @@
+"""Online probes (``--online-probe linear,knn``, issue 18): while pre-training, every ``every`` steps and at the last
+step, one no-grad forward of the *unmasked, full-attention* trunk (``objective.encoder`` in eval mode, read with the
+objective's probe protocol by ``models/readout.py``, the read-out ``mimaim probe`` uses) on a fixed labelled slice
+in the evaluation view: up to ``online_probe_images`` images of the train split (the k-NN bank, the head's data) and
+of the held-out split (the accuracy). A linear head (MAE ``main_linprobe.py``: affine-free BatchNorm + Linear, SGD)
+is kept across probes with its own optimiser and trained ``PASSES`` epochs each time (the curve); at the last step a
+head is fitted afresh with the offline probe's recipe (``linear_top1``: 100 epochs, warm-up + cosine, its seed), so
+the final figure does not depend on how often the run probed and, where the slice is the whole split (the built-in
+digits), it is ``mimaim probe``'s linear figure. k-NN: DINO's weighted vote, k = 20, T = 0.07 (``knn_top1``).
+
+Departures from the peers (lightly, solo-learn probe masked features; stable-pretraining syncs every step): nothing
+runs on the steps between probes. The probe draws from its own ``torch.Generator``, never the training RNG, and puts
+back each module's train/eval mode, so a run trains bitwise the same with and without it. Under DDP or FSDP every
+rank runs the same probe (an FSDP forward is a collective); rank 0 logs.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..data import eval_transform
+from ..models.readout import read_out
+from .build import check_objective
+from .fsdp import is_fsdp
+from .optim import cosine_lr, set_lr
+
+PROBES = ("linear", "knn")
+OVERHEAD = 0.03  #: the default interval keeps the probes' FLOPs at most this share of the training FLOPs
+PASSES = 10  #: epochs over the slice features the kept linear head trains at each probe before the last
+BASE_LR = 0.1  #: at batch 256 (MAE main_linprobe.py)
+CACHE_BYTES = 1 << 30  #: the slice's images are kept in memory (evaluation view) when they fit in this
+
+
+def linear_head(dim: int, num_classes: int, generator: torch.Generator) -> nn.Module:
+    """MAE's linear-probe head: affine-free BatchNorm + Linear (weights ~ N(0, 0.01), truncated; zero bias)."""
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's default init draws from the global RNG: put it back
+        head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01, generator=generator)
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
+def linear_top1(x_tr, y_tr, x_va, y_va, num_classes: int, epochs: int = 100, batch_size: int = 256,
+                base_lr: float = BASE_LR, warmup_epochs: int = 10, seed: int = 0) -> float:
+    """The linear probe (``mimaim probe``'s, online's last): a fresh head, SGD (momentum 0.9, lr = base_lr x
+    batch/256) with warm-up + cosine on features ``x_tr`` -> top-1 (%) on ``x_va``."""
+    g = torch.Generator().manual_seed(seed)
+    head = linear_head(x_tr.shape[1], num_classes, g)
+    batch_size = min(batch_size, len(x_tr))
+    lr = base_lr * batch_size / 256
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    fit_head(head, opt, x_tr.float(), y_tr, epochs, batch_size, lr, warmup_epochs, g)
+    return top1(head, x_va.float(), y_va)
+
+
+def fit_head(head: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, epochs: int,
+             batch_size: int, lr: float, warmup_epochs: float, generator: torch.Generator) -> None:
+    """Cross-entropy on cached features, shuffled mini-batches, cosine schedule with warm-up."""
+    steps_per_epoch = max(1, len(x) // batch_size)
+    step = 0
+    head.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for b in range(steps_per_epoch):
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            set_lr(opt, cosine_lr(step / steps_per_epoch, lr, 0.0, warmup_epochs, epochs))
+            loss = F.cross_entropy(head(x[idx].float()), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+
+
+@torch.no_grad()
+def top1(head: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> float:
+    """Top-1 (%) of ``head`` in eval mode, in chunks so that token caches fit in memory."""
+    head.eval()
+    correct = sum((head(x[i:i + chunk].float()).argmax(dim=1) == y[i:i + chunk]).sum().item()
+                  for i in range(0, len(x), chunk))
+    return 100.0 * correct / max(1, len(x))
+
+
+@torch.no_grad()
+def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, labels: torch.Tensor,
+             num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
+    """Top-1 (%) of DINO's weighted k-NN: cosine similarity to the ``bank``, votes exp(sim / T) of the top k."""
+    bank, queries = F.normalize(bank.float(), dim=1), F.normalize(queries.float(), dim=1)
+    k = min(k, len(bank))
+    correct = 0
+    for start in range(0, len(queries), chunk):
+        sims = queries[start:start + chunk] @ bank.T  # (b, N_bank)
+        top_sims, top_idx = sims.topk(k, dim=1)
+        votes = torch.zeros(sims.shape[0], num_classes).scatter_add_(1, bank_labels[top_idx],
+                                                                     (top_sims / temperature).exp())
+        correct += (votes.argmax(dim=1) == labels[start:start + chunk]).sum().item()
+    return 100.0 * correct / max(1, len(queries))
+
+
+def probe_flops(cfg) -> tuple[float, float]:
+    """(training FLOPs per image: forward + backward of the objective, read-out FLOPs per image), counted on the
+    meta device (``estimate.py``) under a forked RNG: building the objective must not move the training RNG."""
+    from .estimate import _as_meta_objective, trace_step
+
+    with torch.random.fork_rng(devices=[]):
+        meta = _as_meta_objective(cfg)
+        protocol = check_objective(cfg)[2]
+        images = torch.zeros(1, 3, cfg.img_size, cfg.img_size, device="meta")
+        with FlopCounterMode(display=False) as counter:
+            read_out(meta.encoder.eval(), images, protocol.pool, protocol.layers, protocol.norm)
+        return trace_step(meta, 2, torch.float32)["flops"] / 2, float(counter.get_total_flops())
+
+
+def default_every(images: int, read_flops: float, batch_size: int, train_flops: float) -> int:
+    """The fewest steps between probes that keep a probe's forward (``images`` x read-out FLOPs per image) within
+    ``OVERHEAD`` of the training FLOPs in between (batch x forward + backward FLOPs per image). The head's passes
+    on (N, D) features and the k-NN cost ~N x D x (classes + N) FLOPs, well under one trunk forward: not counted."""
+    return max(1, math.ceil(images * read_flops / (OVERHEAD * batch_size * train_flops)))
+
+
+class OnlineProbe:
+    """The slice, the kept linear head and its optimiser; ``row(step)`` -> the metrics.csv columns of a log row."""
+
+    def __init__(self, cfg, run, device: torch.device, last_step: int, say=print):
+        self.cfg, self.run, self.device, self.last_step = cfg, run, device, last_step
+        self.protocol = check_objective(cfg)[2]
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # the probe's own: never the training RNG
+        pick = torch.Generator().manual_seed(cfg.seed)
+        self.splits = {name: _slice(run.source.split(name, cfg.val_fraction), cfg.online_probe_images, pick)
+                       for name in ("train", "val")}
+        self.num_classes = len(run.source.classes)
+        self.train_flops, read_flops = probe_flops(cfg)
+        images = sum(len(s) for s in self.splits.values())
+        self.every = cfg.online_probe_every or default_every(images, read_flops, cfg.batch_size, self.train_flops)
+        self.cache, self.head, self.opt = {}, None, None
+        say(f"online probe: {', '.join(cfg.online_probe)} every {self.every} steps and at step {last_step} on "
+            f"{len(self.splits['train'])} train / {len(self.splits['val'])} held-out images (the trunk unmasked, "
+            f"{images * read_flops / (cfg.batch_size * self.train_flops):.2f} training steps of FLOPs per probe)")
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.last_step
+
+    def row(self, step: int) -> dict:
+        """``flops`` (training FLOPs so far: FLOPs per image x images seen) and, on a probe step, the accuracies."""
+        out = {"flops": self.train_flops * self.cfg.batch_size * step}
+        return {**out, **self.evaluate(final=step == self.last_step)} if self.due(step) else out
+
+    def evaluate(self, final: bool) -> dict:
+        """One probe: features of both slices, then the head's passes and the k-NN -> top-1 (%) per probe."""
+        (x_tr, y_tr), (x_va, y_va) = (self.features(name) for name in ("train", "val"))
+        out = {}
+        if "linear" in self.cfg.online_probe:
+            out["online_linear"] = self.linear(x_tr, y_tr, x_va, y_va, final)
+        if "knn" in self.cfg.online_probe:
+            out["online_knn"] = knn_top1(x_tr, y_tr, x_va, y_va, self.num_classes)
+        return out
+
+    @torch.no_grad()
+    def features(self, name: str, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, D) float32 read-out on the CPU and (N,) labels: the trunk in eval mode, each module's mode put back;
+        under FSDP the root's own parameters are gathered around it (its blocks gather theirs as they run)."""
+        images, labels = self.cache.get(name) or _load(self.splits[name], self.cfg.img_size)
+        if images.numel() * images.element_size() <= CACHE_BYTES:
+            self.cache[name] = images, labels
+        encoder, model = self.run.objective.encoder, self.run.model
+        modes = [(m, m.training) for m in encoder.modules()]
+        encoder.eval()
+        if is_fsdp(model):
+            model.unshard()
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        try:
+            with autocast:
+                pooled = [read_out(encoder, images[i:i + batch_size].to(self.device), self.protocol.pool,
+                                   self.protocol.layers, self.protocol.norm).cpu()
+                          for i in range(0, len(images), batch_size)]
+        finally:
+            if is_fsdp(model):
+                model.reshard()
+            for m, mode in modes:
+                m.train(mode)
+        return torch.cat(pooled), labels
+
+    def linear(self, x_tr, y_tr, x_va, y_va, final: bool) -> float:
+        """The kept head: ``PASSES`` epochs (cosine from the base lr) per probe; the offline probe at the last."""
+        if final:
+            return linear_top1(x_tr, y_tr, x_va, y_va, self.num_classes)
+        batch_size = min(256, len(x_tr))
+        lr = BASE_LR * batch_size / 256
+        if self.head is None:
+            self.head = linear_head(x_tr.shape[1], self.num_classes, self.generator)
+            self.opt = torch.optim.SGD(self.head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+        fit_head(self.head, self.opt, x_tr, y_tr, PASSES, batch_size, lr, 0, self.generator)
+        return top1(self.head, x_va, y_va)
+
+
+def start_online_probe(cfg, run, device: torch.device, last_step: int, say=print) -> OnlineProbe | None:
+    """The online probe ``cfg.online_probe`` asks for, or None (off, or data without labels: said in one line)."""
+    if not cfg.online_probe:
+        return None
+    source = run.source
+    if not source.has_labels or len(source.split("val", cfg.val_fraction)) == 0:
+        why = "has no labels" if not source.has_labels else "has an empty held-out split (raise --val-fraction)"
+        say(f"online probe off: data {cfg.data!r} {why}; it needs class sub-folders or shards with an integer `cls`")
+        return None
+    return OnlineProbe(cfg, run, device, last_step, say)
+
+
+def _slice(split, n: int, generator: torch.Generator):
+    """The whole ``split`` or a fixed seeded subset of ``n`` of its images (in file order)."""
+    if len(split) <= n:
+        return split
+    return split.subset(sorted(torch.randperm(len(split), generator=generator)[:n].tolist()))
+
+
+def _load(source, img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The evaluation view of every readable image of ``source`` and its labels (unreadable ones are left out)."""
+    transform, images, labels = eval_transform(img_size), [], []
+    for i in range(len(source)):
+        try:
+            images.append(transform(source.load(i)))
+            labels.append(source.labels[i])
+        except Exception as err:  # noqa: BLE001 - unreadable images are left out of probes, as offline
+            print(f"online probe: skipping {source.describe(i)} ({err})", file=sys.stderr)
+    return torch.stack(images), torch.tensor(labels)
