@@ -12,7 +12,7 @@ from .options import add_fields, given
 FORMATTER = argparse.RawDescriptionHelpFormatter
 #: PretrainConfig fields every cell of a grid shares, offered as flags (others: --set)
 RUN_FIELDS = ("data", "model", "trunk", "img_size", "patch_size", "epochs", "batch_size", "blr", "warmup_epochs",
-              "val_fraction", "recipe", "seed", "max_steps", "progress")
+              "val_fraction", "recipe", "seed", "max_steps", "progress", "online_probe")
 
 
 def _add_run_options(p: argparse.ArgumentParser, default_model: str) -> None:

@@ -145,7 +145,6 @@ class IJEPA(Objective):
         heads = options.predictor_num_heads or encoder.num_heads
         self.predictor = Predictor(encoder.embed_dim, self.grid_size, options.predictor_embed_dim,
                                    options.predictor_depth, heads)
-        self.total_steps: int | None = None  # set by the trainer: the run's optimiser steps (EMA schedule)
 
     def _check_blocks(self):
         """Every block size the sampler can draw must keep more than ``min_keep`` patches (else it loops)."""
