@@ -26,7 +26,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..data import eval_transform
 from ..models.readout import read_out
-from .build import check_objective
 from .fsdp import is_fsdp
 from .optim import cosine_lr, set_lr
 
@@ -109,6 +108,7 @@ def probe_flops(cfg) -> tuple[float, float]:
 
     with torch.random.fork_rng(devices=[]):
         meta = _as_meta_objective(cfg)
+        from .build import check_objective  # here: eval/probes imports this module without objectives
         protocol = check_objective(cfg)[2]
         images = torch.zeros(1, 3, cfg.img_size, cfg.img_size, device="meta")
         with FlopCounterMode(display=False) as counter:
@@ -128,6 +128,7 @@ class OnlineProbe:
 
     def __init__(self, cfg, run, device: torch.device, last_step: int, say=print):
         self.cfg, self.run, self.device, self.last_step = cfg, run, device, last_step
+        from .build import check_objective  # here: eval/probes imports this module without objectives
         self.protocol = check_objective(cfg)[2]
         self.generator = torch.Generator().manual_seed(cfg.seed)  # the probe's own: never the training RNG
         pick = torch.Generator().manual_seed(cfg.seed)
