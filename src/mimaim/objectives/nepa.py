@@ -58,6 +58,7 @@ class NEPA(Objective):
     #: minute of training, so the quick run opens them at 0.1 (docs/methods.md section 12)
     quick_options = {"layer_scale": 0.1}
     quick_epochs = 8
+    loss_floor = -1.0  #: -cosine: scale fits 1 - cos
 
     @classmethod
     def backbone_kwargs(cls, options):
