@@ -97,7 +97,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['objective']} | {r['steps']} | {r['every']} | {r['probes']} | {r['step_s']:.3f} | "
               f"{r['periodic']:.1f} ({r['flops_rule']:.1f}) | {r['last_s']:.1f} ({r['last_share']:.1f}) | "
-              f"{r['online_linear']:.2f} | {r['offline_linear']:.2f} | {r['online_linear'] - r['offline_linear']:+.2f} | "
+              f"{r['online_linear']:.2f} | {r['offline_linear']:.2f} | "
+              f"{r['online_linear'] - r['offline_linear']:+.2f} | "
               f"{r['online_knn']:.2f} | {r['offline_knn']:.2f} | {r['online_knn'] - r['offline_knn']:+.2f} | "
               f"{r['random_linear']:.2f} / {r['random_knn']:.2f} |")
 

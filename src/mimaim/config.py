@@ -91,7 +91,8 @@ DATA_HELP = "digits (built in), imagefolder:PATH, or wds:SHARDS (WebDataset: DIR
 
 @dataclass
 class PretrainConfig:
-    objective: str = opt("mae", "mae | aim | simmim | beit | ijepa | nepa, a plugin (`mimaim list`), or module.path:ClassName", W)
+    objective: str = opt("mae", "mae | aim | simmim | beit | ijepa | nepa, a plugin (`mimaim list`), or "
+                                "module.path:ClassName", W)
     model: str = opt("vit_micro", "backbone: vit_micro|vit_tiny|vit_small|vit_base|vit_large|swin_*|... ", W)
     img_size: int = opt(32, "input resolution in pixels", W, must="> 0")
     patch_size: int = opt(4, "ViT patch size in pixels", W, must="> 0")

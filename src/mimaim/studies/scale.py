@@ -147,7 +147,8 @@ def scale(objective: str, models: str | Sequence[str], data_fractions: str | Seq
             print(f"no power-law fit at data fraction {f:g}: {err}", file=sys.stderr)
             continue
         fits.append({"data_fraction": f, "loss_floor": floor, **fit})
-        print(f"power law at data fraction {f:g}: L{f' - ({floor:g})' if floor else ''} = {fit['a']:.4g} * N^(-{fit['alpha']:.4f})"
+        lhs = f"L - ({floor:g})" if floor else "L"
+        print(f"power law at data fraction {f:g}: {lhs} = {fit['a']:.4g} * N^(-{fit['alpha']:.4f})"
               + (f" + {fit['c']:.4g}" if offset else "") + f"  (alpha = {fit['alpha']:.4f}, R^2 of log L "
               f"{fit['r2']:.3f}, {fit['points']} sizes)")
     write_csv(out / "scale_results.csv", rows)
