@@ -160,7 +160,7 @@ def test_activation_checkpointing_keeps_names_and_gradients():
 
 
 @pytest.mark.slow  # one spawned pair of processes training 3 tiny runs per objective, 1 more run here
-@pytest.mark.parametrize("objectives", [("mae", "aim"), ("ijepa", "nepa")])
+@pytest.mark.parametrize("objectives", [("mae", "aim"), ("ijepa", "nepa")], ids=["mae,aim", "ijepa,nepa"])
 def test_fsdp_ddp_and_one_process_end_with_the_same_weights(tmp_path, objectives):
     """pretrain on 2 processes x (FSDP2, FSDP2 + checkpointing, DDP) vs 1 process, same global batch: every
     objective (I-JEPA's EMA target encoder included: its weights are part of the compared state).
