@@ -188,6 +188,24 @@ def test_export_to_hf_is_an_ijepa_model_with_the_target_encoders_features(tmp_pa
     assert features.shape == ours.shape[1:]
 
 
+def test_init_from_an_hf_ijepa_folder_starts_both_encoders_from_it(tmp_path):
+    """``--init`` from an ``IJepaModel`` folder (``facebook/ijepa_vith14_1k`` saved locally has this layout): the
+    target encoder and the context encoder both hold its weights; the predictor is initialised."""
+    pytest.importorskip("transformers")
+    from mimaim.cli import main
+    from mimaim.interop.init import initialize_from
+
+    run, obj = make_run(tmp_path / "run", "ijepa")
+    assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    fresh = build_objective("ijepa", "vit_micro", 32, 4, QUICK)
+    report = initialize_from(fresh, tmp_path / "hf")
+    assert report.kind == "HF IJepaModel folder" and all(k.startswith("encoder.") for k in report.loaded)
+    assert any(k.startswith("predictor.") for k in report.initialised)
+    for key, value in obj.encoder.state_dict().items():
+        torch.testing.assert_close(fresh.encoder.state_dict()[key], value, rtol=0, atol=0)
+        torch.testing.assert_close(fresh.context_encoder.state_dict()[key], value, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- peer: lightly's timm I-JEPA
 class LightlyIJEPA(torch.nn.Module):
     """lightly's examples/pytorch/ijepa.py model, with lightly's timm encoder and predictor."""

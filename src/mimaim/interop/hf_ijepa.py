@@ -1,4 +1,5 @@
-"""An I-JEPA run's target encoder as HuggingFace ``IJepaModel`` (the class of ``facebook/ijepa_vith14_1k``).
+"""An I-JEPA run's target encoder as HuggingFace ``IJepaModel`` (the class of ``facebook/ijepa_vith14_1k``), and
+back (``--init`` from such a folder: both of our encoders start from it).
 
 ``IJepaModel`` is a ViT without a cls token: learned-table positions (ours: the frozen sin-cos table, written as
 its values), q/k/v and every Linear with bias, pre-norm blocks, a final LayerNorm on every token. Its
@@ -34,3 +35,8 @@ def hf_model(encoder):
     state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
     weights = keymap.to_hf(state, keymap.vit_names("", keymap.installed(None)))
     return keymap.load_into(model, weights, "IJepaModel does not fit").eval()
+
+
+def from_hf_state_dict(state: dict) -> dict:
+    """An ``IJepaForImageClassification``-style state dict (base model under ``ijepa.``) -> our ``encoder.*``."""
+    return keymap.from_hf(state, keymap.vit_names("ijepa.", keymap.layout_of(state)))
