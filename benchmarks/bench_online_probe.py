@@ -33,7 +33,7 @@ from mimaim.engine import online_probe
 from mimaim.engine.logging import read_metrics
 from mimaim.engine.trainer import pretrain
 from mimaim.eval.probe_run import probe_run
-from mimaim.objectives import list_objectives
+from mimaim.objectives import get_objective_class, list_objectives
 
 
 def timed_probes():
@@ -51,6 +51,7 @@ def timed_probes():
 
 
 def one_objective(objective: str, root: Path, epochs: int | None, record: list) -> dict:
+    epochs = epochs or get_objective_class(objective).quick_epochs  # as `mimaim pretrain` without --epochs
     cfg = make_config({"objective": objective, "progress": False, "online_probe": "linear,knn",
                        "out": str(root / objective), **({"epochs": epochs} if epochs else {})})
     del record[:]
