@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mimaim.engine.estimate import GiB, build_on_meta, dry_run, estimate, estimate_choices, format_estimate
-from mimaim.objectives import build_objective
+from mimaim.objectives import build_objective, list_objectives
 
 MAE_TINY = dict(options={"decoder_embed_dim": 32, "decoder_depth": 2, "decoder_num_heads": 2},
                 backbone=dict(embed_dim=64, depth=3, num_heads=2))
@@ -100,3 +101,15 @@ def test_gpus_plans_the_dry_run_for_that_many_gpus_and_needs_dry_run(capsys):
     assert "global batch 64 = 4 GPU(s) x 1 accumulation x 16" in capsys.readouterr().out
     assert main(args + ["--gpus", "4"]) == 2  # training on N GPUs is torchrun's job
     assert "torchrun --nproc_per_node=N" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("objective", list_objectives())
+def test_every_objective_traces_on_meta(objective):
+    """Index arithmetic that reads sizes back (I-JEPA cuts its blocks to the batch's smallest) runs on the CPU
+    masking; only the weights and activations are meta. The dry run and the online probe's FLOPs use this."""
+    from mimaim.config import make_config
+
+    cfg = make_config(objective=objective, model="vit_micro", img_size=32, patch_size=4)
+    est = estimate(cfg, "ddp", "fp32", batch_per_gpu=4)
+    assert est["flops_per_image"] > 0 and est["bytes"]["activations"] > 0
+    assert dry_run(cfg, world_size=1, show=False).count("GFLOP") >= 1

@@ -162,6 +162,50 @@ def test_load_backbone_and_export_give_the_target_encoder(tmp_path):
         torch.testing.assert_close(model(x), ours.mean(dim=1), **TOL)  # global_pool avg: the probe protocol
 
 
+@pytest.mark.parametrize("trunk", ["paper", "shared"])
+def test_export_to_hf_is_an_ijepa_model_with_the_target_encoders_features(tmp_path, trunk):
+    """``export --to hf``: ``AutoModel`` opens an ``IJepaModel`` (facebook/ijepa_* on the Hub) whose
+    ``last_hidden_state`` is the target encoder's ``forward_features`` and whose token mean is the probe feature;
+    the image pipeline gives the same tokens."""
+    transformers = pytest.importorskip("transformers")
+    from mimaim.cli import main
+    from PIL import Image
+
+    run, obj = make_run(tmp_path / "run", "ijepa", trunk=trunk)
+    encoder, x = mimaim.load_backbone(run), images()
+    out = tmp_path / "hf"
+    assert main(["export", str(run), "--to", "hf", "--out", str(out)]) == 0
+    model = transformers.AutoModel.from_pretrained(str(out)).eval()
+    assert type(model).__name__ == "IJepaModel"
+    with torch.no_grad():
+        ours = encoder.forward_features(x)
+        hidden = model(pixel_values=x).last_hidden_state
+    torch.testing.assert_close(hidden, ours, rtol=0, atol=1e-5)
+    torch.testing.assert_close(hidden.mean(dim=1), obj.encoder.forward_features(x).mean(dim=1), rtol=0, atol=1e-5)
+    picture = Image.fromarray((torch.rand(40, 40, 3) * 255).to(torch.uint8).numpy())
+    extractor = transformers.pipeline("image-feature-extraction", model=str(out))
+    features = torch.tensor(extractor(picture, return_tensors=False)).squeeze(0)
+    assert features.shape == ours.shape[1:]
+
+
+def test_init_from_an_hf_ijepa_folder_starts_both_encoders_from_it(tmp_path):
+    """``--init`` from an ``IJepaModel`` folder (``facebook/ijepa_vith14_1k`` saved locally has this layout): the
+    target encoder and the context encoder both hold its weights; the predictor is initialised."""
+    pytest.importorskip("transformers")
+    from mimaim.cli import main
+    from mimaim.interop.init import initialize_from
+
+    run, obj = make_run(tmp_path / "run", "ijepa")
+    assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    fresh = build_objective("ijepa", "vit_micro", 32, 4, QUICK)
+    report = initialize_from(fresh, tmp_path / "hf")
+    assert report.kind == "HF IJepaModel folder" and all(k.startswith("encoder.") for k in report.loaded)
+    assert any(k.startswith("predictor.") for k in report.initialised)
+    for key, value in obj.encoder.state_dict().items():
+        torch.testing.assert_close(fresh.encoder.state_dict()[key], value, rtol=0, atol=0)
+        torch.testing.assert_close(fresh.context_encoder.state_dict()[key], value, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- peer: lightly's timm I-JEPA
 class LightlyIJEPA(torch.nn.Module):
     """lightly's examples/pytorch/ijepa.py model, with lightly's timm encoder and predictor."""

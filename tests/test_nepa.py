@@ -294,3 +294,28 @@ def test_same_weights_same_loss_and_gradients_as_stable_pretraining_over_20_adam
             opt.step()
     print(f"max |loss diff| {worst['loss']:.2e}, max |grad diff| {worst['grad']:.2e}")
     assert set(stub_calls) <= ALLOWED_STUB_CALLS, stub_calls
+
+
+def test_negative_loss_plots_on_symlog_and_scale_fits_above_the_floor(tmp_path):
+    """NEPA's loss (-cosine) reaches its floor -1 at a perfect prediction: compare's loss plot switches to symlog
+    when a loss goes below 0 (log would drop it), and ``scale`` fits its power law to loss - floor."""
+    from mimaim.engine.logging import MetricsLogger
+    from mimaim.objectives import get_objective_class
+    from mimaim.studies.compare import plot_loss_curves
+    from mimaim.studies.scale import fit_power_law
+
+    x = torch.randn(2, 5, 8)
+    floor = get_objective_class("nepa").loss_floor
+    assert next_embedding_loss(x, x).item() == pytest.approx(floor) == -1.0
+    assert get_objective_class("mae").loss_floor == 0.0
+    for name, losses in (("mae", [1.0, 0.5]), ("nepa", [-0.2, -0.9])):
+        (tmp_path / name).mkdir()
+        log = MetricsLogger(tmp_path / name)
+        for step, loss in enumerate(losses, 1):
+            log.log(step, {"epoch": step, "loss": loss})
+        log.close()
+    assert plot_loss_curves(tmp_path / "a.png", [("mae", tmp_path / "mae")]) == "log"
+    assert plot_loss_curves(tmp_path / "b.png", [("mae", tmp_path / "mae"), ("nepa", tmp_path / "nepa")]) == "symlog"
+    n = [1e5, 1e6, 1e7]
+    fit = fit_power_law(n, [2.0 * v ** -0.3 for v in n])  # 1 - cos = 2 N^-0.3, i.e. loss = -1 + 2 N^-0.3
+    assert fit["alpha"] == pytest.approx(0.3) and fit["points"] == 3

@@ -9,10 +9,13 @@ import torch
 from safetensors.torch import load_file
 
 from mimaim.config import ConfigError, make_config
+from mimaim.engine.build import check_objective
 from mimaim.engine.checkpoint import latest_checkpoint
+from mimaim.engine.feature_probes import knn_top1
 from mimaim.engine.logging import MetricsLogger, read_metrics
-from mimaim.engine.online_probe import OVERHEAD, OnlineProbe, default_every, knn_top1, probe_flops
+from mimaim.engine.online_probe import OVERHEAD, OnlineProbe, default_every, probe_flops
 from mimaim.engine.trainer import pretrain
+from mimaim.objectives import list_objectives
 
 TINY = dict(model="vit_micro", img_size=16, patch_size=4, batch_size=4, epochs=2, warmup_epochs=1,
             objective_options={"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2},
@@ -57,11 +60,11 @@ def test_unknown_online_probe_is_refused():
         make_config({"online_probe": "linear,attentive"})
 
 
-@pytest.mark.parametrize("objective", ["mae", "aim"])
+@pytest.mark.parametrize("objective", list_objectives())
 def test_default_interval_keeps_the_probe_within_its_flops_share(objective):
     """(slice images x read-out FLOPs) / (interval x batch x training FLOPs) <= 3%, and one step fewer would not."""
     cfg = make_config({"objective": objective})
-    train_flops, read_flops = probe_flops(cfg)
+    train_flops, read_flops = probe_flops(cfg, check_objective(cfg)[2])
     assert train_flops > read_flops > 0
     images = 1797  # digits: every image is in the train or the held-out slice
     every = default_every(images, read_flops, cfg.batch_size, train_flops)
@@ -122,7 +125,7 @@ def test_aim_is_read_bidirectionally_as_offline(tmp_path, one_torch_thread):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["mae", "aim"])
+@pytest.mark.parametrize("objective", list_objectives())
 def test_final_online_linear_is_within_1_5_points_of_mimaim_probe(tmp_path, objective):
     """A short digits run (the default run's settings, 1 epoch): online linear and k-NN at the end vs
     ``mimaim probe``."""

@@ -91,7 +91,8 @@ DATA_HELP = "digits (built in), imagefolder:PATH, or wds:SHARDS (WebDataset: DIR
 
 @dataclass
 class PretrainConfig:
-    objective: str = opt("mae", "mae | aim | simmim | beit, a plugin (`mimaim list`), or module.path:ClassName", W)
+    objective: str = opt("mae", "mae | aim | simmim | beit | ijepa | nepa, a plugin (`mimaim list`), or "
+                                "module.path:ClassName", W)
     model: str = opt("vit_micro", "backbone: vit_micro|vit_tiny|vit_small|vit_base|vit_large|swin_*|... ", W)
     img_size: int = opt(32, "input resolution in pixels", W, must="> 0")
     patch_size: int = opt(4, "ViT patch size in pixels", W, must="> 0")
@@ -134,7 +135,7 @@ class PretrainConfig:
     progress: bool = opt(True, "no progress bars", E, flag="--no-progress")
     online_probe: tuple = opt((), "probe the unmasked trunk while training: linear,knn (default off; needs labels)",
                               E, metavar="PROBES")
-    online_probe_every: int = opt(0, "online probe every N steps (0: at most 3 percent of the training FLOPs)",
+    online_probe_every: int = opt(0, "online probe every N steps (0: within 3 percent of step time, 2.5 of FLOPs)",
                                   E, must=">= 0")
     online_probe_images: int = opt(4096, "online probe slice: images of the train and of the held-out split", E,
                                    must="> 0")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
+from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..objectives import build_objective
@@ -77,14 +78,30 @@ def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
 
 class _MetaTraceMode(TorchFunctionMode):
     """Trace-time stand-ins on meta: SDPA as the fused kernel; ``x[mask]`` (a data-dependent size) as
-    a slice of the mask's true count (``true_counts``: shape -> number of True entries, drawn on CPU)."""
+    a slice of the mask's true count (``true_counts``: shape -> number of True entries, drawn on CPU). The masking
+    itself stays on the CPU, so index arithmetic that reads sizes back (I-JEPA's blocks cut to the batch's
+    smallest) runs on real values; where a CPU tensor meets a meta one, it moves to meta."""
 
     def __init__(self, true_counts: dict[tuple, int]):
         super().__init__()
         self.true_counts = true_counts
+        self.on_meta: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (CPU tensor, its one meta twin)
+
+    def _meta(self, t: torch.Tensor) -> torch.Tensor:
+        if not t.ndim:
+            return t
+        if id(t) not in self.on_meta:
+            # same strides (an expanded index stays a view, as on a GPU); the CPU tensor is kept: its id stays unique
+            twin = t.to("meta") if t.requires_grad else \
+                torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+            self.on_meta[id(t)] = (t, twin)
+        return self.on_meta[id(t)][1]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        flat = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "meta" for t in flat) and any(t.device.type == "cpu" and t.ndim for t in flat):
+            args, kwargs = tree_map_only(torch.Tensor, self._meta, (args, kwargs))
         if func is F.scaled_dot_product_attention:
             return _fused_sdpa(*args, **kwargs)
         if func is torch.Tensor.__getitem__ and len(args) == 2 and isinstance(args[1], torch.Tensor) \
@@ -129,7 +146,6 @@ def trace_step(objective: nn.Module, batch_size: int, dtype: torch.dtype) -> dic
     images = torch.zeros(batch_size, objective.encoder.in_chans, N, N, device="meta", dtype=dtype)
     masking = objective.draw_masking(batch_size, torch.Generator().manual_seed(0))
     true_counts = {tuple(masking.shape): int(masking.bool().sum())} if masking is not None else {}
-    masking = masking.to("meta") if masking is not None else None
     if hasattr(objective, "visual_tokens"):
         # BEiT's frozen tokenizer runs without gradients (nothing saved) under a disabled autocast,
         # which the meta device does not support: trace its output ids instead (its FLOPs are left out)

@@ -20,96 +20,30 @@ import math
 import sys
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..data import eval_transform
 from ..models.readout import read_out
+from .build import check_objective
+from .estimate import _as_meta_objective, trace_step
+from .feature_probes import BASE_LR, fit_head, knn_top1, linear_head, linear_top1, top1
 from .fsdp import is_fsdp
-from .optim import cosine_lr, set_lr
 
 PROBES = ("linear", "knn")
-OVERHEAD = 0.03  #: the default interval keeps the probes' FLOPs at most this share of the training FLOPs
+#: the default interval keeps the probes' FLOPs at most this share of the training FLOPs: 2.5%, since a probe's
+#: wall time runs up to ~15% above its FLOPs share (benchmarks/bench_online_probe.py measured 3.1-3.4% of step time
+#: at a 3.0% FLOPs share on CPU), so that its time stays within 3% of step time
+OVERHEAD = 0.025
 PASSES = 10  #: epochs over the slice features the kept linear head trains at each probe before the last
-BASE_LR = 0.1  #: at batch 256 (MAE main_linprobe.py)
 CACHE_BYTES = 1 << 30  #: the slice's images are kept in memory (evaluation view) when they fit in this
 
 
-def linear_head(dim: int, num_classes: int, generator: torch.Generator) -> nn.Module:
-    """MAE's linear-probe head: affine-free BatchNorm + Linear (weights ~ N(0, 0.01), truncated; zero bias)."""
-    with torch.random.fork_rng(devices=[]):  # nn.Linear's default init draws from the global RNG: put it back
-        head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
-    nn.init.trunc_normal_(head[1].weight, std=0.01, generator=generator)
-    nn.init.zeros_(head[1].bias)
-    return head
-
-
-def linear_top1(x_tr, y_tr, x_va, y_va, num_classes: int, epochs: int = 100, batch_size: int = 256,
-                base_lr: float = BASE_LR, warmup_epochs: int = 10, seed: int = 0) -> float:
-    """The linear probe (``mimaim probe``'s, online's last): a fresh head, SGD (momentum 0.9, lr = base_lr x
-    batch/256) with warm-up + cosine on features ``x_tr`` -> top-1 (%) on ``x_va``."""
-    g = torch.Generator().manual_seed(seed)
-    head = linear_head(x_tr.shape[1], num_classes, g)
-    batch_size = min(batch_size, len(x_tr))
-    lr = base_lr * batch_size / 256
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
-    fit_head(head, opt, x_tr.float(), y_tr, epochs, batch_size, lr, warmup_epochs, g)
-    return top1(head, x_va.float(), y_va)
-
-
-def fit_head(head: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, epochs: int,
-             batch_size: int, lr: float, warmup_epochs: float, generator: torch.Generator) -> None:
-    """Cross-entropy on cached features, shuffled mini-batches, cosine schedule with warm-up."""
-    steps_per_epoch = max(1, len(x) // batch_size)
-    step = 0
-    head.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for b in range(steps_per_epoch):
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            set_lr(opt, cosine_lr(step / steps_per_epoch, lr, 0.0, warmup_epochs, epochs))
-            loss = F.cross_entropy(head(x[idx].float()), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-
-
-@torch.no_grad()
-def top1(head: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> float:
-    """Top-1 (%) of ``head`` in eval mode, in chunks so that token caches fit in memory."""
-    head.eval()
-    correct = sum((head(x[i:i + chunk].float()).argmax(dim=1) == y[i:i + chunk]).sum().item()
-                  for i in range(0, len(x), chunk))
-    return 100.0 * correct / max(1, len(x))
-
-
-@torch.no_grad()
-def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, labels: torch.Tensor,
-             num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
-    """Top-1 (%) of DINO's weighted k-NN: cosine similarity to the ``bank``, votes exp(sim / T) of the top k."""
-    bank, queries = F.normalize(bank.float(), dim=1), F.normalize(queries.float(), dim=1)
-    k = min(k, len(bank))
-    correct = 0
-    for start in range(0, len(queries), chunk):
-        sims = queries[start:start + chunk] @ bank.T  # (b, N_bank)
-        top_sims, top_idx = sims.topk(k, dim=1)
-        votes = torch.zeros(sims.shape[0], num_classes).scatter_add_(1, bank_labels[top_idx],
-                                                                     (top_sims / temperature).exp())
-        correct += (votes.argmax(dim=1) == labels[start:start + chunk]).sum().item()
-    return 100.0 * correct / max(1, len(queries))
-
-
-def probe_flops(cfg) -> tuple[float, float]:
-    """(training FLOPs per image: forward + backward of the objective, read-out FLOPs per image), counted on the
-    meta device (``estimate.py``) under a forked RNG: building the objective must not move the training RNG."""
-    from .estimate import _as_meta_objective, trace_step
-
+def probe_flops(cfg, protocol) -> tuple[float, float]:
+    """(training FLOPs per image: forward + backward of the objective, read-out FLOPs per image under the probe
+    ``protocol``), counted on the meta device (``estimate.py``) under a forked RNG: building the objective must not
+    move the training RNG."""
     with torch.random.fork_rng(devices=[]):
         meta = _as_meta_objective(cfg)
-        from .build import check_objective  # here: eval/probes imports this module without objectives
-        protocol = check_objective(cfg)[2]
         images = torch.zeros(1, 3, cfg.img_size, cfg.img_size, device="meta")
         with FlopCounterMode(display=False) as counter:
             read_out(meta.encoder.eval(), images, protocol.pool, protocol.layers, protocol.norm)
@@ -128,14 +62,13 @@ class OnlineProbe:
 
     def __init__(self, cfg, run, device: torch.device, last_step: int, say=print):
         self.cfg, self.run, self.device, self.last_step = cfg, run, device, last_step
-        from .build import check_objective  # here: eval/probes imports this module without objectives
         self.protocol = check_objective(cfg)[2]
         self.generator = torch.Generator().manual_seed(cfg.seed)  # the probe's own: never the training RNG
         pick = torch.Generator().manual_seed(cfg.seed)
         self.splits = {name: _slice(run.source.split(name, cfg.val_fraction), cfg.online_probe_images, pick)
                        for name in ("train", "val")}
         self.num_classes = len(run.source.classes)
-        self.train_flops, read_flops = probe_flops(cfg)
+        self.train_flops, read_flops = probe_flops(cfg, self.protocol)
         images = sum(len(s) for s in self.splits.values())
         self.every = cfg.online_probe_every or default_every(images, read_flops, cfg.batch_size, self.train_flops)
         self.cache, self.head, self.opt = {}, None, None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..data import DataError, Source, build_source
-from ..engine.online_probe import fit_head, knn_top1, linear_top1, top1  # noqa: F401  (shared with online probes)
+from ..engine.feature_probes import fit_head, knn_top1, linear_top1, top1  # noqa: F401  (shared with online probes)
 
 
 def labelled_splits(data: str, val_fraction: float) -> tuple[Source, Source, int]:

@@ -2,6 +2,7 @@
 objective becomes). BEiT's config says ``use_mean_pooling: false``, so that ``AutoModel`` (a ``BeitModel``)
 applies the trained final norm to every token, as BEiT's probe reads it; its tokenizer is not needed. SimMIM's
 BEiT-style ViT has no HF masked-modeling class with a pixel head: its encoder is written as a ``BeitModel``.
+I-JEPA's target encoder becomes an ``IJepaModel`` (``hf_ijepa.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize
 from ..engine.checkpoint import check_weights_fit
 from ..engine.runs import open_backbone, read_checkpoint_weights
 from ..objectives import build_objective
-from . import hf_beit, hf_mae, hf_simmim
+from . import hf_beit, hf_ijepa, hf_mae, hf_simmim
 
 __all__ = ["export_hf"]
 
@@ -21,7 +22,7 @@ def export_hf(run: str | Path, out: str | Path, checkpoint: str | Path | None = 
     """Write run ``run`` (newest checkpoint) as a ``transformers`` folder ``out``; returns ``out``."""
     backbone, record, ckpt = open_backbone(run, checkpoint=checkpoint)
     objective, options = record["objective"], record["objective_options"]
-    if record["backbone"]["kwargs"].get("class_token") is False and objective != "aim":
+    if record["backbone"]["kwargs"].get("class_token") is False and objective not in ("aim", "ijepa"):
         raise ValueError(f"{run} was trained on a trunk without a cls token (--trunk shared), which HF's "
                          f"{objective} classes always hold; export it with `mimaim export {run} --to timm`")
     weights = read_checkpoint_weights(ckpt)  # model.safetensors (ddp) or sharded (fsdp); no tokenizer file needed
@@ -30,6 +31,8 @@ def export_hf(run: str | Path, out: str | Path, checkpoint: str | Path | None = 
         model.config.use_mean_pooling = False  # HF: LayerNorm every token (BeitModel.layernorm), not their mean
     elif objective == "simmim" and not hasattr(backbone, "output_stride") and options.get("vit_flavour") == "beit":
         model = hf_beit.hf_model(backbone, {f"encoder.{k}": v for k, v in backbone.state_dict().items()})
+    elif objective == "ijepa":  # the target encoder, as the paper's evaluation and facebook/ijepa_* on the Hub
+        model = hf_ijepa.hf_model(backbone)
     elif objective in ("mae", "simmim"):
         built = build_objective(objective, record["backbone"]["name"], record["img_size"], record["patch_size"],
                                 options)

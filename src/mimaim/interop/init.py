@@ -6,7 +6,8 @@ reports the rest as initialised:
 * a mimaim run directory or checkpoint folder of the same objective: everything (encoder, heads, a fitted codebook);
 * a local HuggingFace folder (``config.json`` + weights, e.g. ``facebook/vit-mae-base`` saved with
   ``save_pretrained``): ``vit_mae`` (encoder and decoder: MAE), ``beit`` (encoder, mask token, ``lm_head``: BEiT),
-  ``vit`` / ``swin`` (SimMIM's plain ViT or Swin, with its head when the folder is a ``*ForMaskedImageModeling``);
+  ``vit`` / ``swin`` (SimMIM's plain ViT or Swin, with its head when the folder is a ``*ForMaskedImageModeling``),
+  ``ijepa`` (``facebook/ijepa_*``: the encoder, which I-JEPA's context encoder copies);
 * a timm checkpoint: a hub folder (``mimaim export --to timm`` writes one) or a file (``.safetensors``, ``.pth``,
   ``.pt``, ``.bin``) holding a timm ``VisionTransformer`` / ``Beit`` / ``SwinTransformer`` state dict, optionally
   under ``"model"`` or ``"state_dict"`` (the official MAE checkpoints: their ``decoder_*`` and ``mask_token`` too).
@@ -30,7 +31,7 @@ from torch import nn
 
 from ..engine.runs import read_checkpoint_weights, read_record, resolve_checkpoint
 from ..models.layers import sincos_2d
-from . import hf_beit, hf_mae, hf_simmim
+from . import hf_beit, hf_ijepa, hf_mae, hf_simmim
 
 __all__ = ["InitReport", "initialize_from", "read_source"]
 
@@ -128,7 +129,7 @@ def _hf_state(folder: Path, config: dict) -> dict[str, torch.Tensor]:
 
 #: model_type -> the prefix of its base model in the task model, then the task model's own keys
 _HF_BASES = {"vit_mae": ("vit.", "decoder."), "vit": ("vit.", "decoder."), "swin": ("swin.", "decoder."),
-             "beit": ("beit.", "lm_head.", "layernorm.")}
+             "beit": ("beit.", "lm_head.", "layernorm."), "ijepa": ("ijepa.",)}
 
 
 def _from_hf(folder: Path, config: dict, state: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
@@ -138,7 +139,7 @@ def _from_hf(folder: Path, config: dict, state: dict[str, torch.Tensor]) -> tupl
     kind = f"HF {config.get('architectures', [model_type])[0]} folder"
     if model_type not in _HF_BASES:
         raise ValueError(f"--init {folder}: HF model_type {model_type!r} is not one mimaim can read; supported: "
-                         "vit_mae (MAE), beit (BEiT), vit and swin (SimMIM)")
+                         "vit_mae (MAE), beit (BEiT), vit and swin (SimMIM), ijepa (I-JEPA)")
     own = _HF_BASES[model_type]
     state = {(k if k.startswith(own) else own[0] + k): v for k, v in state.items()
              if not k.startswith(("pooler.", "classifier.", "beit.pooler."))}
@@ -147,6 +148,8 @@ def _from_hf(folder: Path, config: dict, state: dict[str, torch.Tensor]) -> tupl
         return kind, hf_beit.from_hf_state_dict(state)
     if model_type == "vit_mae":
         return kind, hf_mae.mae_state_dict_from_hf(state)
+    if model_type == "ijepa":
+        return kind, hf_ijepa.from_hf_state_dict(state)
     return kind, hf_simmim.simmim_state_dict_from_hf(state)
 
 

@@ -68,6 +68,8 @@ class Objective(nn.Module):
     #: ``--epochs`` is not given) sized so the built-in run takes minutes on a laptop CPU
     quick_options: ClassVar[dict] = {}
     quick_epochs: ClassVar[int | None] = None
+    #: the lowest value the loss can take (NEPA's -cosine: -1): ``mimaim scale`` fits its power law to loss - floor
+    loss_floor: ClassVar[float] = 0.0
     #: the whole run's optimiser steps, set by the trainer before the first step (schedules such as I-JEPA's EMA)
     total_steps: int | None = None
 

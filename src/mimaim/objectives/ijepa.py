@@ -8,7 +8,7 @@ the layer-normed patch embeddings that an EMA copy of the encoder (the target en
 read it as the official evaluation does; ``context_encoder`` is the trained copy. Whatever the encoder is loaded
 with (the shared trunk, ``--init``) the context encoder copies, as the official ``target = deepcopy(encoder)``.
 
-Departures from the official code (docs/methods.md, I-JEPA):
+Departures from the official code (docs/methods.md section 11):
 - masks are drawn per image in the data loader (``sample_masking``, reproducible from seed, epoch and index),
   not per batch: the target and context block SIZES are drawn per image (official: one size per batch, seeded
   by the iteration). A batch's blocks are cut to its smallest, first patches in raster order kept, as the

@@ -6,7 +6,7 @@ norm) predicts z_{k+1}, and the loss is the negative cosine against the detached
 no decoder, no EMA target, no tokenizer. A cls token, where the trunk has one, is the first token of the
 sequence, so its output predicts patch 1 and every patch is a target. Probes read the trunk bidirectional.
 
-Departures (docs/methods.md, NEPA section): 2-D sin-cos positions added to the input instead of RoPE
+Departures (docs/methods.md section 12): 2-D sin-cos positions added to the input instead of RoPE
 (theta 100, coordinate rescale 2.0), still kept out of the target; no QK-norm; LayerNorm eps 1e-6, not 1e-12;
 GELU MLP as the released configs (the paper's SwiGLU is not offered); ImageNet mean/std, not 0.5/0.5.
 """
@@ -55,9 +55,10 @@ class NEPA(Objective):
                                    source="SihanXU/nepa ViTNepaForImageClassification (mean of patch tokens, "
                                           "final norm; bidirectional: configs/finetune is_causal false)")
     #: ``recipe: quick``: see ``quick_epochs``; the paper's LayerScale 1e-5 leaves the blocks all but shut in a
-    #: minute of training, so the quick run opens them at 0.1 (docs/methods.md, NEPA section)
+    #: minute of training, so the quick run opens them at 0.1 (docs/methods.md section 12)
     quick_options = {"layer_scale": 0.1}
     quick_epochs = 8
+    loss_floor = -1.0  #: -cosine: scale fits 1 - cos
 
     @classmethod
     def backbone_kwargs(cls, options):

@@ -477,14 +477,23 @@ def save_plot(fig, ax, path: Path, **legend) -> None:
     plt.close(fig)
 
 
-def plot_loss_curves(path: Path, runs: Sequence[tuple[str, Path]]) -> None:
+def plot_loss_curves(path: Path, runs: Sequence[tuple[str, Path]]) -> str:
+    """Every run's logged loss against epochs -> the y scale used: log, or symlog when a loss goes below 0."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    lowest = math.inf
     for name, run_dir in runs:
         rows = read_metrics(run_dir)
         if rows:
-            ax.plot([float(r["epoch"]) for r in rows], [float(r["loss"]) for r in rows], label=name)
-    ax.set(xlabel="epoch", ylabel="training loss (each objective's own)", yscale="log", title="pre-training loss")
+            losses = [float(r["loss"]) for r in rows]
+            lowest = min(lowest, *losses)
+            ax.plot([float(r["epoch"]) for r in rows], losses, label=name)
+    ax.set(xlabel="epoch", ylabel="training loss (each objective's own)", title="pre-training loss")
+    if lowest > 0:
+        ax.set_yscale("log")
+    else:  # a loss that goes negative (NEPA's -cosine): log away from zero, linear around it
+        ax.set_yscale("symlog", linthresh=0.1)
     save_plot(fig, ax, path)
+    return ax.get_yscale()
 
 
 def plot_online_probe(path: Path, runs: Sequence[tuple[str, Path]]) -> bool:

@@ -16,6 +16,7 @@ import numpy as np
 from ..config import ConfigError, make_config
 from ..models import list_models
 from ..eval.probe_run import DEFAULT_PROBES
+from ..objectives import get_objective_class
 from .compare import (Cell, cell_steps, check_probe_data, estimate_seconds, final_loss, format_grid, markdown_table,
                       measure_flops, parse_list, parse_objective_spec, plot_online_probe, plt, print_estimate,
                       probe_cell, run_cell, save_plot, split_sizes, write_csv)
@@ -137,23 +138,24 @@ def scale(objective: str, models: str | Sequence[str], data_fractions: str | Seq
                      "flops_per_image": cell.flops_per_image,
                      "train_flops": cell.flops_per_image * summary["steps"] * cell.cfg.batch_size,
                      "wall_time_s": summary.get("wall_time_s")})
-    fits = []
+    fits, floor = [], get_objective_class(cells[0].objective).loss_floor  # fitted: loss - floor (>= 0)
     for f in fractions:
         sel = [r for r in rows if r["data_fraction"] == f]
         try:
-            fit = fit_power_law([r["parameters"] for r in sel], [r["pretrain_loss"] for r in sel], offset)
+            fit = fit_power_law([r["parameters"] for r in sel], [r["pretrain_loss"] - floor for r in sel], offset)
         except ValueError as err:
             print(f"no power-law fit at data fraction {f:g}: {err}", file=sys.stderr)
             continue
-        fits.append({"data_fraction": f, **fit})
-        print(f"power law at data fraction {f:g}: L = {fit['a']:.4g} * N^(-{fit['alpha']:.4f})"
+        fits.append({"data_fraction": f, "loss_floor": floor, **fit})
+        lhs = f"L - ({floor:g})" if floor else "L"
+        print(f"power law at data fraction {f:g}: {lhs} = {fit['a']:.4g} * N^(-{fit['alpha']:.4f})"
               + (f" + {fit['c']:.4g}" if offset else "") + f"  (alpha = {fit['alpha']:.4f}, R^2 of log L "
               f"{fit['r2']:.3f}, {fit['points']} sizes)")
     write_csv(out / "scale_results.csv", rows)
     if fits:
         write_csv(out / "scale_fit.csv", fits)
     acc = f"{probes[0]}_top1"
-    plot_loss_vs_params(out / "scale_loss_vs_params.png", rows, fits, objective)
+    plot_loss_vs_params(out / "scale_loss_vs_params.png", rows, fits, objective, floor)
     plot_accuracy_vs_loss(out / "scale_accuracy_vs_loss.png", rows, acc, objective)
     plot_accuracy_vs_data(out / "scale_accuracy_vs_data.png", rows, acc, objective)
     if plot_online_probe(out / "online_probe.png", [(c.name, Path(c.cfg.out)) for c in cells]):
@@ -167,12 +169,12 @@ def scale(objective: str, models: str | Sequence[str], data_fractions: str | Seq
 
 
 # --------------------------------------------------------------------------- plots
-def plot_loss_vs_params(path: Path, rows: list[dict], fits: list[dict], objective: str) -> None:
+def plot_loss_vs_params(path: Path, rows: list[dict], fits: list[dict], objective: str, floor: float = 0.0) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
     for f in sorted({r["data_fraction"] for r in rows}):
         sel = sorted((r for r in rows if r["data_fraction"] == f), key=lambda r: r["parameters"])
         xs = [r["parameters"] for r in sel]
-        points = ax.scatter(xs, [r["pretrain_loss"] for r in sel], zorder=3)
+        points = ax.scatter(xs, [r["pretrain_loss"] - floor for r in sel], zorder=3)
         fit = next((x for x in fits if x["data_fraction"] == f), None)
         label = f"data {f:g}"
         if fit is not None:
@@ -181,7 +183,8 @@ def plot_loss_vs_params(path: Path, rows: list[dict], fits: list[dict], objectiv
                     label=f"{label}: alpha = {fit['alpha']:.3f}")
         else:
             points.set_label(label)
-    ax.set(xscale="log", yscale="log", xlabel="encoder parameters", ylabel="final pre-training loss",
+    ax.set(xscale="log", yscale="log", xlabel="encoder parameters",
+           ylabel="final pre-training loss" + (f" - ({floor:g})" if floor else ""),
            title=f"{objective}: loss vs model size (fit L = a N^-alpha)")
     save_plot(fig, ax, path)
 
