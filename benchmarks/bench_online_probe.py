@@ -68,8 +68,7 @@ def one_objective(objective: str, root: Path, epochs: int | None, record: list) 
     periodic_s = record[-1][0]
     step_s = (wall - probe_s) / steps
     images = sum(len(s) for s in probe.splits.values())
-    _, read_flops = online_probe.probe_flops(probe.cfg, probe.protocol)
-    flops_rule = images * read_flops / (probe.every * probe.cfg.batch_size * probe.train_flops)
+    flops_rule = images * probe.read_flops / (probe.every * probe.cfg.batch_size * probe.train_flops)
     trained, random = probe_run(run_dir, probes=("linear", "knn"), random_init=True, progress=False)
     return {"objective": objective, "steps": steps, "every": probe.every, "probes": probes, "step_s": step_s,
             "periodic": 100 * periodic_s / (probe.every * step_s), "flops_rule": 100 * flops_rule,

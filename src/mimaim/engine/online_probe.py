@@ -68,13 +68,14 @@ class OnlineProbe:
         self.splits = {name: _slice(run.source.split(name, cfg.val_fraction), cfg.online_probe_images, pick)
                        for name in ("train", "val")}
         self.num_classes = len(run.source.classes)
-        self.train_flops, read_flops = probe_flops(cfg, self.protocol)
+        self.train_flops, self.read_flops = probe_flops(cfg, self.protocol)  # per image
         images = sum(len(s) for s in self.splits.values())
-        self.every = cfg.online_probe_every or default_every(images, read_flops, cfg.batch_size, self.train_flops)
+        self.every = cfg.online_probe_every or default_every(images, self.read_flops, cfg.batch_size,
+                                                             self.train_flops)
         self.cache, self.head, self.opt = {}, None, None
         say(f"online probe: {', '.join(cfg.online_probe)} every {self.every} steps and at step {last_step} on "
             f"{len(self.splits['train'])} train / {len(self.splits['val'])} held-out images (the trunk unmasked, "
-            f"{images * read_flops / (cfg.batch_size * self.train_flops):.2f} training steps of FLOPs per probe)")
+            f"{images * self.read_flops / (cfg.batch_size * self.train_flops):.2f} training steps of FLOPs per probe)")
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.last_step
